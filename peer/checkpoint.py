@@ -1,0 +1,153 @@
+"""Read individual tensors from a checkpoint without loading the rest of it. Safetensors files and
+GGUF files are both memory-mapped; a tensor's bytes are touched only when it is read. Both sources
+speak Hugging Face Llama names (`model.layers.3.self_attn.q_proj.weight`) and return tensors in
+Hugging Face layout, so GGUF tensors are dequantized and their Q/K rows un-permuted here. This
+module knows file formats; which tensors a stage needs is `peer.shard`'s business."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from peer.errors import CheckpointError
+from peer.model_store import ModelFiles
+
+# GGUF (llama.cpp) tensor names -> Hugging Face Llama names.
+_GGUF_LAYER = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GGUF_GLOBAL = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_GGUF_NAME = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+class TensorSource(Protocol):
+    """Named tensors of one checkpoint, read one at a time."""
+
+    def names(self) -> frozenset[str]:
+        """Hugging Face names of every tensor in the checkpoint."""
+        ...
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor in Hugging Face layout, in the checkpoint's own (or dequantized) dtype."""
+        ...
+
+    def close(self) -> None:
+        """Release file handles and mappings; safe to call twice."""
+        ...
+
+
+class SafetensorsSource:
+    """Tensors of one or more safetensors files (a sharded checkpoint's index order)."""
+
+    def __init__(self, files: tuple[Path, ...]) -> None:
+        from safetensors import safe_open
+
+        self._handles: list[Any] = []
+        self._where: dict[str, tuple[Any, str]] = {}
+        try:
+            for path in files:
+                handle = safe_open(str(path), framework="pt")  # reads the header only
+                self._handles.append(handle)
+                for key in handle.keys():
+                    # Checkpoints saved from a bare LlamaModel lack the "model." prefix.
+                    hf = key if key.startswith(("model.", "lm_head.")) else f"model.{key}"
+                    self._where[hf] = (handle, key)
+        except Exception as e:
+            self.close()
+            raise CheckpointError(f"cannot read safetensors header of {path}: {e}") from e
+
+    def names(self) -> frozenset[str]:
+        return frozenset(self._where)
+
+    def read(self, name: str) -> torch.Tensor:
+        try:
+            handle, key = self._where[name]
+        except KeyError as e:
+            raise CheckpointError(f"checkpoint has no tensor {name!r}") from e
+        return handle.get_tensor(key)
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._where.clear()
+
+
+class GGUFSource:
+    """Tensors of a llama.cpp GGUF file, dequantized to float32 as they are read."""
+
+    def __init__(self, path: Path, num_heads: int, num_kv_heads: int) -> None:
+        import gguf
+
+        try:
+            self._reader: Any = gguf.GGUFReader(str(path))  # memory-maps; reads header and tensor index
+        except (ValueError, OSError) as e:
+            raise CheckpointError(f"{path} is not a readable GGUF file: {e}") from e
+        self._dequantize = gguf.dequantize
+        self._heads = {"attn_q": num_heads, "attn_k": num_kv_heads}
+        self._tensors: dict[str, tuple[Any, str]] = {}
+        for t in self._reader.tensors:
+            hf, kind = _gguf_to_hf(t.name)
+            if hf is not None:
+                self._tensors[hf] = (t, kind)
+
+    def names(self) -> frozenset[str]:
+        return frozenset(self._tensors)
+
+    def read(self, name: str) -> torch.Tensor:
+        try:
+            tensor, kind = self._tensors[name]
+        except KeyError as e:
+            raise CheckpointError(f"checkpoint has no tensor {name!r}") from e
+        array = np.ascontiguousarray(self._dequantize(tensor.data, tensor.tensor_type))
+        if not array.flags.writeable:  # unquantized tensors come back as views of the read-only mapping
+            array = array.copy()
+        weights = torch.from_numpy(array)
+        if kind in self._heads:
+            weights = unpermute_rope_rows(weights, self._heads[kind])
+        return weights
+
+    def close(self) -> None:
+        self._tensors.clear()
+        self._reader = None
+
+
+def _gguf_to_hf(name: str) -> tuple[str | None, str]:
+    m = _GGUF_NAME.match(name)
+    if m:
+        layer, kind, suffix = m.groups()
+        if kind not in _GGUF_LAYER:
+            return None, kind
+        return f"model.layers.{layer}.{_GGUF_LAYER[kind]}.{suffix}", kind
+    base, _, suffix = name.rpartition(".")
+    return (f"{_GGUF_GLOBAL[base]}.{suffix}", base) if base in _GGUF_GLOBAL else (None, base)
+
+
+def unpermute_rope_rows(weights: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row permutation (interleaved rotary halves back to split halves).
+
+    weights: [n_heads * head_dim, ...]; within each head llama.cpp stores rows as (dim/2, 2), HF as (2, dim/2).
+    """
+    half = weights.shape[0] // n_heads // 2
+    return weights.reshape(n_heads, half, 2, *weights.shape[1:]).transpose(1, 2).reshape(weights.shape)
+
+
+def open_checkpoint(files: ModelFiles, config: Any) -> TensorSource:
+    """Open the tensor source of a resolved model; close it when every stage is built."""
+    if files.format == "gguf":
+        return GGUFSource(files.gguf_path, config.num_attention_heads, config.num_key_value_heads)
+    return SafetensorsSource(files.weights)

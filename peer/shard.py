@@ -1,0 +1,69 @@
+"""Build the stage for layers [start, end) from a checkpoint, reading only that stage's tensors.
+The stage is first laid out on the meta device (no memory), then each parameter is read from the
+tensor source, checked against its expected shape, cast, and assigned in place, so peak memory is
+the stage's own weights plus one tensor in flight. Tied embeddings are shared on a stage holding
+both ends and read from the embedding table on a last stage that does not."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from peer.checkpoint import TensorSource
+from peer.errors import CheckpointError
+from peer.stage import StageModel
+
+log = logging.getLogger(__name__)
+
+
+def load_stage(
+    source: TensorSource,
+    config: Any,
+    start: int,
+    end: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> StageModel:
+    """Stage [start, end) with its weights read from `source`, on `device` at `dtype`.
+
+    progress(done, total) is called after each tensor, for a progress bar on long loads.
+    """
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        stage = StageModel(config, start, end)
+    names = stage.checkpoint_names()
+    available = source.names()
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    expected = {n: p.shape for n, p in stage.named_parameters()}
+    state: dict[str, torch.Tensor] = {}
+    for done, (param, ckpt) in enumerate(names.items(), start=1):
+        if ckpt == "lm_head.weight" and ckpt not in available:
+            if not tied:
+                raise CheckpointError("checkpoint has no lm_head.weight and does not tie its embeddings")
+            if "embed_tokens.weight" in state:
+                state[param] = state["embed_tokens.weight"]  # one table for both ends
+                continue
+            ckpt = "model.embed_tokens.weight"
+        if ckpt not in available:
+            raise CheckpointError(f"checkpoint has no tensor {ckpt!r} needed by layers [{start}, {end})")
+        tensor = source.read(ckpt)
+        if tuple(tensor.shape) != tuple(expected[param]):
+            raise CheckpointError(
+                f"tensor {ckpt!r} has shape {tuple(tensor.shape)}, the config expects {tuple(expected[param])}"
+            )
+        state[param] = tensor.to(device=device, dtype=dtype)
+        if progress:
+            progress(done, len(names))
+    stage.load_state_dict(state, strict=True, assign=True)
+    if stage.embed_tokens is not None and stage.lm_head is not None and tied:
+        stage.lm_head.weight = stage.embed_tokens.weight
+    stage.rotary_emb.to(device)
+    stage.eval().requires_grad_(False)
+    log.info("loaded layers [%d, %d) in %.2f s", start, end, time.perf_counter() - t0)
+    return stage

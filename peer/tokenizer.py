@@ -1,0 +1,105 @@
+"""The model's tokenizer and chat template, loaded from the model's files (for a GGUF model, from
+the Hugging Face files the model store converted once). Gives token ids for text and chat messages,
+the ids that end a generation, and a streaming decoder that turns tokens into text pieces without
+splitting a multi-byte character. No model or network code here."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from peer.errors import InvalidInput, ModelStoreError
+
+
+class Tokenizer:
+    """Text <-> token ids for one model, plus its chat template and end-of-generation ids."""
+
+    def __init__(self, hf: Any, eos_token_ids: frozenset[int]) -> None:
+        self.hf = hf
+        self.eos_token_ids = eos_token_ids
+
+    @classmethod
+    def from_dir(cls, meta_dir: Path, config: Any = None) -> Tokenizer:
+        """Load the tokenizer files of `meta_dir`; end ids come from the config and the tokenizer."""
+        from transformers import AutoTokenizer
+
+        try:
+            hf = AutoTokenizer.from_pretrained(str(meta_dir))
+        except (OSError, ValueError) as e:
+            raise ModelStoreError(f"no usable tokenizer in {meta_dir}: {e}") from e
+        eos: set[int] = set()
+        config_eos = getattr(config, "eos_token_id", None)
+        if isinstance(config_eos, int):
+            eos.add(config_eos)
+        elif isinstance(config_eos, (list, tuple)):
+            eos.update(int(i) for i in config_eos)
+        if hf.eos_token_id is not None:
+            eos.add(int(hf.eos_token_id))
+        return cls(hf, frozenset(eos))
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer can produce."""
+        return len(self.hf)
+
+    @property
+    def has_chat_template(self) -> bool:
+        """True when the model ships a chat template."""
+        return bool(getattr(self.hf, "chat_template", None))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of plain text (with a BOS token where the model adds one)."""
+        if not isinstance(text, str):
+            raise InvalidInput(f"text must be a string, not {type(text).__name__}")
+        return list(self.hf(text)["input_ids"])
+
+    def apply_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation rendered with the model's chat template."""
+        if not self.has_chat_template:
+            raise InvalidInput("this model has no chat template; use a plain completion instead")
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise InvalidInput("each chat message must be a mapping with string 'role' and 'content'")
+        out = self.hf.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tokenize=True)
+        ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
+        return [int(i) for i in ids]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of token ids."""
+        return str(self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def stream(self) -> StreamDecoder:
+        """A decoder that yields the text each new token adds."""
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Turns a growing list of token ids into text increments.
+
+    Decoding token by token breaks multi-byte characters and word-initial spaces, so it decodes a
+    short window and holds back text that still ends in an incomplete character.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._prefix_start = 0  # window start: tokens already fully emitted before this are context
+        self._emitted_start = 0  # tokens from here on have text not yet emitted
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text it completes (possibly empty)."""
+        self.ids.append(int(token_id))
+        prefix = self.tokenizer.decode(self.ids[self._prefix_start : self._emitted_start])
+        full = self.tokenizer.decode(self.ids[self._prefix_start :])
+        if full.endswith("\ufffd") or len(full) <= len(prefix):
+            return ""
+        self._prefix_start, self._emitted_start = self._emitted_start, len(self.ids)
+        return full[len(prefix) :]
+
+    def flush(self) -> str:
+        """Whatever text is still held back at the end of the generation."""
+        prefix = self.tokenizer.decode(self.ids[self._prefix_start : self._emitted_start])
+        full = self.tokenizer.decode(self.ids[self._prefix_start :])
+        self._prefix_start = self._emitted_start = len(self.ids)
+        return full[len(prefix) :]
