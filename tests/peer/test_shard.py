@@ -1,0 +1,98 @@
+"""Loading a stage reads only the tensors of its layers (plus embeddings on the first stage, norm
+and head on the last): shown by recording every read, and by loading a middle stage from a sharded
+checkpoint whose other shard files were deleted."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from peer.checkpoint import SafetensorsSource, open_checkpoint
+from peer.config import StoreConfig
+from peer.errors import CheckpointError
+from peer.kv_cache import SessionKVCache
+from peer.model_store import ModelStore
+from peer.profile import ModelProfile
+from peer.shard import load_stage
+from tests.helpers import RecordingSource, expected_reads, layer_of
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("rng", [(0, 2), (2, 4), (4, 6), (0, 6), (3, 4)])
+def test_stage_reads_only_its_tensors(tiny_llama, tmp_path: Path, tied: bool, rng: tuple[int, int]) -> None:
+    files = ModelStore(StoreConfig(cache_dir=str(tmp_path))).resolve(str(tiny_llama(layers=6, tied=tied)))
+    config = files.load_config()
+    source = RecordingSource(open_checkpoint(files, config))
+    stage = load_stage(source, config, *rng)
+    source.close()
+    assert set(source.reads) == expected_reads(*rng, layers=6, tied=tied)
+    assert len(source.reads) == len(set(source.reads)), "a tensor was read twice"
+    # The stage holds exactly its profiled share of weights, no more.
+    held = sum(p.numel() * p.element_size() for p in stage.parameters())  # parameters() deduplicates ties
+    assert held == ModelProfile.from_config(config).stage_weight_bytes(*rng)
+
+
+def test_middle_stage_loads_without_other_shards(tiny_llama, tmp_path: Path) -> None:
+    src = tiny_llama(layers=6, max_shard_size="60KB")
+    weight_map = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    wanted = {f for name, f in weight_map.items() if layer_of(name) in (2, 3)}
+    assert len(set(weight_map.values()) - wanted) >= 2, "the checkpoint should be split into several shards"
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for f in wanted:
+        shutil.copy(src / f, partial / f)
+
+    config = ModelStore(StoreConfig(cache_dir=str(tmp_path))).resolve(str(src)).load_config()
+    full_files = ModelStore(StoreConfig(cache_dir=str(tmp_path))).resolve(str(src))
+    from_partial = load_stage(SafetensorsSource(tuple(sorted(partial.iterdir()))), config, 2, 4)
+    from_full = load_stage(open_checkpoint(full_files, config), config, 2, 4)
+
+    hidden = torch.randn(1, 5, config.hidden_size, generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for stage in (from_partial, from_full):
+        cache = SessionKVCache(
+            first_layer=2,
+            num_layers=2,
+            batch=1,
+            kv_heads=2,
+            head_dim=16,
+            max_length=8,
+            dtype=torch.float32,
+            device="cpu",
+        )
+        cache.begin_step(0, 5)
+        with torch.no_grad():
+            outputs.append(stage(hidden, torch.arange(5)[None], cache))
+    assert torch.equal(outputs[0], outputs[1])
+    # Asking the partial checkpoint for a layer it does not hold fails clearly.
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\."):
+        load_stage(SafetensorsSource(tuple(sorted(partial.iterdir()))), config, 1, 2)
+
+
+def test_shape_mismatch_is_a_clear_error(tiny_llama, tmp_path: Path) -> None:
+    files = ModelStore(StoreConfig(cache_dir=str(tmp_path))).resolve(str(tiny_llama(layers=2)))
+    config = files.load_config()
+    config.intermediate_size += 8  # the config no longer describes the weights
+    with pytest.raises(CheckpointError, match="shape"):
+        load_stage(open_checkpoint(files, config), config, 0, 1)
+
+
+def test_stage_range_is_validated(tiny_llama, tmp_path: Path) -> None:
+    files = ModelStore(StoreConfig(cache_dir=str(tmp_path))).resolve(str(tiny_llama(layers=2)))
+    config = files.load_config()
+    for bad in ((1, 1), (-1, 1), (0, 3)):
+        with pytest.raises(ValueError, match="range"):
+            load_stage(open_checkpoint(files, config), config, *bad)
+
+
+def test_bfloat16_stage_from_float32_checkpoint(tiny_llama, tmp_path: Path) -> None:
+    files = ModelStore(StoreConfig(cache_dir=str(tmp_path))).resolve(str(tiny_llama(layers=2)))
+    config = files.load_config()
+    stage = load_stage(open_checkpoint(files, config), config, 0, 2, dtype=torch.bfloat16)
+    assert {p.dtype for p in stage.parameters()} == {torch.bfloat16}
+    held = sum(p.numel() * p.element_size() for p in stage.parameters())
+    assert held == ModelProfile.from_config(config, torch.bfloat16).stage_weight_bytes(0, 2)
