@@ -10,10 +10,10 @@ import re
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from peer.errors import CheckpointError
+from peer.gguf_file import GGUFFile
 from peer.model_store import ModelFiles
 
 # GGUF (llama.cpp) tensor names -> Hugging Face Llama names.
@@ -91,39 +91,31 @@ class GGUFSource:
     """Tensors of a llama.cpp GGUF file, dequantized to float32 as they are read."""
 
     def __init__(self, path: Path, num_heads: int, num_kv_heads: int) -> None:
-        import gguf
-
-        try:
-            self._reader: Any = gguf.GGUFReader(str(path))  # memory-maps; reads header and tensor index
-        except (ValueError, OSError) as e:
-            raise CheckpointError(f"{path} is not a readable GGUF file: {e}") from e
-        self._dequantize = gguf.dequantize
+        self._file: GGUFFile | None = GGUFFile(path)  # reads the header and tensor index only
         self._heads = {"attn_q": num_heads, "attn_k": num_kv_heads}
-        self._tensors: dict[str, tuple[Any, str]] = {}
-        for t in self._reader.tensors:
-            hf, kind = _gguf_to_hf(t.name)
+        self._tensors: dict[str, tuple[str, str]] = {}
+        for gguf_name in self._file.tensors:
+            hf, kind = _gguf_to_hf(gguf_name)
             if hf is not None:
-                self._tensors[hf] = (t, kind)
+                self._tensors[hf] = (gguf_name, kind)
 
     def names(self) -> frozenset[str]:
         return frozenset(self._tensors)
 
     def read(self, name: str) -> torch.Tensor:
-        try:
-            tensor, kind = self._tensors[name]
-        except KeyError as e:
-            raise CheckpointError(f"checkpoint has no tensor {name!r}") from e
-        array = np.ascontiguousarray(self._dequantize(tensor.data, tensor.tensor_type))
-        if not array.flags.writeable:  # unquantized tensors come back as views of the read-only mapping
-            array = array.copy()
-        weights = torch.from_numpy(array)
+        if name not in self._tensors or self._file is None:
+            raise CheckpointError(f"checkpoint has no tensor {name!r}")
+        gguf_name, kind = self._tensors[name]
+        weights = self._file.read(gguf_name)
         if kind in self._heads:
             weights = unpermute_rope_rows(weights, self._heads[kind])
         return weights
 
     def close(self) -> None:
         self._tensors.clear()
-        self._reader = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def _gguf_to_hf(name: str) -> tuple[str | None, str]:

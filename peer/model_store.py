@@ -281,6 +281,7 @@ class ModelStore:
         return ModelFiles(spec, "safetensors", hf_weight_files(path), path)
 
     def _gguf(self, spec: str, path: Path) -> ModelFiles:
+        path = path.resolve()
         st = path.stat()
         key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
         meta = self.cache_dir / "gguf-meta" / key

@@ -196,3 +196,19 @@ def test_embedded_smollm2_resolves_with_metadata(smollm2) -> None:
     assert (config.model_type, config.num_hidden_layers, config.tie_word_embeddings) == ("llama", 30, True)
     assert (files.meta_dir / "tokenizer.json").exists()
     assert s.resolve("smollm2-135m") == files
+
+
+@pytest.mark.real_model
+def test_local_gguf_file_and_directory(smollm2, tmp_path: Path) -> None:
+    """A .gguf path (and a directory holding one) resolves, with its config and tokenizer converted once."""
+    s, embedded = smollm2
+    d = tmp_path / "my-model"
+    d.mkdir()
+    local = d / "model.gguf"
+    local.symlink_to(embedded.gguf_path)
+    files = s.resolve(str(local))
+    assert files.format == "gguf" and files.gguf_path == embedded.gguf_path.resolve()
+    assert files.load_config().num_hidden_layers == 30
+    assert (files.meta_dir / "tokenizer.json").exists()
+    assert s.resolve(str(d)).meta_dir == files.meta_dir  # same file: converted metadata reused
+    assert s.fingerprint(files) == s.fingerprint(embedded)

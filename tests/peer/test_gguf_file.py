@@ -1,0 +1,82 @@
+"""The GGUF tensor index and dequantization: bit-identical to gguf-py (which transformers uses) for
+every tensor type we handle ourselves and the fallback; clear errors for damaged files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from peer.errors import CheckpointError
+from peer.gguf_file import GGUFFile, dequantize
+
+T = gguf.GGMLQuantizationType
+
+
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1])
+def test_dequantize_matches_gguf_py(qtype) -> None:
+    x = np.random.default_rng(int(qtype)).standard_normal((6, 96)).astype(np.float32) * 3
+    q = x if qtype == T.F32 else gguf.quantize(x, qtype)
+    expected = torch.from_numpy(np.ascontiguousarray(gguf.dequantize(q, qtype))).float()
+    raw = torch.from_numpy(np.ascontiguousarray(q).view(np.uint8).reshape(-1).copy())
+    assert torch.equal(dequantize(raw, int(qtype), (6, 96)), expected)
+
+
+def write_gguf(path: Path) -> dict[str, np.ndarray]:
+    tensors = {
+        "a.weight": np.arange(64, dtype=np.float32).reshape(2, 32),
+        "b.weight": np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32),
+    }
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(500)])
+    w.add_tensor("a.weight", tensors["a.weight"])
+    q = gguf.quantize(tensors["b.weight"], T.Q8_0)
+    w.add_tensor("b.weight", q, raw_dtype=T.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tensors["b.weight"] = gguf.dequantize(q, T.Q8_0)
+    return tensors
+
+
+def test_index_and_read_match_gguf_reader(tmp_path: Path) -> None:
+    path = tmp_path / "m.gguf"
+    expected = write_gguf(path)
+    f = GGUFFile(path)
+    assert set(f.tensors) == set(expected)
+    for name, array in expected.items():
+        assert f.tensors[name].shape == array.shape
+        assert torch.equal(f.read(name), torch.from_numpy(np.ascontiguousarray(array)))
+    f.close()
+    f.close()
+
+
+def test_damaged_files_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "m.gguf"
+    write_gguf(path)
+    data = path.read_bytes()
+    (tmp_path / "truncated.gguf").write_bytes(data[: len(data) - 40])
+    with pytest.raises(CheckpointError, match="truncated"):
+        GGUFFile(tmp_path / "truncated.gguf")
+    (tmp_path / "magic.gguf").write_bytes(b"GGML" + data[4:])
+    with pytest.raises(CheckpointError, match="not a valid GGUF"):
+        GGUFFile(tmp_path / "magic.gguf")
+    (tmp_path / "header.gguf").write_bytes(data[:100])
+    with pytest.raises(CheckpointError, match="not a valid GGUF"):
+        GGUFFile(tmp_path / "header.gguf")
+
+
+@pytest.mark.real_model
+def test_every_smollm2_tensor_matches_gguf_py(smollm2) -> None:
+    _, files = smollm2
+    ours = GGUFFile(files.gguf_path)
+    reader = gguf.GGUFReader(str(files.gguf_path))
+    for t in reader.tensors:
+        expected = torch.from_numpy(np.array(gguf.dequantize(t.data, t.tensor_type)))
+        assert torch.equal(ours.read(t.name), expected), t.name
+    ours.close()
