@@ -16,6 +16,9 @@ from peer.errors import CheckpointError
 from peer.gguf_file import GGUFFile
 from peer.model_store import ModelFiles
 
+# torch dtypes -> the names safetensors headers use.
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
 # GGUF (llama.cpp) tensor names -> Hugging Face Llama names.
 _GGUF_LAYER = {
     "attn_q": "self_attn.q_proj",
@@ -43,8 +46,8 @@ class TensorSource(Protocol):
         """Hugging Face names of every tensor in the checkpoint."""
         ...
 
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor in Hugging Face layout, in the checkpoint's own (or dequantized) dtype."""
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor in Hugging Face layout, converted to `dtype` if given (else as stored or dequantized)."""
         ...
 
     def close(self) -> None:
@@ -53,16 +56,24 @@ class TensorSource(Protocol):
 
 
 class SafetensorsSource:
-    """Tensors of one or more safetensors files (a sharded checkpoint's index order)."""
+    """Tensors of one or more safetensors files (a sharded checkpoint's index order).
 
-    def __init__(self, files: tuple[Path, ...]) -> None:
+    A file whose tensors are all stored in the stage dtype is memory-mapped and its tensors used in
+    place (no copy). A file that needs converting is read with pread instead, so a converted
+    tensor's source bytes are freed at once rather than staying mapped until the load ends.
+    """
+
+    def __init__(self, files: tuple[Path, ...], dtype: torch.dtype | None = None) -> None:
         from safetensors import safe_open
 
         self._handles: list[Any] = []
         self._where: dict[str, tuple[Any, str]] = {}
+        stored = _SAFETENSORS_DTYPES.get(dtype) if dtype is not None else None
         try:
             for path in files:
                 handle = safe_open(str(path), framework="pt")  # reads the header only
+                if stored is not None and any(handle.get_slice(k).get_dtype() != stored for k in handle.keys()):  # noqa: SIM118
+                    handle = safe_open(str(path), framework="pt", backend="pread")
                 self._handles.append(handle)
                 for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
                     # Checkpoints saved from a bare LlamaModel lack the "model." prefix.
@@ -75,12 +86,14 @@ class SafetensorsSource:
     def names(self) -> frozenset[str]:
         return frozenset(self._where)
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         try:
             handle, key = self._where[name]
         except KeyError as e:
             raise CheckpointError(f"checkpoint has no tensor {name!r}") from e
-        return handle.get_tensor(key)
+        if dtype is None or handle.get_slice(key).get_dtype() == _SAFETENSORS_DTYPES.get(dtype):
+            return handle.get_tensor(key)
+        return handle.get_tensor(key).to(dtype)  # read with pread: the stored copy is freed at once
 
     def close(self) -> None:
         self._handles.clear()
@@ -102,14 +115,14 @@ class GGUFSource:
     def names(self) -> frozenset[str]:
         return frozenset(self._tensors)
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         if name not in self._tensors or self._file is None:
             raise CheckpointError(f"checkpoint has no tensor {name!r}")
         gguf_name, kind = self._tensors[name]
         weights = self._file.read(gguf_name)
         if kind in self._heads:
             weights = unpermute_rope_rows(weights, self._heads[kind])
-        return weights
+        return weights if dtype is None else weights.to(dtype)
 
     def close(self) -> None:
         self._tensors.clear()
@@ -138,8 +151,8 @@ def unpermute_rope_rows(weights: torch.Tensor, n_heads: int) -> torch.Tensor:
     return weights.reshape(n_heads, half, 2, *weights.shape[1:]).transpose(1, 2).reshape(weights.shape)
 
 
-def open_checkpoint(files: ModelFiles, config: Any) -> TensorSource:
-    """Open the tensor source of a resolved model; close it when every stage is built."""
+def open_checkpoint(files: ModelFiles, config: Any, dtype: torch.dtype | None = None) -> TensorSource:
+    """Open the tensor source of a resolved model for stages of `dtype`; close it when they are built."""
     if files.format == "gguf":
         return GGUFSource(files.gguf_path, config.num_attention_heads, config.num_key_value_heads)
-    return SafetensorsSource(files.weights)
+    return SafetensorsSource(files.weights, dtype)

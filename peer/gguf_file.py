@@ -7,6 +7,7 @@ as the config and tokenizer is converted by transformers in `peer.model_store`, 
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,12 +77,15 @@ class GGUFFile:
 
         self.path = path
         try:
-            self._map = np.memmap(path, dtype=np.uint8, mode="r")
+            with open(path, "rb") as f:
+                self._map: mmap.mmap | None = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"cannot map {path}: {e}") from e
         try:
-            self.tensors = self._index(memoryview(self._map), GGML_QUANT_SIZES)  # type: ignore[arg-type]
+            with memoryview(self._map) as view:
+                self.tensors = self._index(view, GGML_QUANT_SIZES)
         except (struct.error, ValueError, UnicodeDecodeError, KeyError) as e:
+            self.close()
             raise CheckpointError(f"{path} is not a valid GGUF file: {e}") from e
 
     def _index(self, data: memoryview, sizes: dict) -> dict[str, GGUFTensor]:
@@ -116,13 +120,20 @@ class GGUFFile:
 
     def read(self, name: str) -> torch.Tensor:
         """One tensor dequantized to float32 in numpy/torch shape (a fresh tensor, not a view)."""
+        if self._map is None:
+            raise CheckpointError(f"{self.path} is closed")
         t = self.tensors[name]
-        raw = torch.from_numpy(np.array(self._map[t.offset : t.offset + t.nbytes]))  # copies the bytes
+        raw = torch.from_numpy(np.frombuffer(self._map, np.uint8, t.nbytes, t.offset).copy())
+        # The copy is ours now: let the mapped pages go, so loading peaks at one tensor, not the stage.
+        page_start = t.offset - t.offset % mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_DONTNEED, page_start, t.offset + t.nbytes - page_start)
         return dequantize(raw, t.ggml_type, t.shape)
 
     def close(self) -> None:
-        """Drop the memory map; safe to call twice."""
-        self._map = None  # type: ignore[assignment]
+        """Unmap the file; safe to call twice."""
+        if self._map is not None:
+            self._map.close()
+            self._map = None
 
 
 def _f16(raw: torch.Tensor) -> torch.Tensor:

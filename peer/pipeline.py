@@ -45,7 +45,7 @@ def load_stages(
     show_progress: bool = False,
 ) -> list[Any]:
     """Load one StageModel per range, each reading only its own tensors from one open checkpoint."""
-    source = open_checkpoint(files, config)
+    source = open_checkpoint(files, config, dtype)
     stages = []
     try:
         for start, end in ranges:

@@ -52,7 +52,7 @@ def load_stage(
             ckpt = "model.embed_tokens.weight"
         if ckpt not in available:
             raise CheckpointError(f"checkpoint has no tensor {ckpt!r} needed by layers [{start}, {end})")
-        tensor = source.read(ckpt)
+        tensor = source.read(ckpt, dtype)
         if tuple(tensor.shape) != tuple(expected[param]):
             raise CheckpointError(
                 f"tensor {ckpt!r} has shape {tuple(tensor.shape)}, the config expects {tuple(expected[param])}"

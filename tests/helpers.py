@@ -19,9 +19,9 @@ class RecordingSource:
     def names(self) -> frozenset[str]:
         return self.inner.names()
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         self.reads.append(name)
-        return self.inner.read(name)
+        return self.inner.read(name, dtype)
 
     def close(self) -> None:
         self.inner.close()

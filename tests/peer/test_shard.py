@@ -89,10 +89,15 @@ def test_stage_range_is_validated(tiny_llama, tmp_path: Path) -> None:
             load_stage(open_checkpoint(files, config), config, *bad)
 
 
-def test_bfloat16_stage_from_float32_checkpoint(tiny_llama, tmp_path: Path) -> None:
-    files = ModelStore(StoreConfig(cache_dir=str(tmp_path))).resolve(str(tiny_llama(layers=2)))
+@pytest.mark.parametrize(("stored", "wanted"), [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_stage_dtype_differs_from_checkpoint(tiny_llama, tmp_path: Path, stored, wanted) -> None:
+    """Converting while loading (read with pread, not mapped) gives exactly the converted weights."""
+    files = ModelStore(StoreConfig(cache_dir=str(tmp_path))).resolve(str(tiny_llama(layers=2, dtype=stored)))
     config = files.load_config()
-    stage = load_stage(open_checkpoint(files, config), config, 0, 2, dtype=torch.bfloat16)
-    assert {p.dtype for p in stage.parameters()} == {torch.bfloat16}
-    held = sum(p.numel() * p.element_size() for p in stage.parameters())
-    assert held == ModelProfile.from_config(config, torch.bfloat16).stage_weight_bytes(0, 2)
+    converted = load_stage(open_checkpoint(files, config, wanted), config, 0, 2, dtype=wanted)
+    as_stored = load_stage(open_checkpoint(files, config), config, 0, 2, dtype=stored)
+    assert {p.dtype for p in converted.parameters()} == {wanted}
+    for (name, a), (_, b) in zip(converted.named_parameters(), as_stored.named_parameters(), strict=True):
+        assert torch.equal(a, b.to(wanted)), name
+    held = sum(p.numel() * p.element_size() for p in converted.parameters())
+    assert held == ModelProfile.from_config(config, wanted).stage_weight_bytes(0, 2)
