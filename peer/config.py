@@ -6,6 +6,7 @@ environment. The swarm package keeps its own sections next to these in the same 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -15,6 +16,14 @@ import yaml
 from peer.errors import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -29,11 +38,11 @@ class ResourceConfig:
     reserve_mb: int = 256
 
     def __post_init__(self) -> None:
-        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"resources.device must be auto, cpu, cuda, cuda:N or mps, not {self.device!r}")
-        if self.max_memory_mb is not None and self.max_memory_mb <= 0:
+        if self.max_memory_mb is not None and (not _is_int(self.max_memory_mb) or self.max_memory_mb <= 0):
             raise ConfigError(f"resources.max_memory_mb must be positive, not {self.max_memory_mb}")
-        if self.reserve_mb < 0:
+        if not _is_int(self.reserve_mb) or self.reserve_mb < 0:
             raise ConfigError(f"resources.reserve_mb must be >= 0, not {self.reserve_mb}")
 
 
@@ -47,8 +56,8 @@ class ModelConfig:
     dtype: str = "auto"
 
     def __post_init__(self) -> None:
-        if not self.spec:
-            raise ConfigError("model.spec must not be empty")
+        if not isinstance(self.spec, str) or not self.spec.strip():
+            raise ConfigError(f"model.spec must be a non-empty string, not {self.spec!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"model.dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
 
@@ -65,7 +74,11 @@ class StoreConfig:
     fetch_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
-        if self.fetch_timeout_s <= 0:
+        if self.cache_dir is not None and not isinstance(self.cache_dir, str):
+            raise ConfigError(f"store.cache_dir must be a path string, not {self.cache_dir!r}")
+        if self.hub_endpoint is not None and not isinstance(self.hub_endpoint, str):
+            raise ConfigError(f"store.hub_endpoint must be a URL string, not {self.hub_endpoint!r}")
+        if not _is_number(self.fetch_timeout_s) or self.fetch_timeout_s <= 0:
             raise ConfigError(f"store.fetch_timeout_s must be positive, not {self.fetch_timeout_s}")
 
 
@@ -83,14 +96,11 @@ class ExecutorConfig:
     kv_cache_chunk_tokens: int = 64
 
     def __post_init__(self) -> None:
-        if self.kv_cache_budget_mb <= 0:
-            raise ConfigError(f"executor.kv_cache_budget_mb must be positive, not {self.kv_cache_budget_mb}")
-        if self.session_idle_timeout_s <= 0:
-            raise ConfigError("executor.session_idle_timeout_s must be positive")
-        if self.max_sessions <= 0:
-            raise ConfigError("executor.max_sessions must be positive")
-        if self.kv_cache_chunk_tokens <= 0:
-            raise ConfigError("executor.kv_cache_chunk_tokens must be positive")
+        for name in ("kv_cache_budget_mb", "max_sessions", "kv_cache_chunk_tokens"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ConfigError(f"executor.{name} must be a positive integer, not {getattr(self, name)!r}")
+        if not _is_number(self.session_idle_timeout_s) or self.session_idle_timeout_s <= 0:
+            raise ConfigError(f"executor.session_idle_timeout_s must be positive, not {self.session_idle_timeout_s!r}")
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,10 @@ class HubUnreachable(ModelStoreError):
     """A hub id was given but the model hub cannot be reached and nothing is cached."""
 
 
+class LayerRangeError(SwarmError):
+    """A stage's layer range is empty or outside the model."""
+
+
 class CheckpointError(SwarmError):
     """A checkpoint is missing tensors, has unexpected shapes, or has an unsupported format."""
 
@@ -55,6 +59,10 @@ class UnknownSession(ExecutorError):
 
 class SessionExists(ExecutorError):
     """A session with this id is already open on this stage."""
+
+
+class SessionBusy(ExecutorError):
+    """The session already has a step in progress on this stage."""
 
 
 class InvalidInput(ExecutorError):

@@ -17,15 +17,23 @@ from dataclasses import dataclass, field
 import torch
 
 from peer.config import ExecutorConfig
-from peer.errors import CacheFull, ExecutorError, InvalidInput, PositionError, SessionExists, UnknownSession
+from peer.errors import (
+    CacheFull,
+    ExecutorError,
+    InvalidInput,
+    PositionError,
+    SessionBusy,
+    SessionExists,
+    UnknownSession,
+)
 from peer.kv_cache import SessionKVCache
 from peer.profile import ModelProfile, head_dim
+from peer.resources import MIB
 from peer.sampling import SamplingParams, sample
 from peer.stage import StageModel
 
 log = logging.getLogger(__name__)
 
-MIB = 1024 * 1024
 MAX_SESSION_ID_CHARS = 128
 
 
@@ -40,6 +48,7 @@ class Session:
     reserved_bytes: int
     last_used: float
     busy: bool = False
+    closing: bool = False  # closed while a step ran; removed when the step ends
     steps: int = 0
     compute_s: float = 0.0
 
@@ -102,7 +111,7 @@ class StageExecutor:
     def session_ids(self) -> list[str]:
         """Ids of the open sessions."""
         with self._lock:
-            return list(self._sessions)
+            return [sid for sid, s in self._sessions.items() if not s.closing]
 
     def open_session(
         self,
@@ -119,19 +128,21 @@ class StageExecutor:
             raise PositionError(f"max_length must be between 1 and the model's context of {limit}, not {max_length}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidInput(f"batch_size must be a positive integer, not {batch_size}")
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise InvalidInput(f"sampling must be SamplingParams, not {type(sampling).__name__}")
         need = self.profile.kv_bytes(self.stage.start, self.stage.end, max_length, batch_size)
         self.evict_idle()
         with self._lock:
             if session_id in self._sessions:
                 raise SessionExists(f"session {session_id!r} is already open on this stage")
+            free = self.budget_bytes - sum(s.reserved_bytes for s in self._sessions.values())
             if len(self._sessions) >= self.config.max_sessions:
                 self._refuse("sessions")
                 raise CacheFull(
                     f"this stage already has the maximum of {self.config.max_sessions} open sessions",
                     needed_bytes=need,
-                    free_bytes=0,
+                    free_bytes=max(free, 0),
                 )
-            free = self.budget_bytes - sum(s.reserved_bytes for s in self._sessions.values())
             if need > free:
                 self._refuse("budget")
                 raise CacheFull(
@@ -157,12 +168,17 @@ class StageExecutor:
             self.stats.opened += 1
 
     def close_session(self, session_id: str) -> bool:
-        """Free a session's KV cache; False when it was not open."""
+        """Free a session's KV cache (after its step, if one is running); False when it was not open."""
         with self._lock:
-            session = self._sessions.pop(session_id, None)
-            if session is not None:
-                self.stats.closed += 1
-            return session is not None
+            session = self._sessions.get(session_id)
+            if session is None or session.closing:
+                return False
+            self.stats.closed += 1
+            if session.busy:
+                session.closing = True  # the step's end removes it, so its memory stays reserved till then
+            else:
+                del self._sessions[session_id]
+            return True
 
     def evict_idle(self) -> list[str]:
         """Close sessions with no step for longer than the idle timeout; return their ids."""
@@ -201,7 +217,7 @@ class StageExecutor:
         with self._lock:
             session = self._get(session_id)
             if session.busy:
-                raise ExecutorError(f"session {session_id!r} already has a step in progress")
+                raise SessionBusy(f"session {session_id!r} already has a step in progress")
             try:
                 inputs = self._check_inputs(session, inputs)
                 positions = self._check_positions(session, positions, inputs.shape[1])
@@ -223,15 +239,18 @@ class StageExecutor:
             else:
                 result = StepResult(hidden=out)
             elapsed = time.perf_counter() - t0
+            with self._lock:
+                session.steps += 1
+                session.compute_s += elapsed
+                self.stats.steps += 1
+                self.stats.tokens_in += inputs.shape[0] * inputs.shape[1]
+                self.stats.compute_s += elapsed
         finally:
             with self._lock:
                 session.busy = False
                 session.last_used = self.clock()
-        session.steps += 1
-        session.compute_s += elapsed
-        self.stats.steps += 1
-        self.stats.tokens_in += inputs.shape[0] * inputs.shape[1]
-        self.stats.compute_s += elapsed
+                if session.closing:  # closed mid-step: its reservation is released only now
+                    self._sessions.pop(session_id, None)
         return dataclasses.replace(result, compute_s=elapsed)
 
     def _get(self, session_id: str) -> Session:

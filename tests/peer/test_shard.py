@@ -13,7 +13,7 @@ import torch
 
 from peer.checkpoint import SafetensorsSource, open_checkpoint
 from peer.config import StoreConfig
-from peer.errors import CheckpointError
+from peer.errors import CheckpointError, LayerRangeError
 from peer.kv_cache import SessionKVCache
 from peer.model_store import ModelStore
 from peer.profile import ModelProfile
@@ -85,7 +85,7 @@ def test_stage_range_is_validated(tiny_llama, tmp_path: Path) -> None:
     files = ModelStore(StoreConfig(cache_dir=str(tmp_path))).resolve(str(tiny_llama(layers=2)))
     config = files.load_config()
     for bad in ((1, 1), (-1, 1), (0, 3)):
-        with pytest.raises(ValueError, match="range"):
+        with pytest.raises(LayerRangeError, match="range"):
             load_stage(open_checkpoint(files, config), config, *bad)
 
 
