@@ -187,11 +187,11 @@ class ModelStore:
         holds its config). Hashing multi-GB weights takes seconds, so each file's digest is cached
         by (path, size, mtime); this names a model, it does not check the file's integrity.
         """
-        h = hashlib.sha256()
-        if files.format == "safetensors":
-            h.update(self._digest(files.meta_dir / "config.json").encode())
+        if files.format == "gguf":
+            return self._digest(files.gguf_path)  # whatever the file is called
+        h = hashlib.sha256(self._digest(files.meta_dir / "config.json").encode())
         for weight in files.weights:
-            h.update(weight.name.encode())
+            h.update(weight.name.encode())  # shard names fix the order
             h.update(self._digest(weight).encode())
         return h.hexdigest()
 

