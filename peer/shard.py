@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -29,11 +29,15 @@ def load_stage(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     progress: Callable[[int, int], None] | None = None,
+    reuse: Mapping[str, torch.Tensor] | None = None,
 ) -> StageModel:
     """Stage [start, end) with its weights read from `source`, on `device` at `dtype`.
 
     progress(done, total) is called after each tensor, for a progress bar on long loads.
+    reuse maps checkpoint names to tensors already held (a previous stage's, see `held_tensors`);
+    those are taken as they are instead of being read again.
     """
+    reuse = reuse or {}
     t0 = time.perf_counter()
     with torch.device("meta"):
         stage = StageModel(config, start, end)
@@ -49,6 +53,9 @@ def load_stage(
                 state[param] = state["embed_tokens.weight"]  # one table for both ends
                 continue
             ckpt = "model.embed_tokens.weight"
+        if ckpt in reuse and tuple(reuse[ckpt].shape) == tuple(expected[param]):
+            state[param] = reuse[ckpt]  # a layer this peer already holds: keep it
+            continue
         if ckpt not in available:
             raise CheckpointError(f"checkpoint has no tensor {ckpt!r} needed by layers [{start}, {end})")
         tensor = source.read(ckpt, dtype)
@@ -66,3 +73,9 @@ def load_stage(
     stage.eval().requires_grad_(False)
     log.info("loaded layers [%d, %d) in %.2f s", start, end, time.perf_counter() - t0)
     return stage
+
+
+def held_tensors(stage: StageModel) -> dict[str, torch.Tensor]:
+    """Checkpoint name -> tensor of everything `stage` holds, for `load_stage(reuse=...)`."""
+    params = dict(stage.named_parameters(remove_duplicate=False))
+    return {ckpt: params[name].data for name, ckpt in stage.checkpoint_names().items()}

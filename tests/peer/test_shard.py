@@ -17,7 +17,7 @@ from peer.errors import CheckpointError, LayerRangeError
 from peer.kv_cache import SessionKVCache
 from peer.model_store import ModelStore
 from peer.profile import ModelProfile
-from peer.shard import load_stage
+from peer.shard import held_tensors, load_stage
 from tests.helpers import RecordingSource, expected_reads, layer_of
 
 
@@ -101,3 +101,19 @@ def test_stage_dtype_differs_from_checkpoint(tiny_llama, tmp_path: Path, stored,
         assert torch.equal(a, b.to(wanted)), name
     held = sum(p.numel() * p.element_size() for p in converted.parameters())
     assert held == ModelProfile.from_config(config, wanted).stage_weight_bytes(0, 2)
+
+
+def test_reloading_keeps_the_layers_already_held(tiny_llama, tmp_path: Path) -> None:
+    files = ModelStore(StoreConfig(cache_dir=str(tmp_path))).resolve(str(tiny_llama(layers=6)))
+    config = files.load_config()
+    source = RecordingSource(open_checkpoint(files, config))
+    old = load_stage(source, config, 0, 4)
+    source.reads.clear()
+    new = load_stage(source, config, 2, 6, reuse=held_tensors(old))
+    # Only layers 4 and 5 and the head are read; layers 2 and 3 are the very tensors held before.
+    assert set(source.reads) == expected_reads(4, 6, layers=6, tied=False)
+    assert new.layers[0].mlp.up_proj.weight.data_ptr() == old.layers[2].mlp.up_proj.weight.data_ptr()
+    fresh = load_stage(source, config, 2, 6)
+    for a, b in zip(new.state_dict().values(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    source.close()

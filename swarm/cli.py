@@ -1,0 +1,140 @@
+"""`swarm`, the client command line: `swarm status` prints a peer's view of the swarm as a table,
+`swarm keygen` writes a new swarm key. Without `--url` it finds a peer over mDNS. It talks to
+peers only through their public HTTP endpoints; `generate` and `chat` join with the data plane."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from peer.errors import SwarmError
+from swarm.auth import key_fingerprint, write_new_swarm_key
+from swarm.discovery import SERVICE_TYPE
+
+MDNS_WAIT_S = 3.0
+
+
+def find_peer_url(interface: str | None, wait_s: float = MDNS_WAIT_S) -> str | None:
+    """The URL of the first peer announcing itself over mDNS within `wait_s`, if any."""
+    from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
+
+    found: list[str] = []
+    done = threading.Event()
+    zc = Zeroconf(interfaces=[interface] if interface else "all", ip_version=IPVersion.V4Only)
+
+    def on_change(zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
+        if state_change is not ServiceStateChange.Removed and not found:
+            found.append(name)
+            done.set()
+
+    browser = ServiceBrowser(zc, SERVICE_TYPE, handlers=[on_change])
+    try:
+        if not done.wait(wait_s):
+            return None
+        info = ServiceInfo(SERVICE_TYPE, found[0])
+        if not info.request(zc, int(wait_s * 1000)):
+            return None
+        addresses = info.parsed_addresses(IPVersion.V4Only)
+        return f"http://{addresses[0]}:{info.port}" if addresses else None
+    finally:
+        browser.cancel()
+        zc.close()
+
+
+def fetch_json(url: str, timeout_s: float = 5.0) -> Any:
+    """GET a peer's JSON endpoint, with a clear error when it cannot be reached."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        raise SwarmError(f"{url} answered HTTP {e.code}: {e.read()[:200].decode(errors='replace')}") from e
+    except (urllib.error.URLError, OSError) as e:
+        raise SwarmError(f"cannot reach {url}: {getattr(e, 'reason', e)}") from e
+    except ValueError as e:
+        raise SwarmError(f"{url} did not answer JSON: {e}") from e
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """A /swarm/status document as a readable summary and table."""
+    leader = status.get("leader")
+    peers = {p["peer_id"]: p for p in status.get("peers", [])}
+    layer_map = status.get("layer_map") or {}
+    stages = {s["peer_id"]: s for s in layer_map.get("stages", [])}
+    alive = sum(p["state"] != "dead" for p in peers.values())
+    leader_name = f"{leader} ({peers[leader]['node_id']})" if leader in peers else str(leader)
+    lines = [
+        f"swarm of {alive} live peer(s); leader {leader_name}, term {status.get('term')}",
+        f"model {status['model']['spec']} (fingerprint {status['model']['fingerprint'][:12]}...)",
+        f"layer map epoch {layer_map.get('epoch', '-')}: {'READY' if status.get('ready') else 'not ready'}"
+        + (f" ({len(stages)} stage(s), {layer_map.get('num_layers')} layers)" if stages else ""),
+        f"seen from {status['peer_id']} ({status['node_id']}) at {status['url']}",
+    ]
+    for error in status.get("errors", []):
+        lines.append(f"error: {error}")
+    header = ("PEER", "NODE", "STATE", "MEMORY", "LAYERS", "READY", "URL")
+    rows = []
+    order = [*stages, *(p for p in peers if p not in stages)]
+    for peer_id in order:
+        p = peers.get(peer_id, {"node_id": "?", "state": "unknown", "memory_mb": 0, "url": stages[peer_id]["url"]})
+        stage = stages.get(peer_id)
+        layers = f"[{stage['start']}, {stage['end']})" if stage else "standby"
+        ready = ("yes" if stage["ready"] else "no") if stage else "-"
+        name = p["node_id"] + (" *" if peer_id == leader else "")
+        rows.append((peer_id, name, p["state"], f"{p['memory_mb']} MiB", layers, ready, p["url"]))
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines.append("")
+    for row in [header, *rows]:
+        lines.append("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    lines.append("(* leader)")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    url = args.url or find_peer_url(args.mdns_interface)
+    if url is None:
+        raise SwarmError("no peer found over mDNS; pass --url http://HOST:PORT")
+    status = fetch_json(url.rstrip("/") + "/swarm/status")
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    path = Path(args.out)
+    key = write_new_swarm_key(path, force=args.force)
+    print(f"wrote a new swarm key to {path} (fingerprint {key_fingerprint(key)})")
+    print(f"copy it to every peer and start each with: swarm-peer --swarm-key-file {path}")
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="swarm", description="Client for an inference swarm.")
+    sub = p.add_subparsers(dest="command", required=True)
+    status = sub.add_parser("status", help="show peers, leader, term and layer map")
+    status.add_argument("--url", help="a peer's base URL, e.g. http://127.0.0.1:50051 (default: find one by mDNS)")
+    status.add_argument("--mdns-interface", help="address of the interface to browse on")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+    status.set_defaults(func=cmd_status)
+    keygen = sub.add_parser("keygen", help="write a new 32-byte swarm key")
+    keygen.add_argument("--out", default="swarm.key", help="file to write (default: %(default)s)")
+    keygen.add_argument("--force", action="store_true", help="replace an existing file")
+    keygen.set_defaults(func=cmd_keygen)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return int(args.func(args))
+    except SwarmError as e:
+        print(f"swarm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Configuration of the swarm side: one frozen dataclass per concern (this node, its security,
+discovery, gossip, election, partitioning), each field with its unit, validated on construction,
+read from the same YAML file as the model side's sections. Every timing the control plane uses is
+here, so tests shrink them all from one place. Library code gets these objects; only entry points
+read argv or the environment."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from peer.config import PeerConfig, _is_int, _is_number, _section, peer_config_from_dict
+from peer.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Who this peer is and where it listens."""
+
+    # Address the HTTP server binds to; a non-loopback address needs a swarm key (or insecure).
+    host: str = "127.0.0.1"
+    # TCP port; 0 lets the OS choose one (the daemon logs the port it got).
+    port: int = 50051
+    # Readable name shown beside the peer id; None means the host name.
+    node_id: str | None = None
+    # First part of the Bully rank (priority, peer_id): the highest live rank leads.
+    priority: int = 0
+    # Directory holding the identity key and the persisted term and incarnation; None: user state dir.
+    state_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host:
+            raise ConfigError(f"node.host must be an address, not {self.host!r}")
+        if not _is_int(self.port) or not 0 <= self.port <= 65535:
+            raise ConfigError(f"node.port must be 0..65535, not {self.port!r}")
+        if self.node_id is not None and (
+            not isinstance(self.node_id, str) or not re.fullmatch(r"[\w.-]{1,64}", self.node_id)
+        ):
+            raise ConfigError(f"node.node_id must be 1-64 letters, digits, '.', '_' or '-', not {self.node_id!r}")
+        if not _is_int(self.priority):
+            raise ConfigError(f"node.priority must be an integer, not {self.priority!r}")
+        if self.state_dir is not None and not isinstance(self.state_dir, str):
+            raise ConfigError(f"node.state_dir must be a path string, not {self.state_dir!r}")
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """How peer messages are authenticated."""
+
+    # File holding the 32-byte swarm key in hex (`swarm keygen`); None: SWARM_KEY or no key.
+    swarm_key_file: str | None = None
+    # Run without a swarm key on a non-loopback address (anyone on the network can join).
+    insecure: bool = False
+    # A message stamped further than this from our clock is stale and dropped, in seconds.
+    max_clock_skew_s: float = 30.0
+    # Sequence numbers this far below a sender's highest are still accepted once (reordering).
+    replay_window: int = 1024
+    # Largest request body a peer accepts, in bytes.
+    max_message_bytes: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.swarm_key_file is not None and not isinstance(self.swarm_key_file, str):
+            raise ConfigError(f"security.swarm_key_file must be a path string, not {self.swarm_key_file!r}")
+        if not isinstance(self.insecure, bool):
+            raise ConfigError(f"security.insecure must be true or false, not {self.insecure!r}")
+        if not _is_number(self.max_clock_skew_s) or self.max_clock_skew_s <= 0:
+            raise ConfigError(f"security.max_clock_skew_s must be positive, not {self.max_clock_skew_s!r}")
+        for name in ("replay_window", "max_message_bytes"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ConfigError(f"security.{name} must be a positive integer, not {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    """How peers find each other."""
+
+    # Announce and browse over mDNS (python-zeroconf).
+    mdns: bool = True
+    # Address of the interface mDNS uses; None means every interface.
+    mdns_interface: str | None = None
+    # Seed peers as HOST:PORT, contacted at start and whenever they are not members.
+    join: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mdns, bool):
+            raise ConfigError(f"discovery.mdns must be true or false, not {self.mdns!r}")
+        if self.mdns_interface is not None and not isinstance(self.mdns_interface, str):
+            raise ConfigError(f"discovery.mdns_interface must be an address, not {self.mdns_interface!r}")
+        if isinstance(self.join, list):
+            object.__setattr__(self, "join", tuple(self.join))
+        if not isinstance(self.join, tuple):
+            raise ConfigError(f"discovery.join must be a list of HOST:PORT, not {self.join!r}")
+        for seed in self.join:
+            parse_host_port(seed)
+
+
+@dataclass(frozen=True)
+class GossipConfig:
+    """Membership gossip and failure detection."""
+
+    # A peer sends its membership digest this often, in seconds.
+    interval_s: float = 1.0
+    # Random members each digest goes to per round.
+    fanout: int = 3
+    # A member whose heartbeat has not advanced for this long is suspected, in seconds.
+    suspect_after_s: float = 3.0
+    # A member whose heartbeat has not advanced for this long is declared dead, in seconds.
+    dead_after_s: float = 6.0
+    # A dead member is forgotten this long after its death, in seconds.
+    forget_after_s: float = 300.0
+    # One peer request (gossip, election, hello) may take this long, in seconds.
+    request_timeout_s: float = 2.0
+    # Most members a peer tracks, however many a hostile LAN announces.
+    max_members: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("interval_s", "suspect_after_s", "dead_after_s", "forget_after_s", "request_timeout_s"):
+            if not _is_number(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ConfigError(f"gossip.{name} must be positive, not {getattr(self, name)!r}")
+        for name in ("fanout", "max_members"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ConfigError(f"gossip.{name} must be a positive integer, not {getattr(self, name)!r}")
+        if not self.interval_s < self.suspect_after_s < self.dead_after_s:
+            raise ConfigError("gossip timings must satisfy interval_s < suspect_after_s < dead_after_s")
+
+
+@dataclass(frozen=True)
+class ElectionConfig:
+    """Bully election timings."""
+
+    # Wait for discovery this long after start before electing, in seconds.
+    startup_grace_s: float = 2.0
+    # A candidate waits a random time in [timeout_min_s, timeout_max_s] for an answer (OK), in seconds.
+    timeout_min_s: float = 1.0
+    timeout_max_s: float = 2.0
+    # After an OK, a candidate waits this long for the COORDINATOR before electing again, in seconds.
+    coordinator_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in ("startup_grace_s", "timeout_min_s", "timeout_max_s", "coordinator_timeout_s"):
+            if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
+                raise ConfigError(f"election.{name} must be >= 0, not {getattr(self, name)!r}")
+        if not 0 < self.timeout_min_s <= self.timeout_max_s:
+            raise ConfigError("election timeouts must satisfy 0 < timeout_min_s <= timeout_max_s")
+        if self.coordinator_timeout_s <= self.timeout_max_s:
+            raise ConfigError("election.coordinator_timeout_s must exceed timeout_max_s")
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """How the leader sizes stages."""
+
+    # Tokens of KV cache every layer must have room for, beside its weights.
+    kv_reserve_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.kv_reserve_tokens) or self.kv_reserve_tokens < 0:
+            raise ConfigError(f"partition.kv_reserve_tokens must be >= 0, not {self.kv_reserve_tokens!r}")
+
+
+@dataclass(frozen=True)
+class SwarmConfig:
+    """Every section of a config file: the model side's and the swarm side's."""
+
+    peer: PeerConfig = field(default_factory=PeerConfig)
+    node: NodeConfig = field(default_factory=NodeConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    gossip: GossipConfig = field(default_factory=GossipConfig)
+    election: ElectionConfig = field(default_factory=ElectionConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+
+
+SWARM_SECTIONS = {
+    "node": NodeConfig,
+    "security": SecurityConfig,
+    "discovery": DiscoveryConfig,
+    "gossip": GossipConfig,
+    "election": ElectionConfig,
+    "partition": PartitionConfig,
+}
+PEER_SECTIONS = ("resources", "model", "store", "executor")
+
+
+def swarm_config_from_dict(raw: dict[str, Any]) -> SwarmConfig:
+    """Build the whole config from a parsed YAML mapping; an unknown section is an error."""
+    unknown = sorted(set(raw) - set(SWARM_SECTIONS) - set(PEER_SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown config section(s): {', '.join(unknown)}")
+    sections: dict[str, Any] = {name: _section(cls, raw.get(name), name) for name, cls in SWARM_SECTIONS.items()}
+    return SwarmConfig(peer=peer_config_from_dict(raw), **sections)
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """Split "HOST:PORT" (or "[v6]:PORT"), with a clear error for anything else."""
+    match = re.fullmatch(r"\[?([^\[\]\s]+?)\]?:(\d{1,5})", text) if isinstance(text, str) else None
+    if not match or not 0 < int(match.group(2)) <= 65535:
+        raise ConfigError(f"expected HOST:PORT, got {text!r}")
+    return match.group(1), int(match.group(2))

@@ -1,0 +1,275 @@
+"""`swarm-peer`, the daemon every machine of the swarm runs. It reads `configs/default.yaml` (or
+`--config`), lets flags override it, checks that a non-loopback address has a swarm key, resolves
+the model, detects resources, and runs the peer: its HTTP server, mDNS announcement and browser,
+and the control-plane node, until SIGINT or SIGTERM. `PeerServer` is the same peer as an
+`async with` block, which the in-process tests use."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import platformdirs
+from aiohttp import web
+
+from peer.config import default_config_path, read_config_file
+from peer.errors import SwarmError
+from peer.model_store import ModelStore
+from peer.profile import ModelProfile
+from peer.resources import detect_resources, resolve_dtype
+from swarm.api import make_app
+from swarm.auth import PROTOCOL_VERSION, load_swarm_key, parse_swarm_key
+from swarm.config import SwarmConfig, swarm_config_from_dict
+from swarm.discovery import Discovery
+from swarm.errors import SwarmKeyError
+from swarm.identity import Identity, StateFile, prepare_state_dir
+from swarm.node import ModelIdentity, Node
+from swarm.stage_host import StageHost
+
+log = logging.getLogger("swarm")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names only this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(config: SwarmConfig, swarm_key: bytes | None) -> None:
+    """Refuse to listen beyond loopback without a swarm key, unless the user said --insecure."""
+    host = config.node.host
+    if swarm_key is None and not is_loopback(host) and not config.security.insecure:
+        raise SwarmKeyError(
+            f"refusing to listen on {host} without a swarm key: anyone on the network could join. "
+            "Run `swarm keygen --out swarm.key`, copy the file to every peer and pass --swarm-key-file swarm.key "
+            "(or set SWARM_KEY), or pass --insecure to run unauthenticated."
+        )
+
+
+def resolve_swarm_key(config: SwarmConfig, env: dict[str, str]) -> bytes | None:
+    """The swarm key from the key file in config, else from SWARM_KEY in `env`, else None."""
+    if config.security.swarm_key_file:
+        return load_swarm_key(Path(config.security.swarm_key_file).expanduser())
+    if env.get("SWARM_KEY"):
+        return parse_swarm_key(env["SWARM_KEY"], "SWARM_KEY")
+    return None
+
+
+def advertised_host(config: SwarmConfig) -> str:
+    """The address other peers should use: the bind address, or a real one for a wildcard bind."""
+    host = config.node.host
+    if host not in ("0.0.0.0", "::", ""):
+        return host
+    if config.discovery.mdns_interface:
+        return config.discovery.mdns_interface
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def state_dir_for(config: SwarmConfig) -> Path | None:
+    """Where identity and term live: the configured directory, or one per port in the user's state dir.
+
+    Port 0 with no directory gives an ephemeral identity: the OS picks a new port every start."""
+    if config.node.state_dir:
+        return Path(config.node.state_dir).expanduser()
+    if config.node.port == 0:
+        return None
+    return Path(platformdirs.user_state_dir("swarm-inference")) / f"peer-{config.node.port}"
+
+
+def build_node(config: SwarmConfig, swarm_key: bytes | None, *, show_progress: bool = True) -> Node:
+    """Everything a peer needs before it can serve: identity, model files, resources, stage host."""
+    state_dir = state_dir_for(config)
+    if state_dir is not None:
+        prepare_state_dir(state_dir)
+        identity, state_file = Identity.load_or_create(state_dir), StateFile(state_dir)
+    else:
+        log.warning("no state directory: this peer gets a fresh identity and forgets its term on restart")
+        identity, state_file = Identity.generate(), None
+    store = ModelStore(config.peer.store, show_progress=show_progress)
+    files = store.resolve(config.peer.model.spec)
+    fingerprint = store.fingerprint(files)
+    model_config = files.load_config()
+    resources = detect_resources(config.peer.resources)
+    dtype = resolve_dtype(config.peer.model.dtype, resources.device)
+    profile = ModelProfile.from_config(model_config, dtype)
+    return Node(
+        config,
+        identity=identity,
+        state_file=state_file,
+        swarm_key=swarm_key,
+        model=ModelIdentity(config.peer.model.spec, fingerprint, profile),
+        resources=resources,
+        host=StageHost(files, model_config, dtype, resources.device),
+    )
+
+
+class PeerServer:
+    """A node with its HTTP server and mDNS, started and stopped together; `async with` it."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.config = node.config
+        self._runner: web.AppRunner | None = None
+        self._discovery: Discovery | None = None
+        self.url = ""
+
+    async def start(self) -> str:
+        """Bind, start the node and announce it; returns the peer's URL."""
+        self._runner = web.AppRunner(make_app(self.node), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.node.host, self.config.node.port)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        host = advertised_host(self.config)
+        self.url = f"http://{host}:{port}"
+        log.info("listening on %s", self.url)
+        if self.config.discovery.mdns:
+            self._discovery = Discovery(
+                peer_id=self.node.peer_id,
+                host=host,
+                port=port,
+                protocol=PROTOCOL_VERSION,
+                key_fingerprint=self.node.key_fingerprint,
+                on_found=self.node.on_discovered,
+                interface=self.config.discovery.mdns_interface,
+            )
+            await self._discovery.start()  # before the node, so its election grace covers discovery
+        await self.node.start(self.url)
+        return self.url
+
+    async def close(self) -> None:
+        """Withdraw the announcement, stop the node and the server; safe to call twice."""
+        if self._discovery is not None:
+            discovery, self._discovery = self._discovery, None
+            await discovery.close()
+        await self.node.close()
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    async def __aenter__(self) -> PeerServer:
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+# ---- the command line ------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="swarm-peer", description="Run one peer of an inference swarm.")
+    p.add_argument("--config", default=str(default_config_path()), help="YAML config file (default: %(default)s)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1; others need a swarm key)")
+    p.add_argument("--port", type=int, help="TCP port (default 50051; 0 lets the OS choose)")
+    p.add_argument("--model", help="model spec (default smollm2-135m)")
+    p.add_argument("--max-memory-mb", "--max-vram-mb", dest="max_memory_mb", type=int,
+                   help="cap on memory for weights and KV cache, in MiB")  # fmt: skip
+    p.add_argument("--priority", type=int, help="election priority; the highest (priority, peer id) leads")
+    p.add_argument("--state-dir", help="directory for the identity key and persisted term/incarnation")
+    p.add_argument("--swarm-key-file", help="file with the 32-byte swarm key in hex (or set SWARM_KEY)")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without a swarm key")
+    p.add_argument("--mdns-interface", help="address of the interface mDNS uses, e.g. 127.0.0.1")
+    p.add_argument("--no-mdns", action="store_true", help="do not announce or browse over mDNS")
+    p.add_argument("--join", action="append", metavar="HOST:PORT", help="seed peer to contact (repeatable)")
+    p.add_argument("--node-id", help="readable name shown beside the peer id")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="weight dtype")
+    p.add_argument("--cache-dir", help="model cache directory")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> SwarmConfig:
+    """The config file with the given flags laid over it."""
+    raw: dict[str, Any] = read_config_file(args.config)
+    flags = {
+        ("node", "host"): args.host,
+        ("node", "port"): args.port,
+        ("node", "priority"): args.priority,
+        ("node", "state_dir"): args.state_dir,
+        ("node", "node_id"): args.node_id,
+        ("model", "spec"): args.model,
+        ("model", "dtype"): args.dtype,
+        ("resources", "max_memory_mb"): args.max_memory_mb,
+        ("resources", "device"): args.device,
+        ("store", "cache_dir"): args.cache_dir,
+        ("security", "swarm_key_file"): args.swarm_key_file,
+        ("security", "insecure"): True if args.insecure else None,
+        ("discovery", "mdns_interface"): args.mdns_interface,
+        ("discovery", "mdns"): False if args.no_mdns else None,
+        ("discovery", "join"): args.join,
+    }
+    for (section, key), value in flags.items():
+        if value is not None:
+            if raw.get(section) is None:
+                raw[section] = {}
+            raw[section][key] = value
+    return swarm_config_from_dict(raw)
+
+
+async def run(config: SwarmConfig, swarm_key: bytes | None) -> None:
+    """Serve until SIGINT or SIGTERM."""
+    node = await asyncio.to_thread(build_node, config, swarm_key)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with PeerServer(node):
+        await stop.wait()
+        log.info("stopping")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format=f"%(asctime)s %(levelname)-7s [{args.node_id or 'swarm-peer'}] %(message)s",
+        stream=sys.stderr,
+    )
+    if args.log_level != "DEBUG":
+        for noisy in ("aiohttp", "zeroconf", "peer", "swarm.stage_host"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        config = config_from_args(args)
+        swarm_key = resolve_swarm_key(config, dict(os.environ))
+        check_exposure(config, swarm_key)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        asyncio.run(run(config, swarm_key))
+    except SwarmError as e:
+        print(f"swarm-peer: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Finding peers on the local network with mDNS (python-zeroconf). Each peer announces the service
+`_swarm-infer._tcp.local.` with TXT records naming its peer id, port, protocol version and swarm-key
+fingerprint, and browses for others. Discovery only proposes addresses: the node still has to
+complete an authenticated exchange before a found peer becomes a member, and liveness is gossip's
+job. The interface is configurable; tests bind every instance to 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from zeroconf import IPVersion, ServiceStateChange, Zeroconf
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+log = logging.getLogger(__name__)
+
+SERVICE_TYPE = "_swarm-infer._tcp.local."
+RESOLVE_TIMEOUT_MS = 3000
+MAX_PENDING_RESOLVES = 64  # a hostile LAN cannot make us resolve without bound
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """What a peer's mDNS record says about it."""
+
+    peer_id: str
+    url: str
+    protocol: int
+    key_fingerprint: str
+
+
+class Discovery:
+    """Announces this peer over mDNS and reports the peers it finds; `async with` or start/close."""
+
+    def __init__(
+        self,
+        *,
+        peer_id: str,
+        host: str,
+        port: int,
+        protocol: int,
+        key_fingerprint: str,
+        on_found: Callable[[Announcement], None],
+        interface: str | None = None,
+    ) -> None:
+        self.peer_id = peer_id
+        self.host, self.port = host, port
+        self.protocol = protocol
+        self.key_fingerprint = key_fingerprint
+        self.on_found = on_found
+        self.interface = interface
+        self._zc: AsyncZeroconf | None = None
+        self._browser: AsyncServiceBrowser | None = None
+        self._resolving: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Register our service and start browsing."""
+        interfaces = [self.interface] if self.interface else None
+        self._zc = AsyncZeroconf(interfaces=interfaces or "all", ip_version=IPVersion.V4Only)
+        info = AsyncServiceInfo(
+            SERVICE_TYPE,
+            f"{self.peer_id}.{SERVICE_TYPE}",
+            addresses=[socket.inet_aton(self.host)],
+            port=self.port,
+            properties={
+                "id": self.peer_id,
+                "port": str(self.port),
+                "v": str(self.protocol),
+                "kfp": self.key_fingerprint,
+            },
+        )
+        await self._zc.async_register_service(info)
+        self._browser = AsyncServiceBrowser(self._zc.zeroconf, SERVICE_TYPE, handlers=[self._on_change])
+        log.info("mDNS: announcing %s on %s", SERVICE_TYPE, self.interface or "all interfaces")
+
+    def _on_change(self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
+        if state_change is ServiceStateChange.Removed or len(self._resolving) >= MAX_PENDING_RESOLVES:
+            return
+        if name == f"{self.peer_id}.{SERVICE_TYPE}":
+            return
+        task = asyncio.get_running_loop().create_task(self._resolve(service_type, name))
+        self._resolving.add(task)
+        task.add_done_callback(self._resolving.discard)
+
+    async def _resolve(self, service_type: str, name: str) -> None:
+        if self._zc is None:
+            return
+        info = AsyncServiceInfo(service_type, name)
+        if not await info.async_request(self._zc.zeroconf, RESOLVE_TIMEOUT_MS):
+            log.debug("mDNS: %s did not resolve", name)
+            return
+        props = info.decoded_properties
+        addresses = info.parsed_addresses(IPVersion.V4Only)
+        try:
+            found = Announcement(
+                peer_id=str(props.get("id")),
+                url=f"http://{addresses[0]}:{info.port}",
+                protocol=int(props.get("v") or -1),
+                key_fingerprint=str(props.get("kfp")),
+            )
+        except (IndexError, ValueError, TypeError):
+            log.debug("mDNS: ignoring malformed record %s", name)
+            return
+        if found.peer_id != self.peer_id:
+            self.on_found(found)
+
+    async def close(self) -> None:
+        """Unregister and stop browsing; safe to call twice."""
+        for task in list(self._resolving):
+            task.cancel()
+        for task in list(self._resolving):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._browser is not None:
+            await self._browser.async_cancel()
+            self._browser = None
+        if self._zc is not None:
+            zc, self._zc = self._zc, None
+            await zc.async_unregister_all_services()
+            await zc.async_close()

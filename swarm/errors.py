@@ -1,0 +1,42 @@
+"""The swarm package's errors, under the project's one base, `peer.errors.SwarmError`. Messages
+from the network that fail a check raise `MessageRejected` with a short reason that the receiver
+counts and logs; a swarm that cannot hold its model raises `SwarmTooSmall` naming the bytes."""
+
+from __future__ import annotations
+
+from peer.errors import SwarmError
+
+
+class IdentityError(SwarmError):
+    """A key file or state directory is missing, unreadable or malformed."""
+
+
+class SwarmKeyError(SwarmError):
+    """The swarm key is missing where it is required, or not 32 bytes of hex."""
+
+
+class MessageRejected(SwarmError):
+    """A peer message failed validation or authentication; `reason` is the counter it bumps."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+class LayerMapError(SwarmError):
+    """A layer map is malformed or does not cover the model's layers exactly once."""
+
+
+class SwarmTooSmall(SwarmError):
+    """The peers' memory cannot hold the model; names the bytes needed and the bytes available."""
+
+    def __init__(self, needed_bytes: int, available_bytes: int, detail: str = "") -> None:
+        mib = 1024 * 1024
+        message = (
+            f"the swarm cannot hold the model: it needs {needed_bytes} bytes ({needed_bytes / mib:.1f} MiB) "
+            f"for weights and KV-cache reserve, the peers have {available_bytes} bytes "
+            f"({available_bytes / mib:.1f} MiB) usable"
+        )
+        super().__init__(f"{message}; {detail}" if detail else message)
+        self.needed_bytes = needed_bytes
+        self.available_bytes = available_bytes

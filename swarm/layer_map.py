@@ -1,0 +1,92 @@
+"""The layer map: which peer serves which contiguous range of the model's layers, under which
+election term and epoch, for which model fingerprint. The leader makes one from the partitioner's
+shares and broadcasts it; peers follow only a newer epoch. This module validates the map's shape
+(hostile input included) and answers questions about it; it does not choose the ranges."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from swarm.errors import LayerMapError
+
+MAX_STAGES = 256
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One peer's part of the pipeline: layers [start, end)."""
+
+    peer_id: str
+    url: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class LayerMap:
+    """A complete assignment of the model's layers to peers, in pipeline order."""
+
+    term: int  # election term of the leader that made it
+    epoch: int  # bumped by every repartition; peers follow only the newest
+    model: str  # fingerprint of the model every stage must serve
+    num_layers: int
+    stages: tuple[Stage, ...]
+
+    def __post_init__(self) -> None:
+        if self.term < 0 or self.epoch < 0 or self.num_layers <= 0:
+            raise LayerMapError("term and epoch must be >= 0 and num_layers > 0")
+        if not 0 < len(self.stages) <= MAX_STAGES:
+            raise LayerMapError(f"a layer map has 1 to {MAX_STAGES} stages, not {len(self.stages)}")
+        expected = 0
+        for stage in self.stages:
+            if stage.start != expected or stage.end <= stage.start:
+                raise LayerMapError(f"stages must cover layers contiguously from 0; got [{stage.start}, {stage.end})")
+            expected = stage.end
+        if expected != self.num_layers:
+            raise LayerMapError(f"stages cover {expected} of {self.num_layers} layers")
+        if len({s.peer_id for s in self.stages}) != len(self.stages):
+            raise LayerMapError("a peer appears in more than one stage")
+
+    def stage_of(self, peer_id: str) -> Stage | None:
+        """The stage `peer_id` serves, if any."""
+        return next((s for s in self.stages if s.peer_id == peer_id), None)
+
+    def peer_ids(self) -> list[str]:
+        """Peers in pipeline order."""
+        return [s.peer_id for s in self.stages]
+
+    def assignment(self) -> tuple[tuple[str, int, int], ...]:
+        """(peer id, start, end) per stage: what a repartition compares."""
+        return tuple((s.peer_id, s.start, s.end) for s in self.stages)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Wire and JSON form."""
+        return {
+            "term": self.term,
+            "epoch": self.epoch,
+            "model": self.model,
+            "num_layers": self.num_layers,
+            "stages": [{"peer_id": s.peer_id, "url": s.url, "start": s.start, "end": s.end} for s in self.stages],
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> LayerMap:
+        """Parse a hostile wire form; raises LayerMapError on anything malformed."""
+        if not isinstance(raw, dict):
+            raise LayerMapError("layer map must be a mapping")
+        ints = [raw.get(k) for k in ("term", "epoch", "num_layers")]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63 for v in ints):
+            raise LayerMapError("term, epoch and num_layers must be non-negative integers")
+        model, stages = raw.get("model"), raw.get("stages")
+        if not isinstance(model, str) or not isinstance(stages, list) or len(stages) > MAX_STAGES:
+            raise LayerMapError("model must be a string and stages a list")
+        parsed = []
+        for s in stages:
+            if not isinstance(s, dict):
+                raise LayerMapError("each stage must be a mapping")
+            peer_id, url, start, end = (s.get(k) for k in ("peer_id", "url", "start", "end"))
+            if not (isinstance(peer_id, str) and isinstance(url, str) and type(start) is int and type(end) is int):
+                raise LayerMapError("stage needs peer_id and url strings and integer start and end")
+            parsed.append(Stage(peer_id, url, start, end))
+        return cls(ints[0], ints[1], model, ints[2], tuple(parsed))  # type: ignore[arg-type]

@@ -1,0 +1,686 @@
+"""One peer of the swarm's control plane. The node owns this peer's membership view, election
+state, layer map and the stage host, and wires them to the network: it answers authenticated
+peer messages (hello, gossip, election, coordinator, layer map), runs the gossip and election
+timers, introduces itself to seeds and mDNS finds, and, when it leads, partitions the layers and
+broadcasts the map. The decisions themselves live in membership, election and partitioner; here
+are the side effects: sockets, timers, persistence, loading and one log line per swarm event."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import aiohttp
+
+from peer.profile import ModelProfile
+from peer.resources import MIB, Resources
+from swarm.auth import Message, Opener, Sealer, key_fingerprint
+from swarm.config import SwarmConfig
+from swarm.discovery import Announcement
+from swarm.election import Announce, Elect, Election, Rank
+from swarm.errors import LayerMapError, MessageRejected, SwarmTooSmall
+from swarm.identity import Identity, PersistentState, StateFile
+from swarm.layer_map import LayerMap, Stage
+from swarm.membership import Event, MemberInfo, Membership, State, parse_digest
+from swarm.partitioner import Candidate, partition
+from swarm.stage_host import StageHost
+
+log = logging.getLogger("swarm")
+
+MSG_PATH = "/swarm/msg"
+MSGPACK = "application/msgpack"
+ELECTION_TICK_S = 0.05  # how often election deadlines are checked
+MAX_INTRODUCTIONS = 256  # addresses waiting for a hello (seeds, mDNS finds, hearsay)
+HELLO_BACKOFF_MAX_S = 30.0
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """The model this peer serves and what the partitioner needs to know of it."""
+
+    spec: str
+    fingerprint: str
+    profile: ModelProfile
+
+
+class Node:
+    """The control plane of one peer; `start()` after its HTTP server is bound, `close()` to leave."""
+
+    def __init__(
+        self,
+        config: SwarmConfig,
+        *,
+        identity: Identity,
+        state_file: StateFile | None,
+        swarm_key: bytes | None,
+        model: ModelIdentity,
+        resources: Resources,
+        host: StageHost | None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.identity = identity
+        self.peer_id = identity.peer_id
+        self.node_id = config.node.node_id or identity.peer_id[:8]
+        self.state_file = state_file
+        self.model = model
+        self.resources = resources
+        self.host = host
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.swarm_key = swarm_key
+        self.key_fingerprint = key_fingerprint(swarm_key)
+        self.sealer = Sealer(identity, swarm_key)
+        sec = config.security
+        self.opener = Opener(
+            swarm_key,
+            max_clock_skew_s=sec.max_clock_skew_s,
+            replay_window=sec.replay_window,
+            max_message_bytes=sec.max_message_bytes,
+        )
+        self.drops = self.opener.drops  # every dropped message, by reason
+        persisted = state_file.load() if state_file else PersistentState()
+        # Every start is a new incarnation, written before anyone hears of it.
+        self.persisted = PersistentState(term=persisted.term, incarnation=persisted.incarnation + 1)
+        if state_file is not None:
+            state_file.save(self.persisted)
+        self.rank: Rank = (config.node.priority, self.peer_id)
+        self.election = Election(self.rank, config.election, self.rng, term=self.persisted.term, now=clock())
+        self.url = ""
+        self.membership: Membership | None = None
+        self.layer_map: LayerMap | None = None
+        self.max_epoch = 0  # highest layer-map epoch heard of anywhere
+        self.partition_error: str | None = None
+        self.load_error: str | None = None
+        self._ready_epoch: int | None = None
+        self._leader_seen: tuple[int, str | None] = (self.election.term, None)
+        self._introductions: dict[str, float] = {}  # url -> earliest next hello (monotonic s)
+        self._hello_backoff: dict[str, float] = {}
+        self._refused_models: set[str] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self._loading: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # ---- lifetime -------------------------------------------------------------------------------
+
+    async def start(self, url: str) -> None:
+        """Begin gossiping and electing as the peer reachable at `url`."""
+        self.url = url
+        usable = self.resources.usable_bytes
+        me = MemberInfo(
+            peer_id=self.peer_id,
+            node_id=self.node_id,
+            url=url,
+            incarnation=self.persisted.incarnation,
+            heartbeat=0,
+            priority=self.config.node.priority,
+            usable_bytes=usable,
+            device=self.resources.device,
+            fingerprint=self.model.fingerprint,
+            epoch=0,
+            start=0,
+            end=0,
+            ready=True,
+        )
+        self.membership = Membership(me, self.config.gossip)
+        timeout = aiohttp.ClientTimeout(total=self.config.gossip.request_timeout_s)
+        self._session = aiohttp.ClientSession(timeout=timeout)
+        now = self.clock()
+        for seed in self.config.discovery.join:
+            self._introductions[f"http://{seed}"] = now
+        self.election.begin(now)
+        self._loops = [asyncio.create_task(self._gossip_loop()), asyncio.create_task(self._election_loop())]
+        log.info(
+            "peer %s (%s) up at %s: incarnation %d, term %d, priority %d, %d MiB usable on %s, model %s",
+            self.peer_id, self.node_id, url, me.incarnation, self.election.term, me.priority,
+            usable // MIB, self.resources.device, self.model.spec,
+        )  # fmt: skip
+
+    async def close(self) -> None:
+        """Stop timers, in-flight requests and the client session; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        tasks = [*self._loops, *self._tasks] + ([self._loading] if self._loading else [])
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._session is not None:
+            await self._session.close()
+        self._persist()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        if self._closed:
+            coro.close()
+            return
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _persist(self) -> None:
+        incarnation = self.membership.me.incarnation if self.membership else self.persisted.incarnation
+        state = PersistentState(term=self.election.term, incarnation=incarnation)
+        if state != self.persisted and self.state_file is not None:
+            self.state_file.save(state)
+        self.persisted = state
+
+    # ---- discovery --------------------------------------------------------------------------------
+
+    def on_discovered(self, found: Announcement) -> None:
+        """An mDNS find: introduce ourselves unless it belongs to another swarm or is already a member."""
+        if found.key_fingerprint != self.key_fingerprint:
+            log.debug("mDNS: %s at %s has another swarm key; ignored", found.peer_id, found.url)
+            return
+        self._introduce(found.url)
+
+    def _introduce(self, url: str) -> None:
+        if url != self.url and url not in self._introductions and len(self._introductions) < MAX_INTRODUCTIONS:
+            self._introductions[url] = self.clock()
+
+    # ---- incoming messages --------------------------------------------------------------------------
+
+    def handle(self, data: bytes) -> bytes:
+        """Answer one sealed peer message; raises MessageRejected (counted) for anything unacceptable."""
+        msg = self.opener.open(data)  # counts its own drops
+        try:
+            self._receive(msg)
+            handler = self._handlers.get(msg.kind)
+            if handler is None:
+                raise MessageRejected("malformed", f"unknown message kind {msg.kind!r}")
+            kind, body = handler(self, msg)
+        except MessageRejected as e:
+            self.drops[e.reason] += 1
+            raise
+        return self._seal(kind, body)
+
+    def _receive(self, msg: Message) -> MemberInfo:
+        """What every message and reply carries: the sender's own info, its term and its leader."""
+        if self.membership is None:
+            raise MessageRejected("not_ready", "this peer has not started")
+        body = msg.body
+        if not isinstance(body, dict):
+            raise MessageRejected("malformed", "body must be a map")
+        info = MemberInfo.from_dict(body.get("info"))
+        if info.peer_id != msg.sender:
+            raise MessageRejected("forged", f"{msg.sender} sent info naming {info.peer_id}")
+        if info.fingerprint != self.model.fingerprint:
+            if info.peer_id not in self._refused_models and len(self._refused_models) < MAX_INTRODUCTIONS:
+                self._refused_models.add(info.peer_id)
+                log.warning(
+                    "refusing peer %s (%s) at %s: it serves model fingerprint %s..., this swarm serves %s (%s...)",
+                    info.peer_id, info.node_id, info.url, info.fingerprint[:12], self.model.spec,
+                    self.model.fingerprint[:12],
+                )  # fmt: skip
+            raise MessageRejected("wrong_model", f"peer {info.peer_id} serves another model")
+        leader, leader_priority = body.get("leader"), body.get("leader_priority")
+        if not (leader is None or isinstance(leader, str)) or not (
+            leader_priority is None or (isinstance(leader_priority, int) and not isinstance(leader_priority, bool))
+        ):
+            raise MessageRejected("malformed", "leader must be a peer id and leader_priority an integer")
+        now = self.clock()
+        self._on_events(self.membership.admit(info, now))
+        leader_rank = (leader_priority, leader) if leader is not None and leader_priority is not None else None
+        self._act(self.election.observe(msg.term, leader if leader_rank else None, leader_rank, now, self._higher()))
+        return info
+
+    def _on_hello(self, msg: Message) -> tuple[str, dict[str, Any]]:
+        return "welcome", {"map": self.layer_map.to_dict() if self.layer_map else None}
+
+    def _on_gossip(self, msg: Message) -> tuple[str, dict[str, Any]]:
+        self._merge_digest(msg.body.get("digest"))
+        return "gossip", {"digest": self._digest()}
+
+    def _on_election(self, msg: Message) -> tuple[str, dict[str, Any]]:
+        sender = self._rank_of(msg.sender)
+        if sender is None or sender >= self.rank:
+            raise MessageRejected("refused", "ELECTION goes only to higher-ranked peers")
+        self._act(self.election.on_election(sender, msg.term, self.clock(), self._higher()))
+        return "ok", {}
+
+    def _on_coordinator(self, msg: Message) -> tuple[str, dict[str, Any]]:
+        sender = self._rank_of(msg.sender)
+        assert sender is not None  # _receive admitted it
+        accepted, actions = self.election.on_coordinator(sender, msg.term, self.clock(), self._higher())
+        self._act(actions)
+        if not accepted:
+            self.drops["stale_coordinator"] += 1
+            log.info(
+                "refused COORDINATOR of term %d from %s: this peer is at term %d with leader %s",
+                msg.term, self._name(msg.sender), self.election.term, self._name(self.election.leader),
+            )  # fmt: skip
+        return ("accept" if accepted else "refuse"), {}
+
+    def _on_layer_map(self, msg: Message) -> tuple[str, dict[str, Any]]:
+        try:
+            new = LayerMap.from_dict(msg.body.get("map"))
+        except LayerMapError as e:
+            raise MessageRejected("malformed", f"layer map: {e}") from e
+        if msg.sender != self.election.leader or msg.term != self.election.term:
+            raise MessageRejected("not_leader", f"layer map from {msg.sender}, who does not lead term {msg.term}")
+        if new.model != self.model.fingerprint:
+            raise MessageRejected("wrong_model", "layer map for another model")
+        self._adopt(new, from_leader=True)
+        return "ack", {"epoch": self.layer_map.epoch if self.layer_map else 0}
+
+    _handlers: ClassVar[dict[str, Callable[[Node, Message], tuple[str, dict[str, Any]]]]] = {
+        "hello": _on_hello,
+        "gossip": _on_gossip,
+        "election": _on_election,
+        "coordinator": _on_coordinator,
+        "layer_map": _on_layer_map,
+    }
+
+    # ---- outgoing messages ----------------------------------------------------------------------------
+
+    def _common(self) -> dict[str, Any]:
+        assert self.membership is not None
+        leader = self.election.leader
+        return {"info": self.membership.me.to_dict(), "leader": leader, "leader_priority": self._priority_of(leader)}
+
+    def _seal(self, kind: str, body: dict[str, Any]) -> bytes:
+        assert self.membership is not None
+        return self.sealer.seal(
+            kind, {**self._common(), **body}, term=self.election.term, incarnation=self.membership.me.incarnation
+        )
+
+    async def _request(self, url: str, kind: str, body: dict[str, Any]) -> Message | None:
+        """Send one message and return the checked reply, or None (logged at debug) on any failure."""
+        if self._session is None or self._closed:
+            return None
+        data = self._seal(kind, body)
+        limit = self.config.security.max_message_bytes
+        try:
+            async with self._session.post(url + MSG_PATH, data=data, headers={"Content-Type": MSGPACK}) as resp:
+                payload = await _read_bounded(resp, limit)
+                if resp.status != 200:
+                    log.debug("%s to %s: HTTP %d %s", kind, url, resp.status, payload[:200].decode(errors="replace"))
+                    return None
+            reply = self.opener.open(payload)  # counts its own drops
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
+            log.debug("%s to %s failed: %s", kind, url, e or type(e).__name__)
+            return None
+        except MessageRejected as e:
+            log.debug("reply to %s from %s rejected: %s", kind, url, e)
+            return None
+        try:
+            self._receive(reply)
+        except MessageRejected as e:
+            self.drops[e.reason] += 1
+            log.debug("reply to %s from %s rejected: %s", kind, url, e)
+            return None
+        return reply
+
+    async def _hello(self, url: str) -> None:
+        reply = await self._request(url, "hello", {})
+        now = self.clock()
+        if reply is None or reply.kind != "welcome":
+            backoff = min(HELLO_BACKOFF_MAX_S, 2 * self._hello_backoff.get(url, self.config.gossip.interval_s / 2))
+            self._hello_backoff[url] = backoff
+            if url in self._introductions:
+                self._introductions[url] = now + backoff
+            return
+        self._hello_backoff.pop(url, None)
+        self._introductions.pop(url, None)
+        raw = reply.body.get("map")
+        if raw is not None and not self.election.is_leader:
+            # The map the swarm follows now: a joiner (or a restarted peer) adopts it at once, so
+            # that if it goes on to lead, it starts from the current map rather than from nothing.
+            try:
+                new = LayerMap.from_dict(raw)
+            except LayerMapError as e:
+                log.debug("layer map in welcome from %s is malformed: %s", url, e)
+                return
+            if new.model == self.model.fingerprint:
+                self._adopt(new, from_leader=False)
+
+    async def _gossip_to(self, url: str) -> None:
+        reply = await self._request(url, "gossip", {"digest": self._digest()})
+        if reply is not None and reply.kind == "gossip":
+            try:
+                self._merge_digest(reply.body.get("digest"))
+            except MessageRejected as e:
+                log.debug("gossip reply from %s: %s", url, e)
+
+    async def _elect(self, targets: tuple[str, ...], term: int) -> None:
+        async def ask(peer_id: str) -> None:
+            url = self._url_of(peer_id)
+            reply = await self._request(url, "election", {}) if url else None
+            if reply is not None and reply.kind == "ok":
+                leader, priority = reply.body.get("leader"), reply.body.get("leader_priority")
+                leader_rank = (priority, leader) if isinstance(leader, str) and isinstance(priority, int) else None
+                self.election.on_ok(self.clock(), reply.term, leader if leader_rank else None, leader_rank)
+                self._after_election()
+
+        await asyncio.gather(*(ask(p) for p in targets))
+
+    async def _announce(self, term: int, targets: tuple[str, ...] | None) -> None:
+        assert self.membership is not None
+        peers = list(targets) if targets is not None else [m.peer_id for m in self.membership.live()[1:]]
+
+        async def tell(peer_id: str) -> None:
+            url = self._url_of(peer_id)
+            reply = await self._request(url, "coordinator", {}) if url else None
+            if reply is not None and reply.kind == "refuse":
+                leader = reply.body.get("leader")
+                leader_rank = self._rank_of(leader) if isinstance(leader, str) else None
+                actions = self.election.on_refused(reply.term, leader, leader_rank, self.clock(), self._higher())
+                self._act(actions)
+
+        await asyncio.gather(*(tell(p) for p in peers))
+
+    async def _send_map(self, url: str) -> None:
+        if self.layer_map is not None:
+            await self._request(url, "layer_map", {"map": self.layer_map.to_dict()})
+
+    # ---- gossip -------------------------------------------------------------------------------------
+
+    def _digest(self) -> list[dict[str, Any]]:
+        assert self.membership is not None
+        return self.membership.digest()
+
+    def _merge_digest(self, raw: Any) -> None:
+        assert self.membership is not None
+        entries = parse_digest(raw, self.config.gossip.max_members)
+        incarnation = self.membership.me.incarnation
+        self._on_events(self.membership.merge(entries, self.clock()))
+        if self.membership.me.incarnation != incarnation:
+            self._persist()
+        for info, dead in entries:
+            self.max_epoch = max(self.max_epoch, info.epoch)
+            if not dead and info.peer_id != self.peer_id and self.membership.state_of(info.peer_id) is None:
+                self._introduce(info.url)  # hearsay: meet it ourselves before it counts
+
+    async def _gossip_loop(self) -> None:
+        interval = self.config.gossip.interval_s
+        while True:
+            try:
+                self._gossip_round()
+            except Exception:  # a bug here must not stop the heartbeat
+                log.exception("gossip round failed")
+            await asyncio.sleep(interval * self.rng.uniform(0.9, 1.1))
+
+    def _gossip_round(self) -> None:
+        assert self.membership is not None
+        now = self.clock()
+        self.membership.beat()
+        self._on_events(self.membership.tick(now))
+        self._lead()
+        others = [m for m in self.membership.live()[1:]]
+        for info in self.rng.sample(others, min(self.config.gossip.fanout, len(others))):
+            self._spawn(self._gossip_to(info.url))
+        members = {m.info.url for m in self.membership.members.values() if m.state is not State.DEAD}
+        for url, due in list(self._introductions.items()):
+            if url in members:
+                del self._introductions[url]
+            elif due <= now:
+                self._introductions[url] = now + HELLO_BACKOFF_MAX_S  # until this hello answers
+                self._spawn(self._hello(url))
+        for seed in self.config.discovery.join:
+            self._introduce(f"http://{seed}")
+
+    def _on_events(self, events: list[Event]) -> None:
+        assert self.membership is not None
+        for event in events:
+            member = self.membership.members.get(event.peer_id)
+            info = member.info if member else None
+            where = f" at {info.url}, {info.usable_bytes // MIB} MiB, incarnation {info.incarnation}" if info else ""
+            if event.what == "refuted":
+                log.warning(
+                    "gossip says this peer is dead; refuting with incarnation %d", self.membership.me.incarnation
+                )
+            elif event.what in ("joined", "rejoined"):
+                log.info("peer %s %s%s", self._name(event.peer_id), event.what, where)
+            elif event.what == "suspect":
+                log.info("peer %s suspect: no heartbeat for %.1f s", self._name(event.peer_id),
+                         self.config.gossip.suspect_after_s)  # fmt: skip
+            elif event.what == "dead":
+                log.warning("peer %s dead: no heartbeat for %.1f s", self._name(event.peer_id),
+                            self.config.gossip.dead_after_s)  # fmt: skip
+            else:
+                log.info("peer %s %s", self._name(event.peer_id), event.what)
+            if event.what in ("dead", "forgotten") and event.peer_id == self.election.leader:
+                self._act(self.election.leader_lost(self.clock(), self._higher()))
+        if events:
+            self._lead()
+            self._check_ready()
+
+    # ---- election ---------------------------------------------------------------------------------
+
+    async def _election_loop(self) -> None:
+        while True:
+            try:
+                self._act(self.election.tick(self.clock(), self._higher()))
+            except Exception:
+                log.exception("election tick failed")
+            await asyncio.sleep(ELECTION_TICK_S)
+
+    def _act(self, actions: list[Elect | Announce]) -> None:
+        for action in actions:
+            if isinstance(action, Elect):
+                log.info("electing: asking %d higher-ranked peer(s) at term %d", len(action.targets), action.term)
+                self._spawn(self._elect(action.targets, action.term))
+            else:
+                self._spawn(self._announce(action.term, action.targets))
+        self._after_election()
+
+    def _after_election(self) -> None:
+        term, leader = self.election.term, self.election.leader
+        if term != self.persisted.term:
+            self._persist()
+        if (term, leader) == self._leader_seen:
+            return
+        self._leader_seen = (term, leader)
+        if leader == self.peer_id:
+            log.info("elected leader for term %d", term)
+            self._lead()
+        elif leader is not None:
+            log.info("leader is %s for term %d", self._name(leader), term)
+
+    def _higher(self) -> list[str]:
+        assert self.membership is not None
+        return [m.peer_id for m in self.membership.live()[1:] if (m.priority, m.peer_id) > self.rank]
+
+    # ---- partitioning and the layer map ------------------------------------------------------------
+
+    def _lead(self) -> None:
+        """As leader: repartition when membership requires it, and bring lagging peers up to date."""
+        if not self.election.is_leader or self.membership is None:
+            return
+        live = self.membership.live()
+        candidates = [Candidate(m.peer_id, m.usable_bytes) for m in live]
+        try:
+            shares = partition(candidates, self.model.profile, self.config.partition.kv_reserve_tokens)
+        except SwarmTooSmall as e:
+            if self.partition_error != str(e):
+                log.error("cannot partition over %d peer(s): %s", len(live), e)
+            self.partition_error = str(e)
+            return
+        self.partition_error = None
+        urls = {m.peer_id: m.url for m in live}
+        stages = tuple(Stage(s.peer_id, urls[s.peer_id], s.start, s.end) for s in shares)
+        current = self.layer_map
+        if current is None or current.stages != stages:
+            epoch = max(self.max_epoch, current.epoch if current else 0) + 1
+            new = LayerMap(self.election.term, epoch, self.model.fingerprint, self.model.profile.num_layers, stages)
+            self._adopt(new, from_leader=True)
+            for info in live[1:]:
+                self._spawn(self._send_map(info.url))
+            return
+        for info in live[1:]:
+            stage = current.stage_of(info.peer_id)
+            expected = (stage.start, stage.end) if stage else (0, 0)
+            if info.epoch != current.epoch or (info.start, info.end) != expected:
+                self._spawn(self._send_map(info.url))  # lagging, or following another map of this epoch
+
+    def _adopt(self, new: LayerMap, *, from_leader: bool) -> None:
+        """Follow `new` if it is newer; the leader's word also settles two maps of one epoch."""
+        current = self.layer_map
+        if current is not None and (
+            new == current or new.epoch < current.epoch or (new.epoch == current.epoch and not from_leader)
+        ):
+            return
+        self.layer_map = new
+        self.max_epoch = max(self.max_epoch, new.epoch)
+        stages = " ".join(f"{self._name(s.peer_id)}[{s.start},{s.end})" for s in new.stages)
+        log.info("layer map epoch %d (term %d): %s", new.epoch, new.term, stages)
+        self._reconcile()
+
+    def _reconcile(self) -> None:
+        """Load or drop layers until this peer holds what the current map gives it."""
+        if self.membership is None or self.layer_map is None:
+            return
+        stage = self.layer_map.stage_of(self.peer_id)
+        target = (stage.start, stage.end) if stage else None
+        held = self.host.range if self.host else target
+        epoch = self.layer_map.epoch
+        if held == target:
+            start, end = target or (0, 0)
+            self.membership.update_me(epoch=epoch, start=start, end=end, ready=True)
+            self.load_error = None
+            self._check_ready()
+            return
+        self.membership.update_me(epoch=epoch, ready=False)
+        if self._loading is None or self._loading.done():
+            self._loading = asyncio.create_task(self._load(target))
+
+    async def _load(self, target: tuple[int, int] | None) -> None:
+        assert self.host is not None
+        try:
+            if target is None:
+                log.info("standing by: this peer holds no layers in the current map")
+                await asyncio.to_thread(self.host.unload)
+            else:
+                log.info("loading layers [%d, %d)", *target)
+                seconds = await asyncio.to_thread(self.host.load, *target)
+                log.info("ready: layers [%d, %d) loaded in %.2f s", *target, seconds)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.load_error = f"loading layers {target}: {e}"
+            log.error("failed %s", self.load_error)
+            return
+        finally:
+            self._loading = None
+        self._reconcile()
+
+    def _check_ready(self) -> None:
+        if self.layer_map is not None and self.ready() and self._ready_epoch != self.layer_map.epoch:
+            self._ready_epoch = self.layer_map.epoch
+            log.info("swarm ready: every stage of epoch %d is loaded", self.layer_map.epoch)
+
+    def stage_ready(self, stage: Stage) -> bool:
+        """Whether the peer of `stage` reports its layers of the current epoch loaded."""
+        assert self.membership is not None and self.layer_map is not None
+        if stage.peer_id == self.peer_id:
+            info = self.membership.me
+        else:
+            member = self.membership.members.get(stage.peer_id)
+            if member is None or member.state is State.DEAD:
+                return False
+            info = member.info
+        return info.ready and info.epoch == self.layer_map.epoch and (info.start, info.end) == (stage.start, stage.end)
+
+    def ready(self) -> bool:
+        """True when every stage of the current layer map is loaded."""
+        return self.layer_map is not None and all(self.stage_ready(s) for s in self.layer_map.stages)
+
+    # ---- lookups ------------------------------------------------------------------------------------
+
+    def _info_of(self, peer_id: str | None) -> MemberInfo | None:
+        if self.membership is None or peer_id is None:
+            return None
+        if peer_id == self.peer_id:
+            return self.membership.me
+        member = self.membership.members.get(peer_id)
+        return member.info if member else None
+
+    def _rank_of(self, peer_id: str) -> Rank | None:
+        info = self._info_of(peer_id)
+        return (info.priority, info.peer_id) if info else None
+
+    def _priority_of(self, peer_id: str | None) -> int | None:
+        info = self._info_of(peer_id)
+        return info.priority if info else None
+
+    def _url_of(self, peer_id: str) -> str | None:
+        info = self._info_of(peer_id)
+        return info.url if info else None
+
+    def _name(self, peer_id: str | None) -> str:
+        info = self._info_of(peer_id)
+        return f"{peer_id} ({info.node_id})" if info and peer_id else str(peer_id)
+
+    # ---- status -------------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The JSON of GET /swarm/status."""
+        assert self.membership is not None
+        me = self.membership.me
+        peers = [_peer_json(me, State.ALIVE)] + [_peer_json(m.info, m.state) for m in self.membership.members.values()]
+        layer_map = None
+        if self.layer_map is not None:
+            layer_map = self.layer_map.to_dict()
+            for stage, raw in zip(self.layer_map.stages, layer_map["stages"], strict=True):
+                raw["ready"] = self.stage_ready(stage)
+        return {
+            "peer_id": self.peer_id,
+            "node_id": self.node_id,
+            "url": self.url,
+            "leader": self.election.leader,
+            "term": self.election.term,
+            "role": self.election.phase.value,
+            "incarnation": me.incarnation,
+            "ready": self.ready(),
+            "model": {"spec": self.model.spec, "fingerprint": self.model.fingerprint},
+            "resources": {
+                "device": self.resources.device,
+                "name": self.resources.name,
+                "usable_mb": self.resources.usable_bytes // MIB,
+                "cap_mb": self.resources.cap_bytes // MIB if self.resources.cap_bytes else None,
+            },
+            "loaded": {"start": me.start, "end": me.end, "epoch": me.epoch} if me.end > me.start else None,
+            "layer_map": layer_map,
+            "peers": peers,
+            "dropped_messages": dict(self.drops),
+            "errors": [e for e in (self.partition_error, self.load_error) if e],
+        }
+
+
+def _peer_json(info: MemberInfo, state: State) -> dict[str, Any]:
+    return {
+        "peer_id": info.peer_id,
+        "node_id": info.node_id,
+        "url": info.url,
+        "state": state.value,
+        "memory_mb": info.usable_bytes // MIB,
+        "priority": info.priority,
+        "incarnation": info.incarnation,
+        "device": info.device,
+        "loaded": [info.start, info.end] if info.end > info.start else None,
+        "epoch": info.epoch,
+        "ready": info.ready,
+    }
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The response body, refusing more than `limit` bytes."""
+    if resp.content_length is not None and resp.content_length > limit:
+        raise ValueError(f"reply of {resp.content_length} bytes exceeds {limit}")
+    chunks, size = [], 0
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise ValueError(f"reply exceeds {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
