@@ -41,6 +41,15 @@ HELLO_BACKOFF_MAX_S = 30.0
 
 
 @dataclass(frozen=True)
+class Checked:
+    """A message that passed authentication and the common checks, not yet taken in."""
+
+    msg: Message
+    info: MemberInfo  # the sender's own account of itself
+    leader_rank: Rank | None  # the leader the sender follows, if it knows one
+
+
+@dataclass(frozen=True)
 class ModelIdentity:
     """The model this peer serves and what the partitioner needs to know of it."""
 
@@ -191,21 +200,23 @@ class Node:
     # ---- incoming messages --------------------------------------------------------------------------
 
     def handle(self, data: bytes) -> bytes:
-        """Answer one sealed peer message; raises MessageRejected (counted) for anything unacceptable."""
+        """Answer one sealed peer message; raises MessageRejected (counted) for anything unacceptable.
+
+        Everything in a message is validated before any of it changes this peer's state."""
         msg = self.opener.open(data)  # counts its own drops
         try:
-            self._receive(msg)
+            checked = self._check(msg)
             handler = self._handlers.get(msg.kind)
             if handler is None:
                 raise MessageRejected("malformed", f"unknown message kind {msg.kind!r}")
-            kind, body = handler(self, msg)
+            kind, body = handler(self, checked)
         except MessageRejected as e:
             self.drops[e.reason] += 1
             raise
         return self._seal(kind, body)
 
-    def _receive(self, msg: Message) -> MemberInfo:
-        """What every message and reply carries: the sender's own info, its term and its leader."""
+    def _check(self, msg: Message) -> Checked:
+        """Validate what every message and reply carries: the sender's own info and its leader."""
         if self.membership is None:
             raise MessageRejected("not_ready", "this peer has not started")
         body = msg.body
@@ -228,29 +239,38 @@ class Node:
             leader_priority is None or (isinstance(leader_priority, int) and not isinstance(leader_priority, bool))
         ):
             raise MessageRejected("malformed", "leader must be a peer id and leader_priority an integer")
-        now = self.clock()
-        self._on_events(self.membership.admit(info, now))
         leader_rank = (leader_priority, leader) if leader is not None and leader_priority is not None else None
-        self._act(self.election.observe(msg.term, leader if leader_rank else None, leader_rank, now, self._higher()))
-        return info
+        return Checked(msg, info, leader_rank)
 
-    def _on_hello(self, msg: Message) -> tuple[str, dict[str, Any]]:
+    def _accept(self, checked: Checked) -> None:
+        """Take in a checked message's news: its sender's info, and its term and leader."""
+        assert self.membership is not None
+        now = self.clock()
+        self._on_events(self.membership.admit(checked.info, now))
+        rank = checked.leader_rank
+        self._act(self.election.observe(checked.msg.term, rank[1] if rank else None, rank, now, self._higher()))
+
+    def _on_hello(self, checked: Checked) -> tuple[str, dict[str, Any]]:
+        self._accept(checked)
         return "welcome", {"map": self.layer_map.to_dict() if self.layer_map else None}
 
-    def _on_gossip(self, msg: Message) -> tuple[str, dict[str, Any]]:
-        self._merge_digest(msg.body.get("digest"))
+    def _on_gossip(self, checked: Checked) -> tuple[str, dict[str, Any]]:
+        entries = parse_digest(checked.msg.body.get("digest"), self.config.gossip.max_members)
+        self._accept(checked)
+        self._merge(entries)
         return "gossip", {"digest": self._digest()}
 
-    def _on_election(self, msg: Message) -> tuple[str, dict[str, Any]]:
-        sender = self._rank_of(msg.sender)
-        if sender is None or sender >= self.rank:
+    def _on_election(self, checked: Checked) -> tuple[str, dict[str, Any]]:
+        sender = (checked.info.priority, checked.info.peer_id)
+        if sender >= self.rank:
             raise MessageRejected("refused", "ELECTION goes only to higher-ranked peers")
-        self._act(self.election.on_election(sender, msg.term, self.clock(), self._higher()))
+        self._accept(checked)
+        self._act(self.election.on_election(sender, checked.msg.term, self.clock(), self._higher()))
         return "ok", {}
 
-    def _on_coordinator(self, msg: Message) -> tuple[str, dict[str, Any]]:
-        sender = self._rank_of(msg.sender)
-        assert sender is not None  # _receive admitted it
+    def _on_coordinator(self, checked: Checked) -> tuple[str, dict[str, Any]]:
+        msg, sender = checked.msg, (checked.info.priority, checked.info.peer_id)
+        self._accept(checked)
         accepted, actions = self.election.on_coordinator(sender, msg.term, self.clock(), self._higher())
         self._act(actions)
         if not accepted:
@@ -261,19 +281,21 @@ class Node:
             )  # fmt: skip
         return ("accept" if accepted else "refuse"), {}
 
-    def _on_layer_map(self, msg: Message) -> tuple[str, dict[str, Any]]:
+    def _on_layer_map(self, checked: Checked) -> tuple[str, dict[str, Any]]:
+        msg = checked.msg
         try:
             new = LayerMap.from_dict(msg.body.get("map"))
         except LayerMapError as e:
             raise MessageRejected("malformed", f"layer map: {e}") from e
-        if msg.sender != self.election.leader or msg.term != self.election.term:
-            raise MessageRejected("not_leader", f"layer map from {msg.sender}, who does not lead term {msg.term}")
         if new.model != self.model.fingerprint:
             raise MessageRejected("wrong_model", "layer map for another model")
+        self._accept(checked)
+        if msg.sender != self.election.leader or msg.term != self.election.term:
+            raise MessageRejected("not_leader", f"layer map from {msg.sender}, who does not lead term {msg.term}")
         self._adopt(new, from_leader=True)
         return "ack", {"epoch": self.layer_map.epoch if self.layer_map else 0}
 
-    _handlers: ClassVar[dict[str, Callable[[Node, Message], tuple[str, dict[str, Any]]]]] = {
+    _handlers: ClassVar[dict[str, Callable[[Node, Checked], tuple[str, dict[str, Any]]]]] = {
         "hello": _on_hello,
         "gossip": _on_gossip,
         "election": _on_election,
@@ -294,8 +316,8 @@ class Node:
             kind, {**self._common(), **body}, term=self.election.term, incarnation=self.membership.me.incarnation
         )
 
-    async def _request(self, url: str, kind: str, body: dict[str, Any]) -> Message | None:
-        """Send one message and return the checked reply, or None (logged at debug) on any failure."""
+    async def _request(self, url: str, kind: str, body: dict[str, Any]) -> Checked | None:
+        """Send one message; the reply authenticated and checked but not yet taken in, or None (logged)."""
         if self._session is None or self._closed:
             return None
         data = self._seal(kind, body)
@@ -314,17 +336,16 @@ class Node:
             log.debug("reply to %s from %s rejected: %s", kind, url, e)
             return None
         try:
-            self._receive(reply)
+            return self._check(reply)
         except MessageRejected as e:
             self.drops[e.reason] += 1
             log.debug("reply to %s from %s rejected: %s", kind, url, e)
             return None
-        return reply
 
     async def _hello(self, url: str) -> None:
         reply = await self._request(url, "hello", {})
         now = self.clock()
-        if reply is None or reply.kind != "welcome":
+        if reply is None or reply.msg.kind != "welcome":
             backoff = min(HELLO_BACKOFF_MAX_S, 2 * self._hello_backoff.get(url, self.config.gossip.interval_s / 2))
             self._hello_backoff[url] = backoff
             if url in self._introductions:
@@ -332,34 +353,43 @@ class Node:
             return
         self._hello_backoff.pop(url, None)
         self._introductions.pop(url, None)
-        raw = reply.body.get("map")
-        if raw is not None and not self.election.is_leader:
-            # The map the swarm follows now: a joiner (or a restarted peer) adopts it at once, so
-            # that if it goes on to lead, it starts from the current map rather than from nothing.
+        raw, current = reply.msg.body.get("map"), None
+        if raw is not None:
             try:
-                new = LayerMap.from_dict(raw)
+                current = LayerMap.from_dict(raw)
             except LayerMapError as e:
+                self.drops["malformed"] += 1
                 log.debug("layer map in welcome from %s is malformed: %s", url, e)
                 return
-            if new.model == self.model.fingerprint:
-                self._adopt(new, from_leader=False)
+        self._accept(reply)
+        if current is not None and current.model == self.model.fingerprint and not self.election.is_leader:
+            # The map the swarm follows now: a joiner (or a restarted peer) adopts it at once, so
+            # that if it goes on to lead, it starts from the current map rather than from nothing.
+            self._adopt(current, from_leader=False)
 
     async def _gossip_to(self, url: str) -> None:
         reply = await self._request(url, "gossip", {"digest": self._digest()})
-        if reply is not None and reply.kind == "gossip":
-            try:
-                self._merge_digest(reply.body.get("digest"))
-            except MessageRejected as e:
-                log.debug("gossip reply from %s: %s", url, e)
+        if reply is None or reply.msg.kind != "gossip":
+            return
+        try:
+            entries = parse_digest(reply.msg.body.get("digest"), self.config.gossip.max_members)
+        except MessageRejected as e:
+            self.drops[e.reason] += 1
+            log.debug("gossip reply from %s: %s", url, e)
+            return
+        self._accept(reply)
+        self._merge(entries)
 
     async def _elect(self, targets: tuple[str, ...], term: int) -> None:
         async def ask(peer_id: str) -> None:
             url = self._url_of(peer_id)
             reply = await self._request(url, "election", {}) if url else None
-            if reply is not None and reply.kind == "ok":
-                leader, priority = reply.body.get("leader"), reply.body.get("leader_priority")
-                leader_rank = (priority, leader) if isinstance(leader, str) and isinstance(priority, int) else None
-                self.election.on_ok(self.clock(), reply.term, leader if leader_rank else None, leader_rank)
+            if reply is None:
+                return
+            self._accept(reply)
+            if reply.msg.kind == "ok":
+                rank = reply.leader_rank
+                self.election.on_ok(self.clock(), reply.msg.term, rank[1] if rank else None, rank)
                 self._after_election()
 
         await asyncio.gather(*(ask(p) for p in targets))
@@ -371,17 +401,23 @@ class Node:
         async def tell(peer_id: str) -> None:
             url = self._url_of(peer_id)
             reply = await self._request(url, "coordinator", {}) if url else None
-            if reply is not None and reply.kind == "refuse":
-                leader = reply.body.get("leader")
-                leader_rank = self._rank_of(leader) if isinstance(leader, str) else None
-                actions = self.election.on_refused(reply.term, leader, leader_rank, self.clock(), self._higher())
-                self._act(actions)
+            if reply is None:
+                return
+            self._accept(reply)
+            if reply.msg.kind == "refuse":
+                rank = reply.leader_rank
+                now = self.clock()
+                self._act(
+                    self.election.on_refused(reply.msg.term, rank[1] if rank else None, rank, now, self._higher())
+                )
 
         await asyncio.gather(*(tell(p) for p in peers))
 
     async def _send_map(self, url: str) -> None:
         if self.layer_map is not None:
-            await self._request(url, "layer_map", {"map": self.layer_map.to_dict()})
+            reply = await self._request(url, "layer_map", {"map": self.layer_map.to_dict()})
+            if reply is not None:
+                self._accept(reply)
 
     # ---- gossip -------------------------------------------------------------------------------------
 
@@ -389,9 +425,8 @@ class Node:
         assert self.membership is not None
         return self.membership.digest()
 
-    def _merge_digest(self, raw: Any) -> None:
+    def _merge(self, entries: list[tuple[MemberInfo, bool]]) -> None:
         assert self.membership is not None
-        entries = parse_digest(raw, self.config.gossip.max_members)
         incarnation = self.membership.me.incarnation
         self._on_events(self.membership.merge(entries, self.clock()))
         if self.membership.me.incarnation != incarnation:
@@ -604,10 +639,6 @@ class Node:
             return self.membership.me
         member = self.membership.members.get(peer_id)
         return member.info if member else None
-
-    def _rank_of(self, peer_id: str) -> Rank | None:
-        info = self._info_of(peer_id)
-        return (info.priority, info.peer_id) if info else None
 
     def _priority_of(self, peer_id: str | None) -> int | None:
         info = self._info_of(peer_id)
