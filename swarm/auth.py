@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
 import time
 from collections import Counter, OrderedDict
@@ -35,6 +36,8 @@ def load_swarm_key(path: Path) -> bytes:
         text = path.read_text().strip()
     except OSError as e:
         raise SwarmKeyError(f"cannot read swarm key file {path}: {e}") from e
+    except UnicodeDecodeError as e:
+        raise SwarmKeyError(f"swarm key file {path} must hold {SWARM_KEY_BYTES * 2} hex digits") from e
     return parse_swarm_key(text, f"swarm key file {path}")
 
 
@@ -59,6 +62,7 @@ def write_new_swarm_key(path: Path, *, force: bool = False) -> bytes:
         raise SwarmKeyError(f"{path} already exists; pass --force to replace it") from e
     except OSError as e:
         raise SwarmKeyError(f"cannot write swarm key file {path}: {e}") from e
+    os.fchmod(fd, 0o600)  # O_CREAT's mode applies only to a new file, not to one replaced with force
     with os.fdopen(fd, "w") as f:
         f.write(key.hex() + "\n")
     return key
@@ -204,7 +208,7 @@ class Opener:
 def _parse_head(head: Any) -> Message:
     if not isinstance(head, dict):
         raise MessageRejected("malformed", "signed part must be a map")
-    if head.get("v") != PROTOCOL_VERSION:
+    if type(head.get("v")) is not int or head.get("v") != PROTOCOL_VERSION:
         raise MessageRejected("malformed", f"protocol version {head.get('v')!r}, expected {PROTOCOL_VERSION}")
     kind, pub, ts = head.get("kind"), head.get("pub"), head.get("ts")
     ints: list[Any] = [head.get(k) for k in ("inc", "term", "seq")]
@@ -212,6 +216,6 @@ def _parse_head(head: Any) -> Message:
         raise MessageRejected("malformed", "kind must be a string and pub 32 bytes")
     if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63 for v in ints):
         raise MessageRejected("malformed", "inc, term and seq must be non-negative integers")
-    if not isinstance(ts, (int, float)) or isinstance(ts, bool):
-        raise MessageRejected("malformed", "ts must be a number")
+    if not isinstance(ts, (int, float)) or isinstance(ts, bool) or not math.isfinite(ts):
+        raise MessageRejected("malformed", "ts must be a finite number")
     return Message(kind, peer_id_of(pub), pub, ints[0], ints[1], ints[2], float(ts), head.get("body"))

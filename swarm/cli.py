@@ -81,7 +81,7 @@ def format_status(status: dict[str, Any]) -> str:
     rows = []
     order = [*stages, *(p for p in peers if p not in stages)]
     for peer_id in order:
-        p = peers.get(peer_id, {"node_id": "?", "state": "unknown", "memory_mb": 0, "url": stages[peer_id]["url"]})
+        p = peers.get(peer_id) or {"node_id": "?", "state": "unknown", "memory_mb": 0, "url": stages[peer_id]["url"]}
         stage = stages.get(peer_id)
         layers = f"[{stage['start']}, {stage['end']})" if stage else "standby"
         ready = ("yes" if stage["ready"] else "no") if stage else "-"

@@ -22,7 +22,7 @@ class NodeConfig:
     host: str = "127.0.0.1"
     # TCP port; 0 lets the OS choose one (the daemon logs the port it got).
     port: int = 50051
-    # Readable name shown beside the peer id; None means the host name.
+    # Readable name shown beside the peer id; None means the first 8 hex digits of the peer id.
     node_id: str | None = None
     # First part of the Bully rank (priority, peer_id): the highest live rank leads.
     priority: int = 0
@@ -194,7 +194,10 @@ def swarm_config_from_dict(raw: dict[str, Any]) -> SwarmConfig:
 
 def parse_host_port(text: str) -> tuple[str, int]:
     """Split "HOST:PORT" (or "[v6]:PORT"), with a clear error for anything else."""
-    match = re.fullmatch(r"\[?([^\[\]\s]+?)\]?:(\d{1,5})", text) if isinstance(text, str) else None
+    match = None
+    if isinstance(text, str):
+        # "[v6 address]:port", or "host:port" where the host holds no colon, bracket or space.
+        match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})", text) or re.fullmatch(r"([^\[\]\s:]+):(\d{1,5})", text)
     if not match or not 0 < int(match.group(2)) <= 65535:
-        raise ConfigError(f"expected HOST:PORT, got {text!r}")
+        raise ConfigError(f"expected HOST:PORT (or [IPv6]:PORT), got {text!r}")
     return match.group(1), int(match.group(2))

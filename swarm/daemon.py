@@ -22,7 +22,7 @@ import platformdirs
 from aiohttp import web
 
 from peer.config import default_config_path, read_config_file
-from peer.errors import SwarmError
+from peer.errors import ConfigError, SwarmError
 from peer.model_store import ModelStore
 from peer.profile import ModelProfile
 from peer.resources import detect_resources, resolve_dtype
@@ -228,6 +228,8 @@ def config_from_args(args: argparse.Namespace) -> SwarmConfig:
         if value is not None:
             if raw.get(section) is None:
                 raw[section] = {}
+            if not isinstance(raw[section], dict):
+                raise ConfigError(f"config section {section!r} must be a mapping, not {type(raw[section]).__name__}")
             raw[section][key] = value
     return swarm_config_from_dict(raw)
 

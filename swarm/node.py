@@ -488,7 +488,7 @@ class Node:
                 self._act(self.election.leader_lost(self.clock(), self._higher()))
         if events:
             self._lead()
-            self._check_ready()
+        self._check_ready()  # a member's news may complete the map even without an event
 
     # ---- election ---------------------------------------------------------------------------------
 

@@ -54,14 +54,16 @@ async def test_a_restarted_higher_ranked_peer_adopts_the_map_and_takes_over(tmp_
 
 async def test_a_peer_too_small_for_one_layer_stands_by(tmp_path: Path, model_dir: Path) -> None:
     key = os.urandom(32)
-    async with peer(tmp_path, model_dir, "big", key, resources={"max_memory_mb": 64}) as big:
-        # The tiny peer's cap holds less than one layer plus its KV reserve.
-        async with peer(tmp_path, model_dir, "tiny", key, [hostport(big)], resources={"max_memory_mb": 1}) as tiny:
-            await until(lambda: tiny.node.peer_id in members(big) and big.node.ready() and tiny.node.ready(), "ready")
-            status = tiny.node.status()
-            assert [s["peer_id"] for s in status["layer_map"]["stages"]] == [big.node.peer_id]
-            assert status["loaded"] is None and status["ready"]
-            assert tiny.node.host is not None and tiny.node.host.range is None
+    # The tiny peer's cap holds less than one layer plus its KV reserve.
+    async with (
+        peer(tmp_path, model_dir, "big", key, resources={"max_memory_mb": 64}) as big,
+        peer(tmp_path, model_dir, "tiny", key, [hostport(big)], resources={"max_memory_mb": 1}) as tiny,
+    ):
+        await until(lambda: tiny.node.peer_id in members(big) and big.node.ready() and tiny.node.ready(), "ready")
+        status = tiny.node.status()
+        assert [s["peer_id"] for s in status["layer_map"]["stages"]] == [big.node.peer_id]
+        assert status["loaded"] is None and status["ready"]
+        assert tiny.node.host is not None and tiny.node.host.range is None
 
 
 async def test_a_swarm_too_small_for_the_model_says_what_it_needs(tmp_path: Path, model_dir: Path) -> None:

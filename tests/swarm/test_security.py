@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -50,7 +51,12 @@ def make_config(tmp_path: Path, model: Path, name: str, join: list[str], **extra
 
 @asynccontextmanager
 async def peer(
-    tmp_path: Path, model: Path, name: str, key: bytes | None, join: list[str] = (), **extra: Any  # type: ignore[assignment]
+    tmp_path: Path,
+    model: Path,
+    name: str,
+    key: bytes | None,
+    join: list[str] = (),
+    **extra: Any,  # type: ignore[assignment]
 ) -> AsyncIterator[PeerServer]:
     node = build_node(make_config(tmp_path, model, name, list(join), **extra), key, show_progress=False)
     async with PeerServer(node) as server:
@@ -78,19 +84,19 @@ def hostport(server: PeerServer) -> str:
 
 async def test_a_peer_with_another_swarm_key_is_never_admitted(tmp_path: Path, model_dir: Path) -> None:
     key, other_key = os.urandom(32), os.urandom(32)
-    async with peer(tmp_path, model_dir, "a", key) as a:
-        async with (
-            peer(tmp_path, model_dir, "intruder", other_key, [hostport(a)]) as intruder,
-            peer(tmp_path, model_dir, "friend", key, [hostport(a)]) as friend,
-        ):
-            # The friend, with the right key, is admitted both ways (so admission does work here) ...
-            await until(lambda: friend.node.peer_id in members(a) and a.node.peer_id in members(friend), "friend")
-            # ... while every hello of the intruder is dropped as forged, however often it retries.
-            await until(lambda: a.node.drops["forged"] >= 3, "three dropped hellos")
-            assert intruder.node.peer_id not in members(a) | members(friend)
-            assert members(intruder) == set()
-            # Nor does the intruder learn anything: our replies fail its own check.
-            assert intruder.node.layer_map is None
+    async with (
+        peer(tmp_path, model_dir, "a", key) as a,
+        peer(tmp_path, model_dir, "intruder", other_key, [hostport(a)]) as intruder,
+        peer(tmp_path, model_dir, "friend", key, [hostport(a)]) as friend,
+    ):
+        # The friend, with the right key, is admitted both ways (so admission does work here) ...
+        await until(lambda: friend.node.peer_id in members(a) and a.node.peer_id in members(friend), "friend")
+        # ... while every hello of the intruder is dropped as forged, however often it retries.
+        await until(lambda: a.node.drops["forged"] >= 3, "three dropped hellos")
+        assert intruder.node.peer_id not in members(a) | members(friend)
+        assert members(intruder) == set()
+        # Nor does the intruder learn anything: our replies fail its own check.
+        assert intruder.node.layer_map is None
 
 
 async def test_a_peer_serving_another_model_is_refused(
@@ -99,19 +105,23 @@ async def test_a_peer_serving_another_model_is_refused(
     caplog.set_level(logging.INFO, logger="swarm")
     key = os.urandom(32)
     other_model = tiny_llama(layers=4, seed=1)  # same shape, other weights: another fingerprint
-    async with peer(tmp_path, model_dir, "a", key) as a:
-        async with peer(tmp_path, other_model, "b", key, [hostport(a)]) as b:
-            await until(lambda: a.node.drops["wrong_model"] >= 2, "refused hellos")
-            assert b.node.peer_id not in members(a) and a.node.peer_id not in members(b)
-            refusals = [r.getMessage() for r in caplog.records if "refusing peer" in r.getMessage()]
-            assert any(b.node.peer_id in m and "model fingerprint" in m for m in refusals), refusals
-            assert len(refusals) == len(set(refusals)), "a refused peer is logged once, not on every retry"
+    async with (
+        peer(tmp_path, model_dir, "a", key) as a,
+        peer(tmp_path, other_model, "b", key, [hostport(a)]) as b,
+    ):
+        await until(lambda: a.node.drops["wrong_model"] >= 2, "refused hellos")
+        assert b.node.peer_id not in members(a) and a.node.peer_id not in members(b)
+        refusals = [r.getMessage() for r in caplog.records if "refusing peer" in r.getMessage()]
+        assert any(b.node.peer_id in m and "model fingerprint" in m for m in refusals), refusals
+        assert len(refusals) == len(set(refusals)), "a refused peer is logged once, not on every retry"
 
 
 class Attacker:
     """Holds the swarm key (or not) and seals hand-made messages to a target peer."""
 
-    def __init__(self, target: Node, key: bytes | None, *, priority: int = -1, clock: Callable[[], float] | None = None):
+    def __init__(
+        self, target: Node, key: bytes | None, *, priority: int = -1, clock: Callable[[], float] | None = None
+    ) -> None:
         self.identity = Identity.generate()
         self.sealer = Sealer(self.identity, key, clock=clock) if clock else Sealer(self.identity, key)
         self.target = target
@@ -156,12 +166,13 @@ def snapshot(node: Node) -> tuple[Any, ...]:
 
 
 def layer_map_from(leader_id: str, node: Node, term: int, epoch: int) -> dict[str, Any]:
+    layers = node.model.profile.num_layers
     return {
         "term": term,
         "epoch": epoch,
         "model": node.model.fingerprint,
-        "num_layers": node.model.profile.num_layers,
-        "stages": [{"peer_id": leader_id, "url": "http://127.0.0.1:9", "start": 0, "end": node.model.profile.num_layers}],
+        "num_layers": layers,
+        "stages": [{"peer_id": leader_id, "url": "http://127.0.0.1:9", "start": 0, "end": layers}],
     }
 
 
@@ -191,12 +202,11 @@ async def test_forged_replayed_and_stale_messages_are_dropped_and_counted(tmp_pa
             flipped = signed[:-1] + bytes([signed[-1] ^ 1])
             cases.append((f"{kind} tampered", msgpack.packb([flipped, sig, tag]), 401, "forged"))
         # Stale: stamped a minute in the past, beyond the 30 s allowed skew.
-        late = Attacker(node, key, clock=lambda: __import__("time").time() - 60)
+        late = Attacker(node, key, clock=lambda: time.time() - 60)
         cases.append(("gossip stamped a minute ago", late.seal("gossip", {"digest": []}), 409, "stale"))
         # A layer map from a peer that is not the leader of its term is refused.
-        cases.append(
-            ("layer map from a non-leader", insider.seal("layer_map", {"map": layer_map_from(insider.info.peer_id, node, 0, 9)}), 409, "not_leader")  # fmt: skip
-        )
+        not_leader = insider.seal("layer_map", {"map": layer_map_from(insider.info.peer_id, node, 0, 9)})
+        cases.append(("layer map from a non-leader", not_leader, 409, "not_leader"))
         for what, data, want_status, reason in cases:
             counted = node.drops[reason]
             status, body = await post(a, data)
