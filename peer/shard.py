@@ -75,7 +75,26 @@ def load_stage(
     return stage
 
 
-def held_tensors(stage: StageModel) -> dict[str, torch.Tensor]:
-    """Checkpoint name -> tensor of everything `stage` holds, for `load_stage(reuse=...)`."""
+def held_tensors(stage: StageModel, start: int = 0, end: int | None = None) -> dict[str, torch.Tensor]:
+    """Checkpoint name -> tensor of what `stage` holds that a stage [start, end) needs, for `load_stage(reuse=...)`.
+
+    A tied table is offered under both its names, since either end may want it.
+    """
+    num_layers = stage.config.num_hidden_layers
+    end = num_layers if end is None else end
     params = dict(stage.named_parameters(remove_duplicate=False))
-    return {ckpt: params[name].data for name, ckpt in stage.checkpoint_names().items()}
+    held = {ckpt: params[name].data for name, ckpt in stage.checkpoint_names().items()}
+    tied = bool(getattr(stage.config, "tie_word_embeddings", False))
+    if tied:
+        table = held.get("model.embed_tokens.weight", held.get("lm_head.weight"))
+        if table is not None:
+            held["model.embed_tokens.weight"] = held["lm_head.weight"] = table
+
+    def needed(name: str) -> bool:
+        if name.startswith("model.layers."):
+            return start <= int(name.split(".")[2]) < end
+        if name == "model.embed_tokens.weight":
+            return start == 0 or (tied and end == num_layers)  # a tied head is read from it
+        return end == num_layers  # final norm and LM head
+
+    return {name: tensor for name, tensor in held.items() if needed(name)}

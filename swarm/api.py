@@ -48,7 +48,10 @@ async def post_message(request: web.Request) -> web.Response:
 
 async def get_status(request: web.Request) -> web.Response:
     """Peers, leader, term, layer map and readiness, as JSON."""
-    return web.json_response(request.app[NODE].status())
+    node = request.app[NODE]
+    if node.membership is None:
+        return error_response(503, "starting", "this peer is starting; ask again in a moment")
+    return web.json_response(node.status())
 
 
 async def get_healthz(request: web.Request) -> web.Response:

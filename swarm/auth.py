@@ -27,7 +27,7 @@ PROTOCOL_VERSION = 1
 SWARM_KEY_BYTES = 32
 # Without a swarm key, envelopes are still signed by their senders, but anyone can compute the tag.
 INSECURE_KEY = b"swarm-inference insecure: no swarm key"
-DROP_REASONS = ("malformed", "forged", "replayed", "stale", "oversized")
+DROP_REASONS = ("malformed", "forged", "replayed", "stale", "oversized", "misdirected")
 
 
 def load_swarm_key(path: Path) -> bytes:
@@ -81,6 +81,7 @@ class Message:
 
     kind: str
     sender: str  # peer id, derived from public_key
+    recipient: str | None  # the peer it was sealed for; None only for a first hello
     public_key: bytes
     incarnation: int
     term: int
@@ -98,13 +99,14 @@ class Sealer:
         self._clock = clock
         self._seq = 0
 
-    def seal(self, kind: str, body: Any, *, term: int, incarnation: int) -> bytes:
-        """The wire bytes of one message."""
+    def seal(self, kind: str, body: Any, *, term: int, incarnation: int, to: str | None = None) -> bytes:
+        """The wire bytes of one message for peer `to` (None when its id is not known yet)."""
         self._seq += 1
         signed = msgpack.packb(
             {
                 "v": PROTOCOL_VERSION,
                 "kind": kind,
+                "to": to,
                 "pub": self.identity.public_key,
                 "inc": incarnation,
                 "term": term,
@@ -149,6 +151,7 @@ class Opener:
         max_message_bytes: int,
         max_senders: int = 1024,
         clock: Callable[[], float] = time.time,
+        peer_id: str | None = None,
     ) -> None:
         self._mac_key = swarm_key or INSECURE_KEY
         self.max_clock_skew_s = max_clock_skew_s
@@ -156,6 +159,7 @@ class Opener:
         self.max_message_bytes = max_message_bytes
         self._max_senders = max_senders
         self._clock = clock
+        self.peer_id = peer_id  # ours: a message from ourselves or sealed for another peer is refused
         self._windows: OrderedDict[str, _SenderWindow] = OrderedDict()
         self.drops: Counter[str] = Counter({reason: 0 for reason in DROP_REASONS})
 
@@ -186,6 +190,10 @@ class Opener:
         message = _parse_head(head)
         if not verify_signature(message.public_key, signature, signed):
             raise MessageRejected("forged", f"bad signature claiming sender {message.sender}")
+        if self.peer_id is not None and (
+            message.sender == self.peer_id or message.recipient not in (None, self.peer_id)
+        ):
+            raise MessageRejected("misdirected", f"sealed by {message.sender} for {message.recipient}, not for us")
         if abs(self._clock() - message.timestamp_s) > self.max_clock_skew_s:
             raise MessageRejected("stale", f"timestamp {message.timestamp_s:.3f} is off by more than the allowed skew")
         self._check_sequence(message)
@@ -210,12 +218,14 @@ def _parse_head(head: Any) -> Message:
         raise MessageRejected("malformed", "signed part must be a map")
     if type(head.get("v")) is not int or head.get("v") != PROTOCOL_VERSION:
         raise MessageRejected("malformed", f"protocol version {head.get('v')!r}, expected {PROTOCOL_VERSION}")
-    kind, pub, ts = head.get("kind"), head.get("pub"), head.get("ts")
+    kind, pub, ts, to = head.get("kind"), head.get("pub"), head.get("ts"), head.get("to")
     ints: list[Any] = [head.get(k) for k in ("inc", "term", "seq")]
     if not isinstance(kind, str) or not isinstance(pub, bytes) or len(pub) != 32:
         raise MessageRejected("malformed", "kind must be a string and pub 32 bytes")
+    if to is not None and not isinstance(to, str):
+        raise MessageRejected("malformed", "to must be a peer id or nil")
     if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63 for v in ints):
         raise MessageRejected("malformed", "inc, term and seq must be non-negative integers")
     if not isinstance(ts, (int, float)) or isinstance(ts, bool) or not math.isfinite(ts):
         raise MessageRejected("malformed", "ts must be a finite number")
-    return Message(kind, peer_id_of(pub), pub, ints[0], ints[1], ints[2], float(ts), head.get("body"))
+    return Message(kind, peer_id_of(pub), to, pub, ints[0], ints[1], ints[2], float(ts), head.get("body"))

@@ -28,6 +28,9 @@ class NodeConfig:
     priority: int = 0
     # Directory holding the identity key and the persisted term and incarnation; None: user state dir.
     state_dir: str | None = None
+    # Address other peers reach this one at; None: the bind address, or for a wildcard bind
+    # (0.0.0.0) the address of the interface that routes outwards.
+    advertise_host: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -42,6 +45,8 @@ class NodeConfig:
             raise ConfigError(f"node.priority must be an integer, not {self.priority!r}")
         if self.state_dir is not None and not isinstance(self.state_dir, str):
             raise ConfigError(f"node.state_dir must be a path string, not {self.state_dir!r}")
+        if self.advertise_host is not None and (not isinstance(self.advertise_host, str) or not self.advertise_host):
+            raise ConfigError(f"node.advertise_host must be an address, not {self.advertise_host!r}")
 
 
 @dataclass(frozen=True)
@@ -56,8 +61,8 @@ class SecurityConfig:
     max_clock_skew_s: float = 30.0
     # Sequence numbers this far below a sender's highest are still accepted once (reordering).
     replay_window: int = 1024
-    # Largest request body a peer accepts, in bytes.
-    max_message_bytes: int = 64 * 1024 * 1024
+    # Largest control-plane message a peer accepts, in bytes (a digest of 256 members is ~100 KiB).
+    max_message_bytes: int = 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.swarm_key_file is not None and not isinstance(self.swarm_key_file, str):

@@ -69,16 +69,29 @@ def resolve_swarm_key(config: SwarmConfig, env: dict[str, str]) -> bytes | None:
 
 
 def advertised_host(config: SwarmConfig) -> str:
-    """The address other peers should use: the bind address, or a real one for a wildcard bind."""
-    host = config.node.host
-    if host not in ("0.0.0.0", "::", ""):
-        return host
-    if config.discovery.mdns_interface:
-        return config.discovery.mdns_interface
+    """The IPv4 address other peers reach this one at: `advertise_host`, else the bind address, else
+    (for a wildcard bind) the mDNS interface or the interface that routes outwards."""
+    host = config.node.advertise_host or config.node.host
+    if host in ("0.0.0.0", "::", ""):
+        host = config.discovery.mdns_interface or outward_address()
+        if ipaddress.ip_address(host).is_loopback:
+            log.warning("advertising %s: other machines cannot reach this peer; pass --advertise-host", host)
     try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "127.0.0.1"
+        return socket.gethostbyname(host)  # a name such as localhost becomes its address
+    except OSError as e:
+        raise ConfigError(
+            f"cannot use {host!r} as this peer's address ({e}); pass --advertise-host with an IPv4 address"
+        ) from e
+
+
+def outward_address() -> str:
+    """The address of the interface that routes outwards; a UDP connect picks the route, sends nothing."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: never reached, only routed
+            return str(probe.getsockname()[0])
+        except OSError:
+            return socket.gethostbyname(socket.gethostname())
 
 
 def state_dir_for(config: SwarmConfig) -> Path | None:
@@ -154,14 +167,14 @@ class PeerServer:
         return self.url
 
     async def close(self) -> None:
-        """Withdraw the announcement, stop the node and the server; safe to call twice."""
+        """Withdraw the announcement, stop serving, then stop the node; safe to call twice."""
         if self._discovery is not None:
             discovery, self._discovery = self._discovery, None
             await discovery.close()
-        await self.node.close()
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
+        await self.node.close()
 
     async def __aenter__(self) -> PeerServer:
         try:
@@ -185,6 +198,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", default=str(default_config_path()), help="YAML config file (default: %(default)s)")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1; others need a swarm key)")
     p.add_argument("--port", type=int, help="TCP port (default 50051; 0 lets the OS choose)")
+    p.add_argument("--advertise-host", help="address other peers reach this one at (default: the bind address)")
     p.add_argument("--model", help="model spec (default smollm2-135m)")
     p.add_argument("--max-memory-mb", "--max-vram-mb", dest="max_memory_mb", type=int,
                    help="cap on memory for weights and KV cache, in MiB")  # fmt: skip
@@ -210,6 +224,7 @@ def config_from_args(args: argparse.Namespace) -> SwarmConfig:
     flags = {
         ("node", "host"): args.host,
         ("node", "port"): args.port,
+        ("node", "advertise_host"): args.advertise_host,
         ("node", "priority"): args.priority,
         ("node", "state_dir"): args.state_dir,
         ("node", "node_id"): args.node_id,

@@ -56,7 +56,9 @@ class Election:
         self.config = config
         self.rng = rng
         self.term = term  # highest term seen; never decreases
-        self.leader: str | None = None  # leader accepted for `term`
+        self.leader: str | None = None  # the live leader this peer follows (or is), if any
+        # (term, leader) last accepted; a term's leader, once accepted, is never replaced by another.
+        self.accepted: tuple[int, str] | None = None
         self.phase = Phase.IDLE
         self.deadline: float | None = now + config.startup_grace_s
         self.grace_until = now + config.startup_grace_s  # no claims before discovery has had its time
@@ -95,9 +97,13 @@ class Election:
     def on_ok(self, now: float, their_term: int, their_leader: str | None, leader_rank: Rank | None) -> None:
         """A higher peer answered our ELECTION with OK and told us the leader it follows, if any."""
         # It follows a leader above us: follow it too, if that keeps one leader per term.
-        above = their_leader is not None and leader_rank is not None and leader_rank > self.me
-        if above and (their_term > self.term or (their_term == self.term and self.leader in (None, their_leader))):
-            self.term, self.leader, self.phase, self.deadline = their_term, their_leader, Phase.FOLLOWER, None
+        if (
+            their_leader is not None
+            and leader_rank is not None
+            and leader_rank > self.me
+            and their_term >= self.term
+            and self._accept(their_term, their_leader)
+        ):
             return
         if self.phase is Phase.CANDIDATE:
             # It takes over; wait for its COORDINATOR, then elect again if none comes.
@@ -113,24 +119,28 @@ class Election:
 
     def on_coordinator(self, sender: Rank, term: int, now: float, higher: list[str]) -> tuple[bool, list[Action]]:
         """A COORDINATOR(term) from `sender`: accept it, or refuse it as stale or a second leader."""
-        if term < self.term:
-            return False, []
-        if term == self.term and self.leader is not None and self.leader != sender[1]:
-            return False, []  # at most one leader per term
-        self.term, self.leader, self.phase, self.deadline = term, sender[1], Phase.FOLLOWER, None
+        if term < self.term or sender == self.me or not self._accept(term, sender[1]):
+            return False, []  # stale, or a second leader for a term that already has one
         if sender < self.me:
             return True, self._bully(now, higher)
         return True, []
 
     def on_refused(
-        self, their_term: int, their_leader: str | None, their_rank: Rank | None, now: float, higher: list[str]
+        self,
+        announced: int,
+        their_term: int,
+        their_leader: str | None,
+        their_rank: Rank | None,
+        now: float,
+        higher: list[str],
     ) -> list[Action]:
-        """A peer refused our COORDINATOR; it told us its term and leader."""
-        if not self.is_leader:
-            return self.observe(their_term, their_leader, their_rank, now, higher)
+        """A peer refused our COORDINATOR of term `announced`; it told us its term and leader."""
         if their_term > self.term:
             return self.observe(their_term, their_leader, their_rank, now, higher)
-        # Same term, another leader (a race the network lost): the higher-ranked one claims a new term.
+        if not self.is_leader or announced != self.term or their_term < self.term:
+            return []  # an answer to an older claim of ours
+        # It accepted another leader for this term (a race the network lost): the higher-ranked
+        # claimant takes a new term, the lower stands down and waits for it.
         if their_rank is None or their_rank < self.me:
             return self._declare()
         self.phase, self.leader = Phase.IDLE, None
@@ -152,11 +162,10 @@ class Election:
             return []
         if term <= self.term:
             return []
-        self.term = term
-        if leader is not None and leader_rank is not None:
-            self.leader, self.phase, self.deadline = leader, Phase.FOLLOWER, None
+        if leader is not None and leader_rank is not None and leader != self.me[1] and self._accept(term, leader):
             return self._bully(now, higher) if leader_rank < self.me else []
         # A newer term whose leader we do not know: wait for its COORDINATOR, then elect.
+        self.term = term
         self.leader, self.phase = None, Phase.IDLE
         self.deadline = now + self.rng.uniform(self.config.timeout_min_s, self.config.timeout_max_s)
         return []
@@ -175,7 +184,19 @@ class Election:
         self.deadline = max(now + self.rng.uniform(0.0, self.config.timeout_min_s), self.grace_until)
         return []
 
+    def _accept(self, term: int, leader: str) -> bool:
+        """Follow `leader` for `term` unless this peer already accepted another leader for it."""
+        if self.accepted is not None and (
+            term < self.accepted[0] or (term == self.accepted[0] and leader != self.accepted[1])
+        ):
+            return False
+        self.accepted = (term, leader)
+        self.term = max(self.term, term)
+        self.leader, self.phase, self.deadline = leader, Phase.FOLLOWER, None
+        return True
+
     def _declare(self) -> list[Action]:
         self.term += 1
+        self.accepted = (self.term, self.me[1])
         self.leader, self.phase, self.deadline = self.me[1], Phase.LEADER, None
         return [Announce(self.term)]

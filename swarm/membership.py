@@ -145,6 +145,8 @@ class Membership:
         if info.incarnation < old.incarnation or member.state is State.DEAD:
             return []  # older news, or a death that only a higher incarnation undoes
         if dead:
+            if info.heartbeat < old.heartbeat:
+                return []  # we have heard from it since the heartbeat the rumour's author saw last
             return self._kill(member, now)
         if info.heartbeat > old.heartbeat:
             member.info, member.advanced_at = info, now

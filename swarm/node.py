@@ -20,7 +20,7 @@ import aiohttp
 
 from peer.profile import ModelProfile
 from peer.resources import MIB, Resources
-from swarm.auth import Message, Opener, Sealer, key_fingerprint
+from swarm.auth import PROTOCOL_VERSION, Message, Opener, Sealer, key_fingerprint
 from swarm.config import SwarmConfig
 from swarm.discovery import Announcement
 from swarm.election import Announce, Elect, Election, Rank
@@ -38,6 +38,8 @@ MSGPACK = "application/msgpack"
 ELECTION_TICK_S = 0.05  # how often election deadlines are checked
 MAX_INTRODUCTIONS = 256  # addresses waiting for a hello (seeds, mDNS finds, hearsay)
 HELLO_BACKOFF_MAX_S = 30.0
+MAX_HELLO_FAILURES = 8  # an address (not a seed) that fails this many hellos in a row is forgotten
+LOAD_RETRY_MAX_S = 60.0  # a failed load is retried with doubling waits up to this
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ class Node:
             max_clock_skew_s=sec.max_clock_skew_s,
             replay_window=sec.replay_window,
             max_message_bytes=sec.max_message_bytes,
+            peer_id=identity.peer_id,
         )
         self.drops = self.opener.drops  # every dropped message, by reason
         persisted = state_file.load() if state_file else PersistentState()
@@ -111,7 +114,8 @@ class Node:
         self._ready_epoch: int | None = None
         self._leader_seen: tuple[int, str | None] = (self.election.term, None)
         self._introductions: dict[str, float] = {}  # url -> earliest next hello (monotonic s)
-        self._hello_backoff: dict[str, float] = {}
+        self._hello_failures: dict[str, int] = {}
+        self._load_retry: tuple[float, float] | None = None  # (when, wait) for a failed load
         self._refused_models: set[str] = set()
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -175,7 +179,12 @@ class Node:
             return
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
 
     def _persist(self) -> None:
         incarnation = self.membership.me.incarnation if self.membership else self.persisted.incarnation
@@ -188,14 +197,17 @@ class Node:
 
     def on_discovered(self, found: Announcement) -> None:
         """An mDNS find: introduce ourselves unless it belongs to another swarm or is already a member."""
-        if found.key_fingerprint != self.key_fingerprint:
-            log.debug("mDNS: %s at %s has another swarm key; ignored", found.peer_id, found.url)
+        if found.key_fingerprint != self.key_fingerprint or found.protocol != PROTOCOL_VERSION:
+            log.debug("mDNS: %s at %s has another swarm key or protocol; ignored", found.peer_id, found.url)
             return
         self._introduce(found.url)
 
     def _introduce(self, url: str) -> None:
         if url != self.url and url not in self._introductions and len(self._introductions) < MAX_INTRODUCTIONS:
             self._introductions[url] = self.clock()
+
+    def _seeds(self) -> set[str]:
+        return {f"http://{seed}" for seed in self.config.discovery.join}
 
     # ---- incoming messages --------------------------------------------------------------------------
 
@@ -213,12 +225,14 @@ class Node:
         except MessageRejected as e:
             self.drops[e.reason] += 1
             raise
-        return self._seal(kind, body)
+        return self._seal(kind, body, to=msg.sender)
 
     def _check(self, msg: Message) -> Checked:
         """Validate what every message and reply carries: the sender's own info and its leader."""
         if self.membership is None:
             raise MessageRejected("not_ready", "this peer has not started")
+        if msg.recipient is None and msg.kind != "hello":
+            raise MessageRejected("misdirected", f"a {msg.kind} message must name its recipient")
         body = msg.body
         if not isinstance(body, dict):
             raise MessageRejected("malformed", "body must be a map")
@@ -246,6 +260,7 @@ class Node:
         """Take in a checked message's news: its sender's info, and its term and leader."""
         assert self.membership is not None
         now = self.clock()
+        self.max_epoch = max(self.max_epoch, checked.info.epoch)
         self._on_events(self.membership.admit(checked.info, now))
         rank = checked.leader_rank
         self._act(self.election.observe(checked.msg.term, rank[1] if rank else None, rank, now, self._higher()))
@@ -310,17 +325,18 @@ class Node:
         leader = self.election.leader
         return {"info": self.membership.me.to_dict(), "leader": leader, "leader_priority": self._priority_of(leader)}
 
-    def _seal(self, kind: str, body: dict[str, Any]) -> bytes:
+    def _seal(self, kind: str, body: dict[str, Any], *, to: str | None) -> bytes:
         assert self.membership is not None
+        common = {**self._common(), **body}
         return self.sealer.seal(
-            kind, {**self._common(), **body}, term=self.election.term, incarnation=self.membership.me.incarnation
+            kind, common, term=self.election.term, incarnation=self.membership.me.incarnation, to=to
         )
 
-    async def _request(self, url: str, kind: str, body: dict[str, Any]) -> Checked | None:
-        """Send one message; the reply authenticated and checked but not yet taken in, or None (logged)."""
+    async def _request(self, url: str, kind: str, body: dict[str, Any], to: str | None) -> Checked | None:
+        """Send one message to peer `to` (None: whoever answers at `url`); its checked reply, or None."""
         if self._session is None or self._closed:
             return None
-        data = self._seal(kind, body)
+        data = self._seal(kind, body, to=to)
         limit = self.config.security.max_message_bytes
         try:
             async with self._session.post(url + MSG_PATH, data=data, headers={"Content-Type": MSGPACK}) as resp:
@@ -336,6 +352,8 @@ class Node:
             log.debug("reply to %s from %s rejected: %s", kind, url, e)
             return None
         try:
+            if reply.recipient != self.peer_id or (to is not None and reply.sender != to):
+                raise MessageRejected("misdirected", f"reply from {reply.sender} for {reply.recipient}")
             return self._check(reply)
         except MessageRejected as e:
             self.drops[e.reason] += 1
@@ -343,15 +361,21 @@ class Node:
             return None
 
     async def _hello(self, url: str) -> None:
-        reply = await self._request(url, "hello", {})
+        reply = await self._request(url, "hello", {}, to=None)
         now = self.clock()
         if reply is None or reply.msg.kind != "welcome":
-            backoff = min(HELLO_BACKOFF_MAX_S, 2 * self._hello_backoff.get(url, self.config.gossip.interval_s / 2))
-            self._hello_backoff[url] = backoff
+            failures = self._hello_failures.get(url, 0) + 1
+            if failures >= MAX_HELLO_FAILURES and url not in self._seeds():
+                # Nobody (of this swarm) there: forget it; mDNS or gossip will bring it back if it returns.
+                self._introductions.pop(url, None)
+                self._hello_failures.pop(url, None)
+                return
+            self._hello_failures[url] = failures
             if url in self._introductions:
-                self._introductions[url] = now + backoff
+                wait = self.config.gossip.interval_s * 2 ** (failures - 1)
+                self._introductions[url] = now + min(HELLO_BACKOFF_MAX_S, wait)
             return
-        self._hello_backoff.pop(url, None)
+        self._hello_failures.pop(url, None)
         self._introductions.pop(url, None)
         raw, current = reply.msg.body.get("map"), None
         if raw is not None:
@@ -367,15 +391,15 @@ class Node:
             # that if it goes on to lead, it starts from the current map rather than from nothing.
             self._adopt(current, from_leader=False)
 
-    async def _gossip_to(self, url: str) -> None:
-        reply = await self._request(url, "gossip", {"digest": self._digest()})
+    async def _gossip_to(self, info: MemberInfo) -> None:
+        reply = await self._request(info.url, "gossip", {"digest": self._digest()}, to=info.peer_id)
         if reply is None or reply.msg.kind != "gossip":
             return
         try:
             entries = parse_digest(reply.msg.body.get("digest"), self.config.gossip.max_members)
         except MessageRejected as e:
             self.drops[e.reason] += 1
-            log.debug("gossip reply from %s: %s", url, e)
+            log.debug("gossip reply from %s: %s", info.url, e)
             return
         self._accept(reply)
         self._merge(entries)
@@ -383,7 +407,7 @@ class Node:
     async def _elect(self, targets: tuple[str, ...], term: int) -> None:
         async def ask(peer_id: str) -> None:
             url = self._url_of(peer_id)
-            reply = await self._request(url, "election", {}) if url else None
+            reply = await self._request(url, "election", {}, to=peer_id) if url else None
             if reply is None:
                 return
             self._accept(reply)
@@ -400,7 +424,7 @@ class Node:
 
         async def tell(peer_id: str) -> None:
             url = self._url_of(peer_id)
-            reply = await self._request(url, "coordinator", {}) if url else None
+            reply = await self._request(url, "coordinator", {}, to=peer_id) if url else None
             if reply is None:
                 return
             self._accept(reply)
@@ -408,14 +432,14 @@ class Node:
                 rank = reply.leader_rank
                 now = self.clock()
                 self._act(
-                    self.election.on_refused(reply.msg.term, rank[1] if rank else None, rank, now, self._higher())
+                    self.election.on_refused(term, reply.msg.term, rank[1] if rank else None, rank, now, self._higher())
                 )
 
         await asyncio.gather(*(tell(p) for p in peers))
 
-    async def _send_map(self, url: str) -> None:
+    async def _send_map(self, info: MemberInfo) -> None:
         if self.layer_map is not None:
-            reply = await self._request(url, "layer_map", {"map": self.layer_map.to_dict()})
+            reply = await self._request(info.url, "layer_map", {"map": self.layer_map.to_dict()}, to=info.peer_id)
             if reply is not None:
                 self._accept(reply)
 
@@ -451,9 +475,11 @@ class Node:
         self.membership.beat()
         self._on_events(self.membership.tick(now))
         self._lead()
+        if self._load_retry is not None and now >= self._load_retry[0]:
+            self._reconcile()
         others = [m for m in self.membership.live()[1:]]
         for info in self.rng.sample(others, min(self.config.gossip.fanout, len(others))):
-            self._spawn(self._gossip_to(info.url))
+            self._spawn(self._gossip_to(info))
         members = {m.info.url for m in self.membership.members.values() if m.state is not State.DEAD}
         for url, due in list(self._introductions.items()):
             if url in members:
@@ -545,18 +571,20 @@ class Node:
         urls = {m.peer_id: m.url for m in live}
         stages = tuple(Stage(s.peer_id, urls[s.peer_id], s.start, s.end) for s in shares)
         current = self.layer_map
-        if current is None or current.stages != stages:
+        # A new epoch when the assignment changes, and also when some peer follows a newer epoch
+        # than ours (made by a leader we have not heard of), so that every peer follows ours.
+        if current is None or current.stages != stages or self.max_epoch > current.epoch:
             epoch = max(self.max_epoch, current.epoch if current else 0) + 1
             new = LayerMap(self.election.term, epoch, self.model.fingerprint, self.model.profile.num_layers, stages)
             self._adopt(new, from_leader=True)
             for info in live[1:]:
-                self._spawn(self._send_map(info.url))
+                self._spawn(self._send_map(info))
             return
         for info in live[1:]:
             stage = current.stage_of(info.peer_id)
             expected = (stage.start, stage.end) if stage else (0, 0)
             if info.epoch != current.epoch or (info.start, info.end) != expected:
-                self._spawn(self._send_map(info.url))  # lagging, or following another map of this epoch
+                self._spawn(self._send_map(info))  # lagging, or following another map of this epoch
 
     def _adopt(self, new: LayerMap, *, from_leader: bool) -> None:
         """Follow `new` if it is newer; the leader's word also settles two maps of one epoch."""
@@ -582,10 +610,12 @@ class Node:
         if held == target:
             start, end = target or (0, 0)
             self.membership.update_me(epoch=epoch, start=start, end=end, ready=True)
-            self.load_error = None
+            self.load_error, self._load_retry = None, None
             self._check_ready()
             return
         self.membership.update_me(epoch=epoch, ready=False)
+        if self._closed or (self._load_retry is not None and self.clock() < self._load_retry[0]):
+            return  # the gossip loop calls again once a failed load's wait is over
         if self._loading is None or self._loading.done():
             self._loading = asyncio.create_task(self._load(target))
 
@@ -602,8 +632,10 @@ class Node:
         except asyncio.CancelledError:
             raise
         except Exception as e:
+            wait = min(LOAD_RETRY_MAX_S, 2 * self._load_retry[1]) if self._load_retry else self.config.gossip.interval_s
+            self._load_retry = (self.clock() + wait, wait)
             self.load_error = f"loading layers {target}: {e}"
-            log.error("failed %s", self.load_error)
+            log.error("failed %s; retrying in %.1f s", self.load_error, wait)
             return
         finally:
             self._loading = None

@@ -1,7 +1,8 @@
 """The layers this peer holds. The node asks for a range whenever the layer map changes; the host
 loads it from the model files (in a worker thread, never on the event loop), keeps the tensors of
-layers it already holds, and drops what it no longer serves. It knows the model side's loaders,
-not the swarm's messages; the data plane will run its executor over `stage`."""
+layers it already holds, and drops what it no longer serves before reading the rest. It holds no
+stage while it loads. It knows the model side's loaders, not the swarm's messages; the data plane
+will run its executor over `stage`."""
 
 from __future__ import annotations
 
@@ -44,17 +45,18 @@ class StageHost:
             t0 = time.perf_counter()
             if self.range == (start, end):
                 return 0.0
-            reuse = held_tensors(self.stage) if self.stage is not None else {}
+            # Keep what the new range shares with the old one and let the rest go before reading,
+            # so memory peaks at the new stage plus one tensor in flight, not at both stages.
+            reuse = held_tensors(self.stage, start, end) if self.stage is not None else {}
+            self.stage = None
+            gc.collect()
             source = open_checkpoint(self.files, self.config, self.dtype)
             try:
                 stage = load_stage(source, self.config, start, end, dtype=self.dtype, device=self.device, reuse=reuse)
             finally:
                 source.close()
-            kept = sum(1 for name in reuse if _layer_index(name) in range(start, end))
+            log.debug("layers [%d, %d): %d tensors kept from the previous range", start, end, len(reuse))
             self.stage = stage
-            del reuse
-            gc.collect()  # release the layers dropped from the old range now, not at some later collection
-            log.debug("layers [%d, %d): %d tensors kept from the previous range", start, end, kept)
             return time.perf_counter() - t0
 
     def unload(self) -> None:
@@ -62,8 +64,3 @@ class StageHost:
         with self._lock:
             self.stage = None
             gc.collect()
-
-
-def _layer_index(name: str) -> int:
-    parts = name.split(".")
-    return int(parts[2]) if len(parts) > 2 and parts[1] == "layers" else -1

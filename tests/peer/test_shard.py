@@ -109,11 +109,26 @@ def test_reloading_keeps_the_layers_already_held(tiny_llama, tmp_path: Path) -> 
     source = RecordingSource(open_checkpoint(files, config))
     old = load_stage(source, config, 0, 4)
     source.reads.clear()
-    new = load_stage(source, config, 2, 6, reuse=held_tensors(old))
+    reuse = held_tensors(old, 2, 6)
+    assert {layer_of(n) for n in reuse} == {2, 3}  # only what the new range needs is kept
+    new = load_stage(source, config, 2, 6, reuse=reuse)
     # Only layers 4 and 5 and the head are read; layers 2 and 3 are the very tensors held before.
     assert set(source.reads) == expected_reads(4, 6, layers=6, tied=False)
     assert new.layers[0].mlp.up_proj.weight.data_ptr() == old.layers[2].mlp.up_proj.weight.data_ptr()
     fresh = load_stage(source, config, 2, 6)
     for a, b in zip(new.state_dict().values(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+    source.close()
+
+
+def test_a_tied_table_is_kept_whichever_end_needs_it(tiny_llama, tmp_path: Path) -> None:
+    files = ModelStore(StoreConfig(cache_dir=str(tmp_path))).resolve(str(tiny_llama(layers=6, tied=True)))
+    config = files.load_config()
+    source = RecordingSource(open_checkpoint(files, config))
+    last = load_stage(source, config, 4, 6)  # holds the tied table as its LM head
+    source.reads.clear()
+    both = load_stage(source, config, 0, 6, reuse=held_tensors(last, 0, 6))
+    assert "model.embed_tokens.weight" not in source.reads  # the head's copy served the embeddings
+    assert both.embed_tokens is not None and last.lm_head is not None
+    assert both.embed_tokens.weight.data_ptr() == last.lm_head.weight.data_ptr()
     source.close()

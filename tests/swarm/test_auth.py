@@ -334,10 +334,11 @@ def test_oversized_is_dropped_before_parsing() -> None:
 
 
 def test_every_reason_is_counted() -> None:
-    o, s = opener(), sealer()
+    o, s = addressed_opener(), sealer()
     first = s.seal("k", 1, term=0, incarnation=3)
     o.open(first)
     bad = [
+        s.seal("k", 1, term=0, incarnation=3, to="not-me"),  # misdirected
         b"\xc1",  # malformed
         sealer(key=OTHER_KEY).seal("k", 1, term=0, incarnation=3),  # forged
         first,  # replayed
@@ -348,7 +349,7 @@ def test_every_reason_is_counted() -> None:
     for data in bad:
         with pytest.raises(MessageRejected):
             o.open(data)
-    assert dict(o.drops) == {"malformed": 2, "forged": 1, "replayed": 1, "stale": 1, "oversized": 1}
+    assert dict(o.drops) == {"malformed": 2, "forged": 1, "replayed": 1, "stale": 1, "oversized": 1, "misdirected": 1}
 
 
 @settings(max_examples=200, deadline=None)
@@ -444,3 +445,31 @@ def test_key_fingerprint_is_stable_and_differs_per_key() -> None:
     assert all(len(p) == 12 and int(p, 16) >= 0 for p in prints)
     assert key_fingerprint(None) == "insecure"
     assert KEY.hex()[:12] not in prints  # a hash, not the key itself
+
+
+# ---- misdirected -----------------------------------------------------------------------------------
+
+
+def addressed_opener() -> Opener:
+    return Opener(
+        KEY, max_clock_skew_s=SKEW_S, replay_window=WINDOW, max_message_bytes=MAX_BYTES, clock=Clock(), peer_id="me"
+    )
+
+
+def test_a_message_sealed_for_another_peer_is_misdirected() -> None:
+    o, s = addressed_opener(), sealer()
+    assert rejected(o, s.seal("k", 1, term=0, incarnation=0, to="someone-else")) == "misdirected"
+    assert o.open(s.seal("k", 1, term=0, incarnation=0, to="me")).recipient == "me"
+    assert o.open(s.seal("k", 1, term=0, incarnation=0)).recipient is None  # a first hello
+
+
+def test_our_own_message_reflected_back_is_misdirected() -> None:
+    o = Opener(
+        KEY, max_clock_skew_s=SKEW_S, replay_window=WINDOW, max_message_bytes=MAX_BYTES, clock=Clock(),
+        peer_id=ALICE.peer_id,
+    )  # fmt: skip
+    assert rejected(o, sealer().seal("k", 1, term=0, incarnation=0, to=ALICE.peer_id)) == "misdirected"
+
+
+def test_a_recipient_that_is_not_a_string_is_malformed() -> None:
+    assert rejected(opener(), signed_envelope(head(to=5))) == "malformed"

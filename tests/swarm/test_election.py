@@ -192,7 +192,8 @@ class SimSwarm:
         def refused() -> None:
             if sender.alive:
                 self.act(
-                    sender, sender.election.on_refused(e.term, e.leader, leader_rank, self.now, self.higher(sender))
+                    sender,
+                    sender.election.on_refused(term, e.term, e.leader, leader_rank, self.now, self.higher(sender)),
                 )
 
         self.later(refused)
@@ -341,3 +342,34 @@ def test_two_leaders_of_one_term_resolve_to_the_higher_ranked() -> None:
     assert high.observe(1, "a", (0, "a"), now=0.1, higher=[]) == [Announce(2)]
     accepted, _ = low.on_coordinator((0, "b"), 2, now=0.2, higher=["b"])
     assert accepted and (low.term, low.leader) == (2, "b")
+
+
+def test_a_lost_leader_is_not_replaced_within_its_term() -> None:
+    e = Election((0, "b"), CONFIG, random.Random(0), term=4)
+    assert e.on_coordinator((1, "x"), 5, now=0.0, higher=["x", "y"])[0]
+    e.leader_lost(now=1.0, higher=["y"])
+    assert e.leader is None
+    # Another leader for term 5 is refused, however it reaches us; term 6 is fine.
+    assert not e.on_coordinator((2, "y"), 5, now=1.1, higher=["y"])[0]
+    e.on_ok(1.1, 5, "y", (2, "y"))
+    e.observe(5, "y", (2, "y"), now=1.1, higher=["y"])
+    assert e.leader is None and e.accepted == (5, "x")
+    assert e.on_coordinator((2, "y"), 6, now=1.2, higher=["y"])[0]
+    assert (e.term, e.leader, e.accepted) == (6, "y", (6, "y"))
+
+
+def test_refusals_of_an_older_claim_change_nothing() -> None:
+    e = Election((5, "a"), CONFIG, random.Random(0), term=2)
+    assert e.start(now=0.0, higher=[]) == [Announce(3)]
+    # Several peers refuse term 3 because they accepted a lower-ranked claimant of it: one new term.
+    assert e.on_refused(3, 3, "b", (1, "b"), now=0.1, higher=[]) == [Announce(4)]
+    for _ in range(5):
+        assert e.on_refused(3, 3, "b", (1, "b"), now=0.2, higher=[]) == []
+    assert e.term == 4 and e.is_leader
+
+
+def test_a_peer_never_accepts_its_own_coordinator() -> None:
+    e = Election((5, "a"), CONFIG, random.Random(0), term=2)
+    e.start(now=0.0, higher=[])
+    accepted, actions = e.on_coordinator((5, "a"), 3, now=0.1, higher=[])
+    assert not accepted and actions == [] and e.is_leader

@@ -184,6 +184,15 @@ def test_dead_report_about_another_member_at_its_incarnation_kills_it() -> None:
     assert m.admit(info("a", incarnation=5), T0 + 0.3) == events(("a", "rejoined"))  # its refutation
 
 
+def test_a_dead_report_staler_than_our_own_news_is_ignored() -> None:
+    # Its author last heard heartbeat 3; we have heard 100 since: one flaky link kills nobody.
+    m = view(info("a", incarnation=4, heartbeat=100))
+    assert m.merge([(info("a", incarnation=4, heartbeat=3), True)], T0 + 0.1) == []
+    assert m.state_of("a") is State.ALIVE
+    # A report as fresh as ours is believed.
+    assert m.merge([(info("a", incarnation=4, heartbeat=100), True)], T0 + 0.2) == events(("a", "dead"))
+
+
 def test_dead_report_at_a_higher_incarnation_takes_the_news_and_kills() -> None:
     m = view(info("a", incarnation=4))
     assert m.merge([(info("a", incarnation=6, heartbeat=3), True)], T0 + 0.1) == events(("a", "dead"))

@@ -73,3 +73,57 @@ async def test_a_swarm_too_small_for_the_model_says_what_it_needs(tmp_path: Path
         assert not status["ready"] and status["layer_map"] is None
         (error,) = status["errors"]
         assert "cannot hold the model" in error and "needs" in error and f"{2 * 1024 * 1024} bytes" in error
+
+
+async def test_a_failed_load_is_retried_until_it_succeeds(tmp_path: Path, model_dir: Path) -> None:
+    async with peer(tmp_path, model_dir, "a", None) as a:
+        host = a.node.host
+        assert host is not None
+        await until(lambda: a.node.ready(), "the first load")
+        # The next range change fails once (a disk hiccup), then works.
+        real_load, failures = host.load, []
+
+        def flaky(start: int, end: int) -> float:
+            if not failures:
+                failures.append((start, end))
+                raise OSError("simulated read error")
+            return real_load(start, end)
+
+        host.load = flaky  # type: ignore[method-assign]
+        host.unload()
+        a.node._reconcile()
+        await until(lambda: a.node.load_error is not None, "the failure to be reported")
+        assert "simulated read error" in a.node.status()["errors"][0] and not a.node.ready()
+        await until(lambda: a.node.ready() and a.node.load_error is None, "the retried load")
+        assert failures and host.range == (0, 6)
+
+
+def test_the_advertised_address_is_an_ipv4_address() -> None:
+    from peer.errors import ConfigError
+    from swarm.config import SwarmConfig, swarm_config_from_dict
+    from swarm.daemon import advertised_host
+
+    def config(**node: object) -> SwarmConfig:
+        return swarm_config_from_dict({"node": node, "discovery": {"mdns": False}})
+
+    assert advertised_host(config(host="127.0.0.1")) == "127.0.0.1"
+    assert advertised_host(config(host="localhost")) == "127.0.0.1"
+    assert advertised_host(config(host="127.0.0.1", advertise_host="127.0.0.2")) == "127.0.0.2"
+    with pytest.raises(ConfigError, match="--advertise-host"):
+        advertised_host(config(host="::1"))  # IPv6 is refused clearly, without any lookup
+
+
+async def test_a_starting_peer_answers_status_with_503(tmp_path: Path, model_dir: Path) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from swarm.api import make_app
+    from swarm.daemon import build_node
+    from tests.swarm.test_security import make_config
+
+    node = build_node(make_config(tmp_path, model_dir, "a", []), None, show_progress=False)
+    async with TestClient(TestServer(make_app(node), host="127.0.0.1")) as client:
+        resp = await client.get("/swarm/status")
+        assert resp.status == 503 and (await resp.json())["error"]["type"] == "starting"
+        resp = await client.get("/healthz")
+        assert resp.status == 200 and (await resp.json())["ready"] is False
+    await node.close()

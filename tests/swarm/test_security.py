@@ -142,9 +142,10 @@ class Attacker:
             ready=True,
         )
 
-    def seal(self, kind: str, body: dict[str, Any], term: int = 0) -> bytes:
+    def seal(self, kind: str, body: dict[str, Any], term: int = 0, to: str | None = "target") -> bytes:
         common = {"info": self.info.to_dict(), "leader": None, "leader_priority": None}
-        return self.sealer.seal(kind, {**common, **body}, term=term, incarnation=self.info.incarnation)
+        to = self.target.peer_id if to == "target" else to
+        return self.sealer.seal(kind, {**common, **body}, term=term, incarnation=self.info.incarnation, to=to)
 
 
 async def post(server: PeerServer, data: bytes) -> tuple[int, dict[str, Any] | None]:
@@ -207,6 +208,14 @@ async def test_forged_replayed_and_stale_messages_are_dropped_and_counted(tmp_pa
         # A layer map from a peer that is not the leader of its term is refused.
         not_leader = insider.seal("layer_map", {"map": layer_map_from(insider.info.peer_id, node, 0, 9)})
         cases.append(("layer map from a non-leader", not_leader, 409, "not_leader"))
+        # Sealed for another peer (captured on its way there), or for nobody though not a hello.
+        for kind, body in (("gossip", {"digest": []}), ("election", {}), ("layer_map", {"map": None})):
+            cases.append((f"{kind} sealed for another peer", insider.seal(kind, body, to="f" * 16), 409, "misdirected"))
+            cases.append((f"{kind} sealed for nobody", insider.seal(kind, body, to=None), 409, "misdirected"))
+        # The target's own answer to us, reflected back at it.
+        status, body = await post(a, insider.seal("hello", {}))
+        assert status == 200 and body is not None
+        cases.append(("its own reply reflected", msgpack.packb(body["reply"], use_bin_type=True), 409, "misdirected"))
         for what, data, want_status, reason in cases:
             counted = node.drops[reason]
             status, body = await post(a, data)
@@ -256,7 +265,11 @@ async def test_malformed_and_oversized_bodies_get_clear_errors(tmp_path: Path, m
             (msgpack.packb({"a": 1}), 400, "malformed"),
             (msgpack.packb([b"x", b"y"]), 400, "malformed"),
             (insider.seal("no_such_kind", {}), 400, "malformed"),
-            (insider.sealer.seal("gossip", {"info": bad_info}, term=0, incarnation=1), 400, "malformed"),
+            (
+                insider.sealer.seal("gossip", {"info": bad_info}, term=0, incarnation=1, to=node.peer_id),
+                400,
+                "malformed",
+            ),
             (insider.seal("gossip", {"digest": "not a list"}), 400, "malformed"),
             (b"\x00" * (64 * 1024 + 1), 413, "oversized"),
         ]
