@@ -705,7 +705,12 @@ class Node:
             "role": self.election.phase.value,
             "incarnation": me.incarnation,
             "ready": self.ready(),
-            "model": {"spec": self.model.spec, "fingerprint": self.model.fingerprint},
+            "model": {
+                "spec": self.model.spec,
+                "fingerprint": self.model.fingerprint,
+                "dtype": str(self.model.profile.dtype).removeprefix("torch."),
+                "num_layers": self.model.profile.num_layers,
+            },
             "resources": {
                 "device": self.resources.device,
                 "name": self.resources.name,

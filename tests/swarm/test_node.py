@@ -52,9 +52,10 @@ async def test_a_restarted_higher_ranked_peer_adopts_the_map_and_takes_over(tmp_
             assert again.node.max_epoch >= alone.epoch
 
 
-async def test_a_peer_too_small_for_one_layer_stands_by(tmp_path: Path, model_dir: Path) -> None:
+async def test_a_peer_too_small_for_one_layer_stands_by(tmp_path: Path, tiny_llama) -> None:
     key = os.urandom(32)
-    # The tiny peer's cap holds less than one layer plus its KV reserve.
+    # Layers of about 2 MiB in bfloat16 (4 MiB in float32): a 1 MiB cap holds none, on any device.
+    model_dir = tiny_llama(layers=6, hidden=256, intermediate=1024)
     async with (
         peer(tmp_path, model_dir, "big", key, resources={"max_memory_mb": 64}) as big,
         peer(tmp_path, model_dir, "tiny", key, [hostport(big)], resources={"max_memory_mb": 1}) as tiny,
