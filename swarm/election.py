@@ -88,6 +88,10 @@ class Election:
         if self.phase in (Phase.CANDIDATE, Phase.WAITING, Phase.LEADER):
             return []
         self.leader = None
+        if now < self.grace_until:
+            # Just started: we may not know the swarm's term or the peers above us yet.
+            self.phase, self.deadline = Phase.IDLE, self.grace_until
+            return []
         if not higher:
             return self._declare()
         self.phase = Phase.CANDIDATE

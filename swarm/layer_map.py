@@ -90,3 +90,27 @@ class LayerMap:
                 raise LayerMapError("stage needs peer_id and url strings and integer start and end")
             parsed.append(Stage(peer_id, url, start, end))
         return cls(ints[0], ints[1], model, ints[2], tuple(parsed))  # type: ignore[arg-type]
+
+
+def should_follow(current: LayerMap | None, new: LayerMap, *, from_leader: bool) -> bool:
+    """Whether a peer holding `current` follows `new`: a newer epoch, or from its leader a different
+    map of the same epoch (two leaders that could not see each other both made one)."""
+    if current is None:
+        return True
+    if new == current or new.epoch < current.epoch:
+        return False
+    return new.epoch > current.epoch or from_leader
+
+
+def next_map(
+    current: LayerMap | None, stages: tuple[Stage, ...], *, term: int, model: str, num_layers: int, max_epoch: int
+) -> LayerMap | None:
+    """The map a leader of `term` issues for the partition `stages`, or None to keep `current`.
+
+    A new epoch only when the assignment (or the model) changes, or when some peer follows an epoch
+    newer than ours (made by a leader we never heard of), so that every peer follows ours again;
+    otherwise the leader adopts the map it found, whoever made it."""
+    if current is not None and current.stages == stages and current.model == model and max_epoch <= current.epoch:
+        return None
+    epoch = max(max_epoch, current.epoch if current else 0) + 1
+    return LayerMap(term, epoch, model, num_layers, stages)

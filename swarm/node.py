@@ -26,7 +26,7 @@ from swarm.discovery import Announcement
 from swarm.election import Announce, Elect, Election, Rank
 from swarm.errors import LayerMapError, MessageRejected, SwarmTooSmall
 from swarm.identity import Identity, PersistentState, StateFile
-from swarm.layer_map import LayerMap, Stage
+from swarm.layer_map import LayerMap, Stage, next_map, should_follow
 from swarm.membership import Event, MemberInfo, Membership, State, parse_digest
 from swarm.partitioner import Candidate, partition
 from swarm.stage_host import StageHost
@@ -570,16 +570,21 @@ class Node:
         self.partition_error = None
         urls = {m.peer_id: m.url for m in live}
         stages = tuple(Stage(s.peer_id, urls[s.peer_id], s.start, s.end) for s in shares)
-        current = self.layer_map
-        # A new epoch when the assignment changes, and also when some peer follows a newer epoch
-        # than ours (made by a leader we have not heard of), so that every peer follows ours.
-        if current is None or current.stages != stages or self.max_epoch > current.epoch:
-            epoch = max(self.max_epoch, current.epoch if current else 0) + 1
-            new = LayerMap(self.election.term, epoch, self.model.fingerprint, self.model.profile.num_layers, stages)
+        new = next_map(
+            self.layer_map,
+            stages,
+            term=self.election.term,
+            model=self.model.fingerprint,
+            num_layers=self.model.profile.num_layers,
+            max_epoch=self.max_epoch,
+        )
+        if new is not None:
             self._adopt(new, from_leader=True)
             for info in live[1:]:
                 self._spawn(self._send_map(info))
             return
+        current = self.layer_map
+        assert current is not None
         for info in live[1:]:
             stage = current.stage_of(info.peer_id)
             expected = (stage.start, stage.end) if stage else (0, 0)
@@ -588,10 +593,7 @@ class Node:
 
     def _adopt(self, new: LayerMap, *, from_leader: bool) -> None:
         """Follow `new` if it is newer; the leader's word also settles two maps of one epoch."""
-        current = self.layer_map
-        if current is not None and (
-            new == current or new.epoch < current.epoch or (new.epoch == current.epoch and not from_leader)
-        ):
+        if not should_follow(self.layer_map, new, from_leader=from_leader):
             return
         self.layer_map = new
         self.max_epoch = max(self.max_epoch, new.epoch)
