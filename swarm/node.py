@@ -404,38 +404,33 @@ class Node:
         self._accept(reply)
         self._merge(entries)
 
-    async def _elect(self, targets: tuple[str, ...], term: int) -> None:
-        async def ask(peer_id: str) -> None:
+    async def _ask_each(self, peer_ids: list[str], kind: str) -> list[Checked]:
+        """Send `kind` to every peer at once; the replies that came back, taken in."""
+
+        async def ask(peer_id: str) -> Checked | None:
             url = self._url_of(peer_id)
-            reply = await self._request(url, "election", {}, to=peer_id) if url else None
-            if reply is None:
-                return
-            self._accept(reply)
+            reply = await self._request(url, kind, {}, to=peer_id) if url else None
+            if reply is not None:
+                self._accept(reply)
+            return reply
+
+        return [r for r in await asyncio.gather(*(ask(p) for p in peer_ids)) if r is not None]
+
+    async def _elect(self, targets: tuple[str, ...], term: int) -> None:
+        for reply in await self._ask_each(list(targets), "election"):
             if reply.msg.kind == "ok":
                 rank = reply.leader_rank
                 self.election.on_ok(self.clock(), reply.msg.term, rank[1] if rank else None, rank)
                 self._after_election()
 
-        await asyncio.gather(*(ask(p) for p in targets))
-
     async def _announce(self, term: int, targets: tuple[str, ...] | None) -> None:
         assert self.membership is not None
         peers = list(targets) if targets is not None else [m.peer_id for m in self.membership.live()[1:]]
-
-        async def tell(peer_id: str) -> None:
-            url = self._url_of(peer_id)
-            reply = await self._request(url, "coordinator", {}, to=peer_id) if url else None
-            if reply is None:
-                return
-            self._accept(reply)
+        for reply in await self._ask_each(peers, "coordinator"):
             if reply.msg.kind == "refuse":
-                rank = reply.leader_rank
-                now = self.clock()
-                self._act(
-                    self.election.on_refused(term, reply.msg.term, rank[1] if rank else None, rank, now, self._higher())
-                )
-
-        await asyncio.gather(*(tell(p) for p in peers))
+                rank, now = reply.leader_rank, self.clock()
+                leader = rank[1] if rank else None
+                self._act(self.election.on_refused(term, reply.msg.term, leader, rank, now, self._higher()))
 
     async def _send_map(self, info: MemberInfo) -> None:
         if self.layer_map is not None:

@@ -145,15 +145,21 @@ def test_three_peers_find_each_other_over_mdns(tmp_path: Path, model_dir: Path, 
         assert "mDNS: announcing" in p.log()
 
 
-def test_three_peers_join_by_seed_without_mdns(tmp_path: Path, model_dir: Path, peers: list[PeerProcess]) -> None:
-    first = PeerProcess("large", [*base_args(tmp_path, model_dir, "large", 12), "--no-mdns"], tmp_path).start()
-    peers.append(first)
+def start_seeded(tmp_path: Path, model_dir: Path, caps_mb: dict[str, int], peers: list[PeerProcess]) -> None:
+    """Start the first named peer, then the others with it as their --join seed; no mDNS."""
+    names = list(caps_mb)
+    first = PeerProcess(names[0], [*base_args(tmp_path, model_dir, names[0], caps_mb[names[0]]), "--no-mdns"], tmp_path)
+    peers.append(first.start())
     seed = first.wait_url().removeprefix("http://")
-    for name in ("small", "medium"):
-        args = [*base_args(tmp_path, model_dir, name, CAPS_MB[name]), "--no-mdns", "--join", seed]
+    for name in names[1:]:
+        args = [*base_args(tmp_path, model_dir, name, caps_mb[name]), "--no-mdns", "--join", seed]
         peers.append(PeerProcess(name, args, tmp_path).start())
     for p in peers:
         p.wait_url()
+
+
+def test_three_peers_join_by_seed_without_mdns(tmp_path: Path, model_dir: Path, peers: list[PeerProcess]) -> None:
+    start_seeded(tmp_path, model_dir, {"large": 12, "small": 4, "medium": 8}, peers)
     ss = wait_for(lambda: converged(peers), SETTLE_S, "one ready layer map on all peers", lambda: describe(peers))
     check_common(ss, CAPS_MB, model_dir)
     for p in peers:
@@ -165,14 +171,7 @@ def test_killed_peers_are_replaced_and_a_restarted_peer_rejoins(
 ) -> None:
     # Every cap holds the whole model, so the swarm keeps serving down to one peer.
     caps = {"a": 24, "b": 32, "c": 40}
-    first = PeerProcess("a", [*base_args(tmp_path, model_dir, "a", caps["a"]), "--no-mdns"], tmp_path).start()
-    peers.append(first)
-    seed = first.wait_url().removeprefix("http://")
-    for name in ("b", "c"):
-        args = [*base_args(tmp_path, model_dir, name, caps[name]), "--no-mdns", "--join", seed]
-        peers.append(PeerProcess(name, args, tmp_path).start())
-    for p in peers:
-        p.wait_url()
+    start_seeded(tmp_path, model_dir, caps, peers)
     ss = wait_for(lambda: converged(peers), SETTLE_S, "the first layer map", lambda: describe(peers))
     check_common(ss, caps, model_dir)
     by_id = {s["peer_id"]: p for s, p in zip(ss, peers, strict=True)}
@@ -214,12 +213,9 @@ def test_killed_peers_are_replaced_and_a_restarted_peer_rejoins(
     # 3. Restart the old leader with its state directory: a higher incarnation, layers again, and
     #    (as the highest-ranked peer) the lead again, with a higher term.
     old_incarnation = next(q["incarnation"] for q in ss[0]["peers"] if q["peer_id"] == leader_id)
-    leader.args = [
-        *leader.args[: leader.args.index("--no-mdns")],
-        "--no-mdns",
-        "--join",
-        last.url.removeprefix("http://"),
-    ]  # type: ignore[union-attr]
+    assert last.url is not None
+    # Its first seed is dead now: point it at the survivor instead.
+    leader.args = [*leader.args[: leader.args.index("--no-mdns")], "--no-mdns", "--join", last.url[len("http://") :]]
     leader.start().wait_url()
     pair = [last, leader]
 
