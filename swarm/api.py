@@ -1,6 +1,6 @@
 """The peer's HTTP server: an aiohttp application factory with thin handlers. It serves the
-peer-to-peer message endpoint (sealed msgpack envelopes in and out), `GET /swarm/status` and
-`GET /healthz`; the data plane and the OpenAI-compatible routes join it later. Handlers only
+control-plane message endpoint and the data-plane stage endpoint (sealed msgpack envelopes in and
+out), `GET /swarm/status`, `GET /healthz`, and mounts the OpenAI-compatible API. Handlers only
 translate between HTTP and the node: errors become JSON bodies with the right status code."""
 
 from __future__ import annotations
@@ -9,8 +9,11 @@ import logging
 
 from aiohttp import web
 
-from swarm.errors import MessageRejected
+from swarm.errors import MessageRejected, Relayed
 from swarm.node import MSG_PATH, MSGPACK, Node
+from swarm.openai_api import add_routes
+from swarm.stage_service import STAGE_PATH
+from swarm.stage_service import STATUS as STAGE_STATUS
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +33,49 @@ def error_response(status: int, kind: str, message: str) -> web.Response:
     return web.json_response({"error": {"type": kind, "message": message}}, status=status)
 
 
-async def post_message(request: web.Request) -> web.Response:
-    """One sealed peer message in, one sealed reply out."""
+async def post_stage(request: web.Request) -> web.Response:
+    """One sealed data-plane message (a step or a close) in, its sealed result out."""
     node = request.app[NODE]
+    limit = node.config.serving.max_activation_bytes
     try:
         data = await request.read()
     except web.HTTPRequestEntityTooLarge:
         node.drops["oversized"] += 1
-        return error_response(413, "oversized", f"body exceeds {node.config.security.max_message_bytes} bytes")
+        return error_response(413, "oversized", f"body exceeds {limit} bytes")
+    try:
+        checked = node.check_data(data)  # counts what it drops
+    except MessageRejected as e:
+        return error_response(STAGE_STATUS.get(e.reason, 409), e.reason, str(e))
+    try:
+        if checked.msg.kind == "step":
+            body = await node.service.step(checked)
+        else:
+            body = await node.service.close(checked)
+    except Relayed as e:
+        return error_response(e.status, e.reason, str(e))
+    except MessageRejected as e:
+        node.drops[e.reason] += 1
+        log.debug("refused %s from %s: %s", checked.msg.kind, checked.msg.sender, e)
+        return error_response(STAGE_STATUS.get(e.reason, 409), e.reason, str(e))
+    return web.Response(body=node.seal_reply(f"{checked.msg.kind}_result", body, checked.msg.sender),
+                        content_type=MSGPACK)  # fmt: skip
+
+
+async def post_message(request: web.Request) -> web.Response:
+    """One sealed peer message in, one sealed reply out."""
+    node = request.app[NODE]
+    limit = node.config.security.max_message_bytes
+    if request.content_length is not None and request.content_length > limit:
+        node.drops["oversized"] += 1
+        return error_response(413, "oversized", f"body exceeds {limit} bytes")
+    try:
+        data = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        node.drops["oversized"] += 1
+        return error_response(413, "oversized", f"body exceeds {limit} bytes")
+    if len(data) > limit:
+        node.drops["oversized"] += 1
+        return error_response(413, "oversized", f"body exceeds {limit} bytes")
     try:
         reply = node.handle(data)
     except MessageRejected as e:
@@ -61,10 +99,13 @@ async def get_healthz(request: web.Request) -> web.Response:
 
 
 def make_app(node: Node) -> web.Application:
-    """The peer's aiohttp application, bounded to the configured message size."""
-    app = web.Application(client_max_size=node.config.security.max_message_bytes)
+    """The peer's aiohttp application: peer messages, the data plane, status and the OpenAI API."""
+    limit = max(node.config.security.max_message_bytes, node.config.serving.max_activation_bytes)
+    app = web.Application(client_max_size=limit)  # each route checks its own, smaller limit
     app[NODE] = node
     app.router.add_post(MSG_PATH, post_message)
+    app.router.add_post(STAGE_PATH, post_stage)
+    add_routes(app, node)
     app.router.add_get("/swarm/status", get_status)
     app.router.add_get("/healthz", get_healthz)
     return app

@@ -165,6 +165,29 @@ class PartitionConfig:
 
 
 @dataclass(frozen=True)
+class ServingConfig:
+    """The data plane and the public API."""
+
+    # Largest activation message between stages, in bytes (hidden states of a long prompt).
+    max_activation_bytes: int = 256 * 1024 * 1024
+    # Largest JSON body of a public API request, in bytes.
+    max_request_bytes: int = 1024 * 1024
+    # One step through the whole pipeline may take this long, in seconds (a long prefill on a CPU).
+    step_timeout_s: float = 300.0
+    # max_tokens when a request names none.
+    default_max_tokens: int = 16
+    # Requests generating at once on this entry peer; more wait, and are refused when the queue is full.
+    max_concurrent_requests: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("max_activation_bytes", "max_request_bytes", "default_max_tokens", "max_concurrent_requests"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ConfigError(f"serving.{name} must be a positive integer, not {getattr(self, name)!r}")
+        if not _is_number(self.step_timeout_s) or self.step_timeout_s <= 0:
+            raise ConfigError(f"serving.step_timeout_s must be positive, not {self.step_timeout_s!r}")
+
+
+@dataclass(frozen=True)
 class SwarmConfig:
     """Every section of a config file: the model side's and the swarm side's."""
 
@@ -175,6 +198,7 @@ class SwarmConfig:
     gossip: GossipConfig = field(default_factory=GossipConfig)
     election: ElectionConfig = field(default_factory=ElectionConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
 
 
 SWARM_SECTIONS = {
@@ -184,6 +208,7 @@ SWARM_SECTIONS = {
     "gossip": GossipConfig,
     "election": ElectionConfig,
     "partition": PartitionConfig,
+    "serving": ServingConfig,
 }
 PEER_SECTIONS = ("resources", "model", "store", "executor")
 

@@ -22,10 +22,11 @@ import platformdirs
 from aiohttp import web
 
 from peer.config import default_config_path, read_config_file
-from peer.errors import ConfigError, SwarmError
+from peer.errors import ConfigError, ModelStoreError, SwarmError
 from peer.model_store import ModelStore
 from peer.profile import ModelProfile
 from peer.resources import detect_resources, resolve_dtype
+from peer.tokenizer import Tokenizer
 from swarm.api import make_app
 from swarm.auth import PROTOCOL_VERSION, load_swarm_key, parse_swarm_key
 from swarm.config import SwarmConfig, swarm_config_from_dict
@@ -121,8 +122,14 @@ def build_node(config: SwarmConfig, swarm_key: bytes | None, *, show_progress: b
     resources = detect_resources(config.peer.resources)
     dtype = resolve_dtype(config.peer.model.dtype, resources.device)
     profile = ModelProfile.from_config(model_config, dtype)
+    try:
+        tokenizer: Tokenizer | None = Tokenizer.from_dir(files.meta_dir, model_config)
+    except ModelStoreError as e:
+        log.warning("no tokenizer: this peer serves its layers but cannot take prompts (%s)", str(e).splitlines()[0])
+        tokenizer = None
     return Node(
         config,
+        tokenizer=tokenizer,
         identity=identity,
         state_file=state_file,
         swarm_key=swarm_key,

@@ -23,6 +23,14 @@ class MessageRejected(SwarmError):
         self.reason = reason
 
 
+class Relayed(MessageRejected):
+    """A later stage refused a data-plane message; passed back up the chain as it is, with its status."""
+
+    def __init__(self, reason: str, detail: str, status: int) -> None:
+        super().__init__(reason, detail)
+        self.status = status
+
+
 class LayerMapError(SwarmError):
     """A layer map is malformed or does not cover the model's layers exactly once."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
@@ -20,16 +21,18 @@ import aiohttp
 
 from peer.profile import ModelProfile
 from peer.resources import MIB, Resources
+from peer.tokenizer import Tokenizer
 from swarm.auth import PROTOCOL_VERSION, Message, Opener, Sealer, key_fingerprint
 from swarm.config import SwarmConfig
 from swarm.discovery import Announcement
 from swarm.election import Announce, Elect, Election, Rank
-from swarm.errors import LayerMapError, MessageRejected, SwarmTooSmall
+from swarm.errors import LayerMapError, MessageRejected, Relayed, SwarmTooSmall
 from swarm.identity import Identity, PersistentState, StateFile
 from swarm.layer_map import LayerMap, Stage, next_map, should_follow
 from swarm.membership import Event, MemberInfo, Membership, State, parse_digest
 from swarm.partitioner import Candidate, partition
 from swarm.stage_host import StageHost
+from swarm.stage_service import STAGE_PATH, StageService
 
 log = logging.getLogger("swarm")
 
@@ -73,6 +76,7 @@ class Node:
         model: ModelIdentity,
         resources: Resources,
         host: StageHost | None,
+        tokenizer: Tokenizer | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
@@ -84,6 +88,8 @@ class Node:
         self.model = model
         self.resources = resources
         self.host = host
+        self.tokenizer = tokenizer
+        self.service = StageService(self)
         self.clock = clock
         self.rng = rng or random.Random()
         self.swarm_key = swarm_key
@@ -226,6 +232,63 @@ class Node:
             self.drops[e.reason] += 1
             raise
         return self._seal(kind, body, to=msg.sender)
+
+    def check_data(self, data: bytes) -> Checked:
+        """Open and check a data-plane message (counting what is dropped); its sender's news is not taken in."""
+        msg = self.opener.open(data)  # counts its own drops
+        try:
+            if msg.kind not in ("step", "close"):
+                raise MessageRejected("malformed", f"unknown data-plane message kind {msg.kind!r}")
+            return self._check(msg)
+        except MessageRejected as e:
+            self.drops[e.reason] += 1
+            raise
+
+    def seal_reply(self, kind: str, body: dict[str, Any], to: str) -> bytes:
+        """A sealed answer to peer `to`."""
+        return self._seal(kind, body, to=to)
+
+    async def data_request(self, stage: Stage, kind: str, body: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        """Send a data-plane message to a stage; its reply body and the bytes sent.
+
+        Raises Relayed with the stage's own refusal, or MessageRejected("unreachable")."""
+        if self._session is None or self._closed or self.membership is None:
+            raise MessageRejected("not_ready", "this peer is not serving")
+        if stage.peer_id == self.peer_id:
+            # This peer is the stage: no wire, no envelope; the message goes straight to the service.
+            me = self.membership.me
+            msg = Message(kind, self.peer_id, self.peer_id, self.identity.public_key, me.incarnation,
+                          self.election.term, 0, time.time(), body)  # fmt: skip
+            checked = Checked(msg, me, None)
+            local = await (self.service.step(checked) if kind == "step" else self.service.close(checked))
+            return local, 0
+        data = self._seal(kind, body, to=stage.peer_id)
+        timeout = aiohttp.ClientTimeout(total=self.config.serving.step_timeout_s)
+        where = f"stage {self._name(stage.peer_id)} at {stage.url}"
+        try:
+            async with self._session.post(
+                stage.url + STAGE_PATH, data=data, headers={"Content-Type": MSGPACK}, timeout=timeout
+            ) as resp:
+                payload = await _read_bounded(resp, self.config.serving.max_activation_bytes)
+                status = resp.status
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
+            raise MessageRejected("unreachable", f"{where}: {e or type(e).__name__}") from e
+        if status != 200:
+            try:
+                error = json.loads(payload)["error"]
+                reason, message = str(error["type"]), str(error["message"])
+            except (ValueError, KeyError, TypeError):
+                reason, message = "unreachable", payload[:200].decode(errors="replace")
+            raise Relayed(reason, f"{where}: {message}", status)
+        answer = self.opener.open(payload)  # counts its own drops
+        try:
+            if answer.recipient != self.peer_id or answer.sender != stage.peer_id:
+                raise MessageRejected("misdirected", f"reply from {answer.sender} for {answer.recipient}")
+            self._check(answer)
+        except MessageRejected as e:
+            self.drops[e.reason] += 1
+            raise
+        return answer.body, len(data)
 
     def _check(self, msg: Message) -> Checked:
         """Validate what every message and reply carries: the sender's own info and its leader."""
@@ -676,6 +739,11 @@ class Node:
     def _url_of(self, peer_id: str) -> str | None:
         info = self._info_of(peer_id)
         return info.url if info else None
+
+    def name_of(self, peer_id: str) -> str:
+        """A member's readable node id (the peer id if it is not known)."""
+        info = self._info_of(peer_id)
+        return info.node_id if info else peer_id
 
     def _name(self, peer_id: str | None) -> str:
         info = self._info_of(peer_id)

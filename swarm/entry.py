@@ -1,0 +1,189 @@
+"""The entry peer's side of a request: whichever peer a client reached owns the session. It holds
+the token history, sends the prompt and then one token per step to the first stage of the current
+layer map, receives each sampled token back from the last, decodes text as it streams, and stops
+on an end-of-sequence token, a stop string or `max_tokens`. It also adds up the request's timings.
+It knows tokens and text; HTTP formats (OpenAI's or the CLI's) are the API module's business."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from peer.errors import InvalidInput
+from peer.sampling import SamplingParams
+from swarm.errors import MessageRejected
+from swarm.stage_service import route_json
+from swarm.tensors import pack
+
+if TYPE_CHECKING:
+    from swarm.node import Node
+
+MAX_STOP_STRINGS = 4
+
+
+class NotReady(Exception):
+    """The swarm has no complete, loaded layer map right now."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation, already tokenized."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Timings:
+    """Where a request's time went."""
+
+    started: float = field(default_factory=time.perf_counter)
+    first_token_s: float | None = None
+    total_s: float = 0.0
+    tokens: int = 0
+    compute_s: dict[str, float] = field(default_factory=dict)  # per stage (node id)
+    wire_s: dict[str, float] = field(default_factory=dict)  # per hop "a->b", and "entry->first"
+    bytes_sent: int = 0
+
+    def add_step(self, timings: list[dict[str, Any]], entry_wire_s: float, entry_bytes: int, first: str) -> None:
+        """Fold one step's per-stage timings in."""
+        self.wire_s[f"entry->{first}"] = self.wire_s.get(f"entry->{first}", 0.0) + entry_wire_s
+        self.bytes_sent += entry_bytes
+        for this, after in zip(timings, [*timings[1:], None], strict=True):
+            name = str(this.get("node_id"))
+            self.compute_s[name] = self.compute_s.get(name, 0.0) + float(this.get("compute_s", 0.0))
+            if after is not None:
+                hop = f"{name}->{after.get('node_id')}"
+                self.wire_s[hop] = self.wire_s.get(hop, 0.0) + float(this.get("wire_s", 0.0))
+            self.bytes_sent += int(this.get("bytes_out", 0))
+
+    def to_json(self) -> dict[str, Any]:
+        """The `timings` object of a response."""
+        compute, wire = sum(self.compute_s.values()), sum(self.wire_s.values())
+        decode_s = self.total_s - (self.first_token_s or 0.0)
+        return {
+            "time_to_first_token_s": round(self.first_token_s or 0.0, 6),
+            "total_s": round(self.total_s, 6),
+            "tokens": self.tokens,
+            "tokens_per_s": round((self.tokens - 1) / decode_s, 3) if self.tokens > 1 and decode_s > 0 else None,
+            "compute_s_per_stage": {k: round(v, 6) for k, v in self.compute_s.items()},
+            "wire_s_per_hop": {k: round(v, 6) for k, v in self.wire_s.items()},
+            "bytes_sent": self.bytes_sent,
+            "communication_overhead": round(wire / (wire + compute), 4) if wire + compute > 0 else None,
+        }
+
+
+@dataclass(frozen=True)
+class Event:
+    """One step of a generation as the client sees it."""
+
+    text: str  # new text, possibly empty while a stop string might still be forming
+    token: int | None  # the token sampled this step (None on the final event of a stop string)
+    logprob: float | None
+    finish_reason: str | None = None  # "stop" or "length" on the last event
+
+
+class Entry:
+    """Runs generations from this peer through the swarm's current pipeline."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.limit = asyncio.Semaphore(node.config.serving.max_concurrent_requests)
+
+    def check(self, request: Request) -> None:
+        """Refuse a request this swarm cannot run, before anything is sent."""
+        context = self.node.model.profile.max_position_embeddings
+        if not request.prompt_ids:
+            raise InvalidInput("the prompt must have at least one token")
+        if request.max_tokens < 1:
+            raise InvalidInput("max_tokens must be at least 1")
+        if len(request.prompt_ids) + request.max_tokens > context:
+            raise InvalidInput(
+                f"the prompt's {len(request.prompt_ids)} tokens plus max_tokens {request.max_tokens} exceed "
+                f"the model's context of {context} tokens"
+            )
+
+    async def generate(self, request: Request, timings: Timings) -> AsyncIterator[Event]:
+        """Yield the generation's events; the session is closed on every stage however it ends."""
+        self.check(request)
+        node, tokenizer = self.node, self.node.tokenizer
+        assert tokenizer is not None
+        layer_map = node.layer_map
+        if layer_map is None or not node.ready():
+            raise NotReady("the swarm is not ready: its layers are still being assigned or loaded")
+        route, session = list(layer_map.stages), uuid.uuid4().hex
+        base = {"session": session, "epoch": layer_map.epoch, "route": route_json(route)}
+        opening = {"max_length": len(request.prompt_ids) + request.max_tokens, "sampling": _sampling_json(request)}
+        decoder = tokenizer.stream(request.prompt_ids)
+        text, emitted, hold = "", 0, max((len(s) for s in request.stop), default=1) - 1
+        ids, start = list(request.prompt_ids), 0
+        async with self.limit:
+            try:
+                for n in range(request.max_tokens):
+                    body = {**base, "start": start, "input": pack(torch.tensor([ids], dtype=torch.int64))}
+                    if n == 0:
+                        body["open"] = opening
+                    t0 = time.perf_counter()
+                    reply, sent = await node.data_request(route[0], "step", body)
+                    token, logprob = _token_of(reply)
+                    elapsed = time.perf_counter() - t0
+                    stage_timings, pipeline = reply.get("timings"), reply.get("elapsed_s")
+                    stage_timings = stage_timings if isinstance(stage_timings, list) else []
+                    pipeline_s = float(pipeline) if isinstance(pipeline, float) else elapsed
+                    first = node.name_of(route[0].peer_id)
+                    timings.add_step(stage_timings, max(0.0, elapsed - pipeline_s), sent, first)
+                    timings.tokens += 1
+                    if timings.first_token_s is None:
+                        timings.first_token_s = time.perf_counter() - timings.started
+                    start += len(ids)
+                    ids = [token]
+                    if token in tokenizer.eos_token_ids:
+                        yield Event(text[emitted:] + decoder.flush(), token, logprob, "stop")
+                        return
+                    text += decoder.push(token)
+                    cut = _first_stop(text, request.stop)
+                    if cut is not None:
+                        yield Event(text[emitted:cut], token, logprob, "stop")
+                        return
+                    last = n == request.max_tokens - 1
+                    if last:
+                        text += decoder.flush()
+                        yield Event(text[emitted:], token, logprob, "length")
+                        return
+                    safe = max(emitted, len(text) - hold)
+                    yield Event(text[emitted:safe], token, logprob)
+                    emitted = safe
+            finally:
+                timings.total_s = time.perf_counter() - timings.started
+                node._spawn(self._close(route[0], dict(base)))
+
+    async def _close(self, first: Any, base: dict[str, Any]) -> None:
+        with contextlib.suppress(MessageRejected):  # stages evict abandoned sessions on their own
+            await self.node.data_request(first, "close", base)
+
+
+def _sampling_json(request: Request) -> dict[str, Any]:
+    s = request.sampling
+    return {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "seed": s.seed}
+
+
+def _token_of(reply: dict[str, Any]) -> tuple[int, float]:
+    token, logprob = reply.get("token"), reply.get("logprob")
+    if type(token) is not int or not isinstance(logprob, float):
+        raise MessageRejected("malformed", "the last stage's reply has no token")
+    return token, logprob
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    """Where the earliest stop string starts in `text`, if any has appeared."""
+    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(found) if found else None

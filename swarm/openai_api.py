@@ -1,0 +1,348 @@
+"""The public, OpenAI-compatible API every peer serves: `POST /v1/completions`,
+`POST /v1/chat/completions` (whole, or `stream: true` as server-sent events ending with
+`data: [DONE]`), `GET /v1/models`, and `GET /metrics` in Prometheus text. Handlers validate the
+request body into an entry `Request`, run it, and shape the answer; every error is OpenAI's
+`{"error": {message, type, param, code}}` with a 4xx or 5xx status. Responses add a `timings`
+object (time to first token, tokens per second, compute per stage, wire per hop, bytes sent)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from peer.errors import InvalidInput, SwarmError
+from peer.sampling import SamplingParams
+from swarm.entry import MAX_STOP_STRINGS, Entry, Event, NotReady, Request, Timings
+from swarm.errors import MessageRejected, Relayed
+from swarm.metrics import Metrics
+from swarm.node import Node
+
+log = logging.getLogger(__name__)
+
+NODE = web.AppKey("node", Node)
+ENTRY = web.AppKey("entry", Entry)
+METRICS = web.AppKey("metrics", Metrics)
+MAX_TOKENS_LIMIT = 1 << 20  # a sanity bound; the model's context is the real one
+
+
+class ApiError(Exception):
+    """An error in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+
+    def response(self) -> web.Response:
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        headers = {"Retry-After": "5"} if self.status == 503 else None
+        return web.json_response(body, status=self.status, headers=headers)
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
+    """Every error of the /v1 routes in OpenAI's shape, whatever raised it."""
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return e.response()
+    except web.HTTPException as e:
+        if not request.path.startswith("/v1/"):
+            raise
+        kind = "invalid_request_error" if e.status < 500 else "server_error"
+        return ApiError(e.status, e.reason or "request refused", kind).response()
+    except Exception:
+        if not request.path.startswith("/v1/"):
+            raise
+        log.exception("%s %s failed", request.method, request.path)
+        return ApiError(500, "internal error; the peer's log has the details", "server_error").response()
+
+
+async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
+    """The request's JSON object, bounded in size."""
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, f"request body exceeds {limit} bytes", code="request_too_large")
+    raw = await request.content.read(limit + 1)
+    if len(raw) > limit:
+        raise ApiError(413, f"request body exceeds {limit} bytes", code="request_too_large")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the body is not valid JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return body
+
+
+def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float) -> float:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise ApiError(400, f"{name} must be a number between {lo} and {hi}", param=name)
+    return float(value)
+
+
+def parse_common(body: dict[str, Any], node: Node) -> tuple[int, SamplingParams, tuple[str, ...], bool]:
+    """max_tokens, sampling, stop strings and stream, from a completions or chat body."""
+    model = body.get("model")
+    if model is not None and model != node.model.spec:
+        raise ApiError(404, f"the model {model!r} does not exist; this swarm serves {node.model.spec!r}",
+                       param="model", code="model_not_found")  # fmt: skip
+    max_tokens = body.get("max_tokens", body.get("max_completion_tokens", node.config.serving.default_max_tokens))
+    if max_tokens is None:
+        max_tokens = node.config.serving.default_max_tokens
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+        raise ApiError(400, "max_tokens must be a positive integer", param="max_tokens")
+    n = body.get("n", 1)
+    if n not in (1, None) or isinstance(n, bool):
+        raise ApiError(400, "only n=1 is supported", param="n")
+    seed = body.get("seed", 0)
+    if seed is None:
+        seed = 0
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -(1 << 63) <= seed < (1 << 63):
+        raise ApiError(400, "seed must be a 64-bit integer", param="seed")
+    try:
+        sampling = SamplingParams(
+            temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+            top_p=_number(body, "top_p", 1.0, 1e-9, 1.0),
+            seed=seed,
+        )
+    except InvalidInput as e:
+        raise ApiError(400, str(e)) from e
+    stop = body.get("stop")
+    stops: tuple[str, ...]
+    if stop is None:
+        stops = ()
+    elif isinstance(stop, str):
+        stops = (stop,)
+    elif isinstance(stop, list) and len(stop) <= MAX_STOP_STRINGS and all(isinstance(s, str) and s for s in stop):
+        stops = tuple(stop)
+    else:
+        raise ApiError(400, f"stop must be a string or a list of up to {MAX_STOP_STRINGS} non-empty strings",
+                       param="stop")  # fmt: skip
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "stream must be true or false", param="stream")
+    return max_tokens, sampling, stops, stream
+
+
+def completion_prompt(body: dict[str, Any], node: Node) -> list[int]:
+    """Token ids of a completions prompt: a string, or a list holding one string."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise ApiError(400, "prompt must be a non-empty string", param="prompt")
+    assert node.tokenizer is not None
+    return node.tokenizer.encode(prompt)
+
+
+def chat_prompt(body: dict[str, Any], node: Node) -> list[int]:
+    """Token ids of a conversation rendered with the model's chat template."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list", param="messages")
+    clean = []
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise ApiError(400, "each message needs a role of system, user or assistant", param="messages")
+        content = m.get("content")
+        if isinstance(content, list):  # the content-parts form: text parts only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):  # fmt: skip
+                raise ApiError(400, "only text content parts are supported", param="messages")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ApiError(400, "each message's content must be a string", param="messages")
+        clean.append({"role": m["role"], "content": content})
+    assert node.tokenizer is not None
+    try:
+        return node.tokenizer.apply_chat(clean)
+    except InvalidInput as e:
+        raise ApiError(400, str(e), param="messages") from e
+
+
+def _logprobs_wanted(body: dict[str, Any]) -> bool:
+    value = body.get("logprobs")
+    if value is None or value is False:
+        return False
+    if value is True or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 5):
+        return True
+    raise ApiError(400, "logprobs must be null or an integer from 0 to 5", param="logprobs")
+
+
+async def _run(request: web.Request, chat: bool) -> web.StreamResponse:
+    node, entry, metrics = request.app[NODE], request.app[ENTRY], request.app[METRICS]
+    body = await read_json(request, node.config.serving.max_request_bytes)
+    max_tokens, sampling, stops, stream = parse_common(body, node)
+    want_logprobs = False if chat else _logprobs_wanted(body)
+    if node.tokenizer is None:
+        raise ApiError(503, "this peer has no tokenizer loaded", "server_error")
+    prompt_ids = chat_prompt(body, node) if chat else completion_prompt(body, node)
+    req = Request(prompt_ids, max_tokens, sampling, stops)
+    try:
+        entry.check(req)
+    except InvalidInput as e:
+        raise ApiError(400, str(e), param="max_tokens") from e
+    if not node.ready():
+        raise ApiError(503, "the swarm is not ready: its layers are still being assigned or loaded", "server_error",
+                       code="swarm_not_ready")  # fmt: skip
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    timings = Timings()
+    metrics.requests_started += 1
+    shape = _Shape(rid, created, node.model.spec, chat, len(prompt_ids))
+    if stream:
+        return await _stream(request, entry, req, timings, shape, metrics)
+    text, tokens, logprobs, finish = "", [], [], None
+    try:
+        async for event in entry.generate(req, timings):
+            text += event.text
+            if event.token is not None:
+                tokens.append(event.token)
+                logprobs.append(event.logprob)
+            finish = event.finish_reason or finish
+    except (NotReady, MessageRejected, SwarmError) as e:
+        metrics.requests_failed += 1
+        raise _failure(e) from e
+    metrics.record(timings)
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+        choice["logprobs"] = _logprobs_json(node, tokens, logprobs) if want_logprobs else None
+    return web.json_response(shape.whole(choice, len(tokens), timings))
+
+
+def _failure(e: Exception) -> ApiError:
+    if isinstance(e, NotReady):
+        return ApiError(503, str(e), "server_error", code="swarm_not_ready")
+    if isinstance(e, Relayed) and e.reason == "cache_full":
+        return ApiError(503, str(e), "server_error", code="overloaded")
+    return ApiError(502, f"the swarm failed to run the request: {e}", "server_error", code="pipeline_error")
+
+
+def _logprobs_json(node: Node, tokens: list[int], logprobs: list[float | None]) -> dict[str, Any]:
+    assert node.tokenizer is not None
+    pieces = [node.tokenizer.decode([t], skip_special_tokens=False) for t in tokens]
+    offsets, at = [], 0
+    for piece in pieces:
+        offsets.append(at)
+        at += len(piece)
+    return {"tokens": pieces, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
+
+
+class _Shape:
+    """OpenAI's response and chunk objects for one request."""
+
+    def __init__(self, rid: str, created: int, model: str, chat: bool, prompt_tokens: int) -> None:
+        self.rid, self.created, self.model, self.chat, self.prompt_tokens = rid, created, model, chat, prompt_tokens
+
+    def whole(self, choice: dict[str, Any], completion_tokens: int, timings: Timings) -> dict[str, Any]:
+        return {
+            "id": self.rid,
+            "object": "chat.completion" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": self.usage(completion_tokens),
+            "timings": timings.to_json(),
+        }
+
+    def usage(self, completion_tokens: int) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": self.prompt_tokens + completion_tokens,
+        }
+
+    def chunk(self, event: Event | None, first: bool = False) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+            if event is not None and event.text:
+                delta["content"] = event.text
+            choice = {"index": 0, "delta": delta, "finish_reason": event.finish_reason if event else None}
+        else:
+            choice = {"index": 0, "text": event.text if event else "", "logprobs": None,
+                      "finish_reason": event.finish_reason if event else None}  # fmt: skip
+        return {
+            "id": self.rid,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        }
+
+
+async def _stream(
+    request: web.Request, entry: Entry, req: Request, timings: Timings, shape: _Shape, metrics: Metrics
+) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+
+    async def send(obj: Any) -> None:
+        await response.write(f"data: {json.dumps(obj)}\n\n".encode())
+
+    if shape.chat:
+        await send(shape.chunk(None, first=True))
+    tokens = 0
+    try:
+        async for event in entry.generate(req, timings):
+            tokens += event.token is not None
+            if event.text or event.finish_reason:
+                await send(shape.chunk(event))
+    except (NotReady, MessageRejected, SwarmError) as e:
+        metrics.requests_failed += 1
+        error = _failure(e)
+        await send({"error": {"message": error.message, "type": error.kind, "param": None, "code": error.code}})
+    else:
+        metrics.record(timings)
+        final = shape.chunk(None)
+        final["choices"] = []
+        final["usage"], final["timings"] = shape.usage(tokens), timings.to_json()
+        await send(final)
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def post_completions(request: web.Request) -> web.StreamResponse:
+    """OpenAI's text completions."""
+    return await _run(request, chat=False)
+
+
+async def post_chat_completions(request: web.Request) -> web.StreamResponse:
+    """OpenAI's chat completions."""
+    return await _run(request, chat=True)
+
+
+async def get_models(request: web.Request) -> web.Response:
+    """The one model this swarm serves."""
+    node = request.app[NODE]
+    model = {"id": node.model.spec, "object": "model", "created": 0, "owned_by": "swarm-inference"}
+    return web.json_response({"object": "list", "data": [model]})
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition of this peer's counters and the swarm's state."""
+    return web.Response(text=request.app[METRICS].render(request.app[NODE]), content_type="text/plain")
+
+
+def add_routes(app: web.Application, node: Node) -> None:
+    """Mount the public API on the peer's application."""
+    app[NODE] = node
+    app[ENTRY] = Entry(node)
+    app[METRICS] = Metrics()
+    app.middlewares.append(openai_errors)
+    app.router.add_post("/v1/completions", post_completions)
+    app.router.add_post("/v1/chat/completions", post_chat_completions)
+    app.router.add_get("/v1/models", get_models)
+    app.router.add_get("/metrics", get_metrics)

@@ -1,0 +1,197 @@
+"""This peer's stage in the data plane. A `step` message names a session, the layer-map epoch, the
+route of stages still to run (this peer first) and the input: token ids on the first stage,
+hidden states after. The stage checks all of it, runs its layers in a worker thread, and sends
+its hidden states straight to the next stage; the last stage samples and the token travels back
+along the chain of replies, each stage adding its compute time, the wire time of its hop and the
+bytes it sent. `close` walks the same route. Every message is a sealed envelope of the swarm."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from peer.errors import CacheFull, ExecutorError, SessionExists, UnknownSession
+from peer.executor import StageExecutor
+from peer.sampling import SamplingParams
+from peer.stage import StageModel
+from swarm.errors import MessageRejected
+from swarm.layer_map import Stage
+from swarm.tensors import pack, unpack
+
+if TYPE_CHECKING:
+    from swarm.node import Checked, Node
+
+log = logging.getLogger(__name__)
+
+STAGE_PATH = "/swarm/stage"
+
+# HTTP status for each reason a data-plane message is refused.
+STATUS = {
+    "malformed": 400,
+    "forged": 401,
+    "oversized": 413,
+    "not_ready": 503,
+    "cache_full": 503,
+    "unreachable": 502,
+}
+
+
+def route_of(raw: Any) -> list[Stage]:
+    """Parse a hostile route: the stages still to run, in order."""
+    if not isinstance(raw, list) or not 0 < len(raw) <= 256:
+        raise MessageRejected("malformed", "route must be a non-empty list of stages")
+    stages = []
+    for s in raw:
+        if not isinstance(s, dict):
+            raise MessageRejected("malformed", "a route stage is {peer_id, url, start, end}")
+        peer_id, url, start, end = (s.get(k) for k in ("peer_id", "url", "start", "end"))
+        if not (isinstance(peer_id, str) and isinstance(url, str) and type(start) is int and type(end) is int):
+            raise MessageRejected("malformed", "a route stage is {peer_id, url, start, end}")
+        stages.append(Stage(peer_id, url, start, end))
+    return stages
+
+
+def route_json(route: list[Stage]) -> list[dict[str, Any]]:
+    """Wire form of a route."""
+    return [{"peer_id": s.peer_id, "url": s.url, "start": s.start, "end": s.end} for s in route]
+
+
+def sampling_of(raw: Any) -> SamplingParams:
+    """Parse hostile sampling parameters."""
+    if not isinstance(raw, dict):
+        raise MessageRejected("malformed", "sampling must be a mapping")
+    try:
+        return SamplingParams(**{k: raw[k] for k in ("temperature", "top_k", "top_p", "seed") if k in raw})
+    except (ExecutorError, TypeError) as e:
+        raise MessageRejected("malformed", f"sampling: {e}") from e
+
+
+class StageService:
+    """Runs this peer's layers for every session that passes through it."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self._executor: StageExecutor | None = None
+        self._stage: StageModel | None = None
+
+    def executor(self) -> StageExecutor | None:
+        """The executor over the stage held now (a new one, with no sessions, after each load)."""
+        host = self.node.host
+        stage = host.stage if host is not None else None
+        if stage is not self._stage:
+            self._stage = stage
+            self._executor = StageExecutor(stage, self.node.config.peer.executor) if stage is not None else None
+        return self._executor
+
+    def sessions(self) -> int:
+        """Sessions open on this stage."""
+        ex = self._executor
+        return len(ex.session_ids()) if ex is not None else 0
+
+    def _my_stage(self, checked: Checked) -> tuple[list[Stage], StageExecutor]:
+        body = checked.msg.body
+        epoch, route = body.get("epoch"), route_of(body.get("route"))
+        layer_map = self.node.layer_map
+        if type(epoch) is not int:
+            raise MessageRejected("malformed", "epoch must be an integer")
+        if layer_map is None or epoch != layer_map.epoch:
+            have = layer_map.epoch if layer_map else None
+            raise MessageRejected("stale_epoch", f"message for layer-map epoch {epoch}, this peer follows {have}")
+        index = len(layer_map.stages) - len(route)
+        if index < 0 or tuple(route) != layer_map.stages[index:] or route[0].peer_id != self.node.peer_id:
+            raise MessageRejected("mismatch", "the route is not the rest of the current layer map from this peer")
+        executor = self.executor()
+        held = self.node.host.range if self.node.host else None
+        if executor is None or held != (route[0].start, route[0].end):
+            raise MessageRejected("not_ready", f"layers [{route[0].start}, {route[0].end}) are not loaded here yet")
+        return route, executor
+
+    async def step(self, checked: Checked) -> dict[str, Any]:
+        """Run one step here and on every later stage; the sampled token and the timings come back."""
+        t_in = time.perf_counter()
+        body = checked.msg.body
+        route, executor = self._my_stage(checked)
+        session, start, opening = body.get("session"), body.get("start"), body.get("open")
+        if not isinstance(session, str) or type(start) is not int or start < 0:
+            raise MessageRejected("malformed", "session must be a string and start a non-negative integer")
+        stage = executor.stage
+        limit = self.node.config.serving.max_activation_bytes
+        if stage.is_first:
+            inputs = unpack(body.get("input"), dtype=torch.int64, shape=(1, None), max_bytes=limit)
+        else:
+            width = stage.config.hidden_size
+            inputs = unpack(body.get("input"), dtype=executor.dtype, shape=(1, None, width), max_bytes=limit)
+        if inputs.shape[1] == 0:
+            raise MessageRejected("malformed", "a step needs at least one position")
+        if stage.is_first and (int(inputs.min()) < 0 or int(inputs.max()) >= stage.config.vocab_size):
+            raise MessageRejected("malformed", "token ids outside the vocabulary")
+        if opening is not None:
+            if not isinstance(opening, dict) or type(opening.get("max_length")) is not int:
+                raise MessageRejected("malformed", "open must be {max_length, sampling}")
+            sampling = sampling_of(opening.get("sampling", {}))
+            self._run(executor.open_session, session, opening["max_length"], sampling)
+        positions = torch.arange(start, start + inputs.shape[1], dtype=torch.int64)
+        try:
+            result = await asyncio.to_thread(self._run, executor.step, session, inputs, positions)
+        except BaseException:
+            if opening is not None:
+                executor.close_session(session)
+            raise
+        me = {"peer_id": self.node.peer_id, "node_id": self.node.node_id, "compute_s": result.compute_s}
+        if stage.is_last:
+            assert result.tokens is not None and result.logprobs is not None
+            token, logprob = int(result.tokens[0]), float(result.logprobs[0])
+            me.update(wire_s=0.0, bytes_out=0)
+            return {"token": token, "logprob": logprob, "timings": [me], "elapsed_s": time.perf_counter() - t_in}
+        assert result.hidden is not None
+        forward = {"session": session, "epoch": body["epoch"], "start": start, "open": opening}
+        forward.update(route=route_json(route[1:]), input=pack(result.hidden))
+        t_out = time.perf_counter()
+        reply, sent = await self.node.data_request(route[1], "step", forward)
+        hop_s = time.perf_counter() - t_out
+        downstream = reply.get("elapsed_s")
+        downstream_s = float(downstream) if isinstance(downstream, float) else 0.0
+        me.update(wire_s=max(0.0, hop_s - downstream_s), bytes_out=sent)
+        timings = reply.get("timings")
+        later = list(timings) if isinstance(timings, list) else []
+        elapsed = time.perf_counter() - t_in
+        return {
+            "token": reply.get("token"),
+            "logprob": reply.get("logprob"),
+            "timings": [me, *later],
+            "elapsed_s": elapsed,
+        }
+
+    async def close(self, checked: Checked) -> dict[str, Any]:
+        """Close a session here and on every later stage; unknown sessions are not an error."""
+        body = checked.msg.body
+        session, route = body.get("session"), route_of(body.get("route"))
+        if not isinstance(session, str):
+            raise MessageRejected("malformed", "session must be a string")
+        executor = self._executor
+        closed = executor.close_session(session) if executor is not None else False
+        if len(route) > 1 and route[0].peer_id == self.node.peer_id:
+            try:
+                forward = {"session": session, "epoch": body.get("epoch"), "route": route_json(route[1:])}
+                await self.node.data_request(route[1], "close", forward)
+            except MessageRejected as e:
+                log.debug("closing session %s downstream: %s", session, e)
+        return {"closed": closed}
+
+    @staticmethod
+    def _run(fn: Any, *args: Any) -> Any:
+        """Call an executor method, turning its refusals into message rejections."""
+        try:
+            return fn(*args)
+        except CacheFull as e:
+            raise MessageRejected("cache_full", str(e)) from e
+        except UnknownSession as e:
+            raise MessageRejected("unknown_session", str(e)) from e
+        except SessionExists as e:
+            raise MessageRejected("session_exists", str(e)) from e
+        except ExecutorError as e:
+            raise MessageRejected("mismatch", str(e)) from e
