@@ -1,6 +1,7 @@
-"""`swarm`, the client command line: `swarm status` prints a peer's view of the swarm as a table,
-`swarm keygen` writes a new swarm key. Without `--url` it finds a peer over mDNS. It talks to
-peers only through their public HTTP endpoints; `generate` and `chat` join with the data plane."""
+"""`swarm`, the client command line: `swarm generate "prompt"` and `swarm chat` stream answers to
+the terminal, `swarm status` prints a peer's view of the swarm as a table, `swarm keygen` writes a
+new swarm key. Without `--url` it finds a peer over mDNS. It talks to peers only through their
+public HTTP endpoints (the OpenAI-compatible API and /swarm/status)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +106,118 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def stream_events(url: str, path: str, body: dict[str, Any], timeout_s: float = 600.0) -> Iterator[dict[str, Any]]:
+    """POST a streaming OpenAI request and yield each server-sent event's JSON object."""
+    data = json.dumps({**body, "stream": True}).encode()
+    req = urllib.request.Request(url.rstrip("/") + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        resp = urllib.request.urlopen(req, timeout=timeout_s)
+    except urllib.error.HTTPError as e:
+        raise SwarmError(f"{url} answered HTTP {e.code}: {_error_message(e.read())}") from e
+    except (urllib.error.URLError, OSError) as e:
+        raise SwarmError(f"cannot reach {url}: {getattr(e, 'reason', e)}") from e
+    with resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                return
+            event = json.loads(line[len("data: ") :])
+            if "error" in event:
+                raise SwarmError(f"the swarm failed: {event['error'].get('message')}")
+            yield event
+
+
+def _error_message(raw: bytes) -> str:
+    try:
+        return str(json.loads(raw)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return raw[:200].decode(errors="replace")
+
+
+def stream_text(url: str, body: dict[str, Any], chat: bool) -> Iterator[str | dict[str, Any]]:
+    """Yield the text pieces of a streamed completion, then the final usage-and-timings object."""
+    for event in stream_events(url, "/v1/chat/completions" if chat else "/v1/completions", body):
+        if event.get("timings"):
+            yield event
+        for choice in event.get("choices", []):
+            piece = choice.get("delta", {}).get("content") if chat else choice.get("text")
+            if piece:
+                yield piece
+
+
+def format_timings(timings: dict[str, Any]) -> str:
+    """A response's timings as a small table."""
+    rows = [
+        ("time to first token", f"{timings['time_to_first_token_s'] * 1000:.0f} ms"),
+        ("tokens", str(timings["tokens"])),
+        ("tokens per second", f"{timings['tokens_per_s']}" if timings.get("tokens_per_s") else "-"),
+        ("total", f"{timings['total_s']:.2f} s"),
+    ]
+    rows += [(f"compute {stage}", f"{s * 1000:.0f} ms") for stage, s in timings["compute_s_per_stage"].items()]
+    rows += [(f"wire {hop}", f"{s * 1000:.0f} ms") for hop, s in timings["wire_s_per_hop"].items()]
+    rows.append(("bytes sent", f"{timings['bytes_sent']:,}"))
+    overhead = timings.get("communication_overhead")
+    rows.append(("communication overhead", f"{overhead * 100:.1f} %" if overhead is not None else "-"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _peer_url(args: argparse.Namespace) -> str:
+    url = args.url or find_peer_url(args.mdns_interface)
+    if url is None:
+        raise SwarmError("no peer found over mDNS; pass --url http://HOST:PORT")
+    return str(url)
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return {"max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed}
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    url = _peer_url(args)
+    body: dict[str, Any] = _sampling(args)
+    if args.chat:
+        body["messages"] = [{"role": "user", "content": args.prompt}]
+    else:
+        body["prompt"] = args.prompt
+    final: dict[str, Any] = {}
+    for piece in stream_text(url, body, args.chat):
+        if isinstance(piece, dict):
+            final = piece
+        else:
+            print(piece, end="", flush=True)
+    print()
+    if args.timings and final.get("timings"):
+        print("\n" + format_timings(final["timings"]), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    url = _peer_url(args)
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print(f"chatting with {url}; an empty line or Ctrl-D ends", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if not line:
+            return 0
+        messages.append({"role": "user", "content": line})
+        reply = ""
+        for piece in stream_text(url, {**_sampling(args), "messages": messages}, chat=True):
+            if isinstance(piece, str):
+                reply += piece
+                print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": reply})
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     path = Path(args.out)
     key = write_new_swarm_key(path, force=args.force)
@@ -120,6 +234,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     status.add_argument("--mdns-interface", help="address of the interface to browse on")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
     status.set_defaults(func=cmd_status)
+    for name, helps in (("generate", "stream a completion of a prompt"), ("chat", "chat with the swarm's model")):
+        cmd = sub.add_parser(name, help=helps)
+        if name == "generate":
+            cmd.add_argument("prompt", help="the text to continue (or the user message with --chat)")
+            cmd.add_argument("--chat", action="store_true", help="use the model's chat template")
+            cmd.add_argument("--timings", action="store_true", help="print the request's timings afterwards")
+        else:
+            cmd.add_argument("--system", help="a system message to start the conversation with")
+        cmd.add_argument("--url", help="a peer's base URL (default: find one by mDNS)")
+        cmd.add_argument("--mdns-interface", help="address of the interface to browse on")
+        cmd.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+        cmd.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+        cmd.add_argument("--seed", type=int, default=0)
+        cmd.set_defaults(func=cmd_generate if name == "generate" else cmd_chat)
     keygen = sub.add_parser("keygen", help="write a new 32-byte swarm key")
     keygen.add_argument("--out", default="swarm.key", help="file to write (default: %(default)s)")
     keygen.add_argument("--force", action="store_true", help="replace an existing file")

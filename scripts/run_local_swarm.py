@@ -1,0 +1,200 @@
+"""The local swarm demo: start N `swarm-peer` processes on 127.0.0.1 with different memory caps
+and a fresh swarm key, wait until they have elected a leader and loaded their layers, stream the
+answer to a prompt through the swarm, print the layer map and a table of the request's timings,
+and stop every peer, also on Ctrl-C or an error.
+
+    python scripts/run_local_swarm.py --num-peers 3 --prompt "The future of AI is" --max-tokens 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from peer.config import default_config_path, read_config_file
+from peer.errors import SwarmError
+from peer.model_store import ModelStore
+from peer.profile import ModelProfile
+from peer.resources import MIB, detect_resources, resolve_dtype
+from swarm.auth import write_new_swarm_key
+from swarm.cli import fetch_json, format_status, format_timings, stream_text
+from swarm.config import swarm_config_from_dict
+
+READY_TIMEOUT_S = 300.0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--num-peers", type=int, default=3, help="peers to start (default 3)")
+    p.add_argument("--prompt", default="The future of AI is", help="text to continue (or the message with --chat)")
+    p.add_argument("--max-tokens", type=int, default=30, help="tokens to generate at most (default 30)")
+    p.add_argument("--chat", action="store_true", help="use the model's chat template")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--model", help="model spec (default from the config: smollm2-135m)")
+    p.add_argument("--config", default=str(default_config_path()), help="YAML config for the peers")
+    p.add_argument("--threads", type=int, help="torch threads per peer (default: cores / peers, at least 1)")
+    p.add_argument("--keep-logs", action="store_true", help="keep the peers' logs and state after the run")
+    return p.parse_args(argv)
+
+
+def memory_caps_mb(config: Any, spec: str, peers: int) -> list[int]:
+    """Caps in proportion 1 : 2 : ... : N whose sum holds the model with room to spare."""
+    store = ModelStore(config.peer.store)
+    files = store.resolve(spec)  # fetched once here, so the peers do not all fetch it at once
+    resources = detect_resources(config.peer.resources)
+    profile = ModelProfile.from_config(files.load_config(), resolve_dtype(config.peer.model.dtype, resources.device))
+    tokens = config.partition.kv_reserve_tokens
+    # Each stage may hold a table (embeddings or head) besides its layers: count both ends.
+    need = profile.total_weight_bytes + profile.head_bytes + profile.kv_bytes(0, profile.num_layers, tokens)
+    weights = list(range(1, peers + 1))
+    return [math.ceil(1.5 * need * w / sum(weights) / MIB) + 16 for w in weights]
+
+
+class Peers:
+    """The peer processes, their logs and their cleanup."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+
+    def start(self, name: str, args: list[str]) -> None:
+        log = self.workdir / f"{name}.log"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "swarm.daemon", "--node-id", name, *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=Path(__file__).resolve().parent.parent,
+                start_new_session=True,  # Ctrl-C reaches this script, which stops them in order
+            )
+        self.procs.append((name, proc, log))
+
+    def url_of(self, name: str, timeout_s: float = 120.0) -> str:
+        _, proc, log = next(p for p in self.procs if p[0] == name)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            match = re.search(r"listening on (http://\S+)", log.read_text(errors="replace"))
+            if match:
+                return match.group(1)
+            if proc.poll() is not None:
+                raise SwarmError(f"peer {name} exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
+            time.sleep(0.2)
+        raise SwarmError(f"peer {name} did not start within {timeout_s:.0f} s; see {log}")
+
+    def check_alive(self) -> None:
+        for name, proc, log in self.procs:
+            if proc.poll() is not None:
+                raise SwarmError(f"peer {name} exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        for _, proc, _ in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for _, proc, _ in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def wait_ready(url: str, peers: Peers, count: int) -> dict[str, Any]:
+    """Poll the first peer's status until every stage is loaded, showing progress."""
+    deadline, last = time.monotonic() + READY_TIMEOUT_S, ""
+    while time.monotonic() < deadline:
+        peers.check_alive()
+        try:
+            status = fetch_json(url + "/swarm/status", timeout_s=5)
+        except SwarmError:
+            status = None
+        if status is not None:
+            alive = sum(p["state"] == "alive" for p in status["peers"])
+            layer_map = status.get("layer_map")
+            ready = sum(s["ready"] for s in layer_map["stages"]) if layer_map else 0
+            stages = len(layer_map["stages"]) if layer_map else 0
+            line = f"waiting for the swarm: {alive}/{count} peers, leader {status['leader'] or '-'}, "
+            line += f"{ready}/{stages} stages loaded" if layer_map else "no layer map yet"
+            if line != last:
+                print(line, file=sys.stderr)
+                last = line
+            if status["ready"] and alive == count:
+                return status
+        time.sleep(0.5)
+    raise SwarmError(f"the swarm was not ready within {READY_TIMEOUT_S:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.num_peers < 1:
+        print("error: --num-peers must be at least 1", file=sys.stderr)
+        return 2
+    config = swarm_config_from_dict(read_config_file(args.config))
+    spec = args.model or config.peer.model.spec
+    workdir = Path(tempfile.mkdtemp(prefix="swarm-demo-"))
+    peers = Peers(workdir)
+    try:
+        caps = memory_caps_mb(config, spec, args.num_peers)
+        key = workdir / "swarm.key"
+        write_new_swarm_key(key)
+        threads = args.threads or max(1, (os.cpu_count() or 1) // args.num_peers)
+        print(f"starting {args.num_peers} peers (memory caps {', '.join(f'{c} MiB' for c in caps)}), "
+              f"logs in {workdir}", file=sys.stderr)  # fmt: skip
+        first = ""
+        for i, cap in enumerate(caps):
+            name = f"peer-{i + 1}"
+            flags = ["--config", args.config, "--port", "0", "--model", spec, "--max-memory-mb", str(cap)]
+            flags += ["--state-dir", str(workdir / name), "--swarm-key-file", str(key), "--no-mdns"]
+            flags += ["--threads", str(threads)] + (["--join", first.removeprefix("http://")] if first else [])
+            peers.start(name, flags)
+            if not first:
+                first = peers.url_of(name)
+        urls = [peers.url_of(name) for name, _, _ in peers.procs]
+        status = wait_ready(first, peers, args.num_peers)
+        entry = urls[-1]  # any peer takes prompts; use the last started
+        print(f"\nprompt (entered at {entry}): {args.prompt}\n", file=sys.stderr)
+        body: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+        body.update({"messages": [{"role": "user", "content": args.prompt}]} if args.chat else {"prompt": args.prompt})
+        final: dict[str, Any] = {}
+        if not args.chat:
+            print(args.prompt, end="", flush=True)
+        for piece in stream_text(entry, body, args.chat):
+            if isinstance(piece, dict):
+                final = piece
+            else:
+                print(piece, end="", flush=True)
+        print("\n")
+        status = fetch_json(first + "/swarm/status")
+        print(format_status(status))
+        if final.get("timings"):
+            print("\n" + format_timings(final["timings"]))
+        return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopping the peers", file=sys.stderr)
+        return 130
+    except SwarmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        peers.stop()
+        if not args.keep_logs:
+            import shutil
+
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
