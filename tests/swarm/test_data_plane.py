@@ -1,0 +1,239 @@
+"""Three `swarm-peer` processes on 127.0.0.1 serving the embedded SmolLM2-135M-Instruct: greedy
+output equals Hugging Face's single-process model token for token, the official `openai` client
+works (chat and completions, streaming and not), every peer gives the same answer, eight
+concurrent requests each match their lone run, and bad input of every kind, on the public API and
+on the stage endpoint, gets a clear 4xx while other sessions carry on undisturbed."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import msgpack
+import pytest
+import torch
+
+from swarm.auth import Sealer, load_swarm_key, write_new_swarm_key
+from swarm.identity import Identity
+from swarm.membership import MemberInfo
+from swarm.stage_service import STAGE_PATH
+from swarm.tensors import pack
+from tests.swarm.procs import PeerProcess, wait_for, write_config
+
+pytestmark = [pytest.mark.real_model, pytest.mark.timeout(600)]
+
+CAPS_MB = {"a": 300, "b": 600, "c": 900}
+PROMPTS = ["The future of AI is", "def fibonacci(n):", "Paris is the capital of", "Once upon a time"]
+MAX_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def swarm(smollm2, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Three peers, ready; their URLs in pipeline order, the swarm key and the model files."""
+    store, files = smollm2
+    tmp = tmp_path_factory.mktemp("swarm3")
+    # The default gossip timings: under the heavy compute of these tests a peer must not look dead.
+    gossip = {"interval_s": 1.0, "suspect_after_s": 3.0, "dead_after_s": 6.0, "request_timeout_s": 2.0}
+    config = write_config(tmp / "config.yaml", store.cache_dir, gossip=gossip)
+    write_new_swarm_key(tmp / "swarm.key")
+    peers: list[PeerProcess] = []
+    try:
+        for name, cap in CAPS_MB.items():
+            args = ["--config", str(config), "--port", "0", "--max-memory-mb", str(cap), "--no-mdns"]
+            args += ["--state-dir", str(tmp / name), "--swarm-key-file", str(tmp / "swarm.key")]
+            if peers:
+                args += ["--join", peers[0].url.removeprefix("http://")]  # type: ignore[union-attr]
+            peers.append(PeerProcess(name, args, tmp).start())
+            peers[-1].wait_url()
+
+        def ready() -> dict[str, Any] | None:
+            status = peers[0].status()
+            alive = status and sum(p["state"] == "alive" for p in status["peers"]) == len(peers)
+            everyone = alive and len(status["layer_map"] and status["layer_map"]["stages"] or []) == len(peers)
+            return status if everyone and status["ready"] else None
+
+        status = wait_for(ready, 180, "the swarm to be ready", lambda: "\n".join(p.log()[-800:] for p in peers))
+        stages = [s["url"] for s in status["layer_map"]["stages"]]
+        yield {"stages": stages, "key": load_swarm_key(tmp / "swarm.key"), "files": files, "status": status}
+    finally:
+        for p in peers:
+            p.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(swarm) -> dict[str, list[int]]:
+    """Hugging Face's own greedy continuation of each prompt, from the same GGUF file."""
+    from transformers import AutoModelForCausalLM
+
+    from peer.tokenizer import Tokenizer
+
+    files = swarm["files"]
+    tokenizer = Tokenizer.from_dir(files.meta_dir, files.load_config())
+    model = AutoModelForCausalLM.from_pretrained(
+        str(files.gguf_path.parent), gguf_file=files.gguf_path.name, dtype=torch.float32
+    ).eval()
+    out = {}
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            ids = tokenizer.encode(prompt)
+            gen = model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False)
+            new = [int(t) for t in gen[0, len(ids) :]]
+            stop = next((i for i, t in enumerate(new) if t in tokenizer.eos_token_ids), None)
+            out[prompt] = new[: stop + 1] if stop is not None else new
+    out["_pieces"] = {p: [tokenizer.decode([t], skip_special_tokens=False) for t in ids] for p, ids in out.items()}  # type: ignore[assignment]
+    return out
+
+
+def post(url: str, path: str, body: Any, raw: bytes | None = None) -> tuple[int, dict[str, Any]]:
+    data = raw if raw is not None else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def complete(url: str, prompt: str, **extra: Any) -> dict[str, Any]:
+    status, body = post(url, "/v1/completions", {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+                                                  "logprobs": 1, **extra})  # fmt: skip
+    assert status == 200, body
+    return body
+
+
+def test_greedy_output_is_hugging_faces_token_for_token(swarm, reference) -> None:
+    entry = swarm["stages"][1]
+    for prompt in PROMPTS:
+        choice = complete(entry, prompt)["choices"][0]
+        assert choice["logprobs"]["tokens"] == reference["_pieces"][prompt], prompt  # type: ignore[index]
+        assert len(choice["logprobs"]["token_logprobs"]) == len(reference[prompt])
+
+
+def test_the_openai_client_works(swarm) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=swarm["stages"][0] + "/v1", api_key="unused", max_retries=0, timeout=300)
+    model = client.models.list().data[0].id
+    chat = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=30,
+        temperature=0,
+    )  # fmt: skip
+    answer = chat.choices[0].message.content
+    assert answer is not None and "Paris" in answer
+    streamed = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=30,
+        temperature=0, stream=True,
+    )  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == answer
+    text = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0)
+    pieces = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0,
+                                       stream=True)  # fmt: skip
+    assert "".join(c.choices[0].text for c in pieces if c.choices) == text.choices[0].text
+    assert text.usage is not None and text.usage.completion_tokens == MAX_TOKENS
+    timings = (text.model_extra or {}).get("timings")
+    assert timings and timings["time_to_first_token_s"] > 0 and len(timings["compute_s_per_stage"]) == 3
+
+
+def test_every_stage_s_peer_gives_the_same_answer(swarm) -> None:
+    answers = [complete(url, PROMPTS[2])["choices"][0]["text"] for url in swarm["stages"]]
+    assert answers[0] and answers.count(answers[0]) == len(answers), answers
+
+
+def test_eight_concurrent_requests_each_match_their_lone_run(swarm) -> None:
+    urls = swarm["stages"]
+    jobs = [(urls[i % len(urls)], PROMPTS[i % len(PROMPTS)], {"temperature": 0.8, "seed": i}) for i in range(8)]
+    alone = [complete(url, prompt, **extra)["choices"][0]["text"] for url, prompt, extra in jobs]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda job: complete(job[0], job[1], **job[2])["choices"][0]["text"], jobs))
+    assert together == alone
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/v1/completions", b"{not json", 400),
+        ("/v1/completions", b"[1, 2]", 400),
+        ("/v1/completions", {"prompt": 5}, 400),
+        ("/v1/completions", {"prompt": "hi", "model": "no-such-model"}, 404),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": -1}, 400),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 10**9}, 400),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": "many"}, 400),
+        ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400),
+        ("/v1/completions", {"prompt": "hi", "n": 2}, 400),
+        ("/v1/completions", {"prompt": "hi", "stop": [1]}, 400),
+        ("/v1/completions", {"prompt": "hi", "logprobs": 99}, 400),
+        ("/v1/completions", b"x" * (2 * 1024 * 1024), 413),
+        ("/v1/chat/completions", {"messages": "hello"}, 400),
+        ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400),
+    ],
+)
+def test_public_endpoints_answer_bad_input_in_openais_shape(swarm, path: str, body: Any, status: int) -> None:
+    url = swarm["stages"][0]
+    got, answer = post(url, path, None, raw=body) if isinstance(body, bytes) else post(url, path, body)
+    assert got == status, answer
+    assert set(answer["error"]) >= {"message", "type", "param", "code"} and answer["error"]["message"]
+    assert complete(url, PROMPTS[0], max_tokens=2)["choices"][0]["text"]  # and it keeps serving
+
+
+def test_stage_endpoints_refuse_bad_messages_without_disturbing_sessions(swarm, reference) -> None:
+    stages = swarm["stages"]
+    status = json.loads(urllib.request.urlopen(stages[0] + "/swarm/status", timeout=10).read())
+    layer_map = status["layer_map"]
+    first, second = layer_map["stages"][0], layer_map["stages"][1]
+    me = Identity.generate()
+    fingerprint = status["model"]["fingerprint"]
+    info = MemberInfo(me.peer_id, "prober", "http://127.0.0.1:9", 1, 1, 0, 1 << 20, "cpu", fingerprint,
+                      0, 0, 0, True).to_dict()  # fmt: skip
+    sealers = {key: Sealer(me, key) for key in (swarm["key"], None)}
+
+    def send(stage: dict[str, Any], body: dict[str, Any], key: bytes | None) -> tuple[int, Any]:
+        envelope = sealers[key].seal("step", {"info": info, "leader": None, "leader_priority": None, **body},
+                                     term=0, incarnation=1, to=stage["peer_id"])  # fmt: skip
+        req = urllib.request.Request(stage["url"] + STAGE_PATH, data=envelope)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.status, msgpack.unpackb(resp.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())["error"]["type"]
+
+    route = layer_map["stages"]
+    tokens = pack(torch.tensor([[1, 2, 3]], dtype=torch.int64))
+    base = {"session": "probe", "epoch": layer_map["epoch"], "route": route, "start": 0}
+    opening = {"max_length": 8, "sampling": {"temperature": 0.0}}
+    key = swarm["key"]
+    bad = [
+        (first, {**base, "input": tokens, "open": opening}, None, 401, "forged"),  # no swarm key
+        (first, {**base, "input": tokens, "open": opening, "epoch": layer_map["epoch"] + 7}, key, 409, "stale_epoch"),
+        (first, {**base, "input": pack(torch.ones(1, 3)), "open": opening}, key, 409, "mismatch"),  # floats, not ids
+        (first, {**base, "input": pack(torch.tensor([[[1, 2]]], dtype=torch.int64))}, key, 409, "mismatch"),  # 3-D
+        (first, {**base, "input": tokens}, key, 409, "unknown_session"),  # a session never opened
+        (first, {**base, "input": {"dtype": "float32", "shape": [1, 3], "data": b"xx"}}, key, 400, "malformed"),
+        (second, {**base, "route": route[1:], "input": pack(torch.ones(1, 3, 7))}, key, 409, "mismatch"),  # width 7
+        (second, {**base, "route": route, "input": tokens}, key, 409, "mismatch"),  # not this peer's route
+    ]
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(complete, stages[0], PROMPTS[1])  # a real session in flight meanwhile
+        for stage, body, with_key, want, reason in bad:
+            assert send(stage, body, with_key) == (want, reason)
+        text = running.result()["choices"][0]
+    assert text["logprobs"]["tokens"] == reference["_pieces"][PROMPTS[1]]  # type: ignore[index]
+
+
+def test_swarm_generate_and_chat_stream_to_the_terminal(
+    swarm, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from swarm.cli import main
+
+    url = swarm["stages"][2]
+    assert main(["generate", "--url", url, "--max-tokens", str(MAX_TOKENS), PROMPTS[0]]) == 0
+    expected = complete(url, PROMPTS[0])["choices"][0]["text"]
+    assert capsys.readouterr().out == expected + "\n"
+    lines = iter(["What is the capital of France?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "--url", url, "--max-tokens", "30"]) == 0
+    assert "Paris" in capsys.readouterr().out
