@@ -29,7 +29,7 @@ MAX_STOP_STRINGS = 4
 
 
 class NotReady(Exception):
-    """The swarm has no complete, loaded layer map right now."""
+    """The swarm has no complete, loaded layer map right now, or this peer has too much queued."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,8 @@ class Entry:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.limit = asyncio.Semaphore(node.config.serving.max_concurrent_requests)
+        self.waiting = 0  # requests queued for a free slot
+        self.max_waiting = 4 * node.config.serving.max_concurrent_requests
 
     def check(self, request: Request) -> None:
         """Refuse a request this swarm cannot run, before anything is sent."""
@@ -117,16 +119,23 @@ class Entry:
         self.check(request)
         node, tokenizer = self.node, self.node.tokenizer
         assert tokenizer is not None
-        layer_map = node.layer_map
-        if layer_map is None or not node.ready():
-            raise NotReady("the swarm is not ready: its layers are still being assigned or loaded")
-        route, session = list(layer_map.stages), uuid.uuid4().hex
-        base = {"session": session, "epoch": layer_map.epoch, "route": route_json(route)}
-        opening = {"max_length": len(request.prompt_ids) + request.max_tokens, "sampling": _sampling_json(request)}
-        decoder = tokenizer.stream(request.prompt_ids)
-        text, emitted, hold = "", 0, max((len(s) for s in request.stop), default=1) - 1
-        ids, start = list(request.prompt_ids), 0
-        async with self.limit:
+        if self.limit.locked() and self.waiting >= self.max_waiting:
+            raise NotReady(f"this peer is busy: {self.waiting} requests are already waiting; try again shortly")
+        self.waiting += 1
+        try:
+            await self.limit.acquire()
+        finally:
+            self.waiting -= 1
+        try:
+            layer_map = node.layer_map  # the map of the moment the request gets its turn
+            if layer_map is None or not node.ready():
+                raise NotReady("the swarm is not ready: its layers are still being assigned or loaded")
+            route, session = list(layer_map.stages), uuid.uuid4().hex
+            base = {"session": session, "epoch": layer_map.epoch, "route": route_json(route)}
+            opening = {"max_length": len(request.prompt_ids) + request.max_tokens, "sampling": _sampling_json(request)}
+            decoder = tokenizer.stream(request.prompt_ids)
+            text, emitted, hold = "", 0, max((len(s) for s in request.stop), default=1) - 1
+            ids, start = list(request.prompt_ids), 0
             try:
                 for n in range(request.max_tokens):
                     body = {**base, "start": start, "input": pack(torch.tensor([ids], dtype=torch.int64))}
@@ -165,6 +174,8 @@ class Entry:
             finally:
                 timings.total_s = time.perf_counter() - timings.started
                 node._spawn(self._close(route[0], dict(base)))
+        finally:
+            self.limit.release()
 
     async def _close(self, first: Any, base: dict[str, Any]) -> None:
         with contextlib.suppress(MessageRejected):  # stages evict abandoned sessions on their own
