@@ -54,17 +54,23 @@ class Timings:
     wire_s: dict[str, float] = field(default_factory=dict)  # per hop "a->b", and "entry->first"
     bytes_sent: int = 0
 
-    def add_step(self, timings: list[dict[str, Any]], entry_wire_s: float, entry_bytes: int, first: str) -> None:
-        """Fold one step's per-stage timings in."""
-        self.wire_s[f"entry->{first}"] = self.wire_s.get(f"entry->{first}", 0.0) + entry_wire_s
+    def add_step(self, timings: Any, names: list[str], entry_wire_s: float, entry_bytes: int) -> None:
+        """Fold one step's per-stage timings in; `names` are the route's stages, which name them.
+
+        What the stages report is checked: an entry that is not a sane set of numbers is ignored."""
+        self.wire_s[f"entry->{names[0]}"] = self.wire_s.get(f"entry->{names[0]}", 0.0) + entry_wire_s
         self.bytes_sent += entry_bytes
-        for this, after in zip(timings, [*timings[1:], None], strict=True):
-            name = str(this.get("node_id"))
-            self.compute_s[name] = self.compute_s.get(name, 0.0) + float(this.get("compute_s", 0.0))
-            if after is not None:
-                hop = f"{name}->{after.get('node_id')}"
-                self.wire_s[hop] = self.wire_s.get(hop, 0.0) + float(this.get("wire_s", 0.0))
-            self.bytes_sent += int(this.get("bytes_out", 0))
+        if not isinstance(timings, list):
+            return
+        for i, (name, this) in enumerate(zip(names, timings, strict=False)):
+            compute, wire, sent = _seconds(this, "compute_s"), _seconds(this, "wire_s"), _count(this, "bytes_out")
+            if compute is None or wire is None or sent is None:
+                continue
+            self.compute_s[name] = self.compute_s.get(name, 0.0) + compute
+            if i + 1 < len(names):
+                hop = f"{name}->{names[i + 1]}"
+                self.wire_s[hop] = self.wire_s.get(hop, 0.0) + wire
+            self.bytes_sent += sent
 
     def to_json(self) -> dict[str, Any]:
         """The `timings` object of a response."""
@@ -134,7 +140,8 @@ class Entry:
             base = {"session": session, "epoch": layer_map.epoch, "route": route_json(route)}
             opening = {"max_length": len(request.prompt_ids) + request.max_tokens, "sampling": _sampling_json(request)}
             decoder = tokenizer.stream(request.prompt_ids)
-            text, emitted, hold = "", 0, max((len(s) for s in request.stop), default=1) - 1
+            text, emitted, hold = "", 0, max(0, max((len(s) for s in request.stop), default=1) - 1)
+            names = [node.name_of(s.peer_id) for s in route]
             ids, start = list(request.prompt_ids), 0
             try:
                 for n in range(request.max_tokens):
@@ -145,11 +152,11 @@ class Entry:
                     reply, sent = await node.data_request(route[0], "step", body)
                     token, logprob = _token_of(reply)
                     elapsed = time.perf_counter() - t0
-                    stage_timings, pipeline = reply.get("timings"), reply.get("elapsed_s")
-                    stage_timings = stage_timings if isinstance(stage_timings, list) else []
-                    pipeline_s = float(pipeline) if isinstance(pipeline, float) else elapsed
-                    first = node.name_of(route[0].peer_id)
-                    timings.add_step(stage_timings, max(0.0, elapsed - pipeline_s), sent, first)
+                    pipeline = reply.get("elapsed_s")
+                    pipeline_s = (
+                        float(pipeline) if isinstance(pipeline, float) and 0 <= pipeline <= elapsed else elapsed
+                    )
+                    timings.add_step(reply.get("timings"), names, elapsed - pipeline_s, sent)
                     timings.tokens += 1
                     if timings.first_token_s is None:
                         timings.first_token_s = time.perf_counter() - timings.started
@@ -180,6 +187,18 @@ class Entry:
     async def _close(self, first: Any, base: dict[str, Any]) -> None:
         with contextlib.suppress(MessageRejected):  # stages evict abandoned sessions on their own
             await self.node.data_request(first, "close", base)
+
+
+def _seconds(entry: Any, key: str) -> float | None:
+    value = entry.get(key, 0.0) if isinstance(entry, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1e6:
+        return None  # also NaN, which fails every comparison
+    return float(value)
+
+
+def _count(entry: Any, key: str) -> int | None:
+    value = entry.get(key, 0) if isinstance(entry, dict) else None
+    return value if type(value) is int and 0 <= value < 1 << 40 else None
 
 
 def _sampling_json(request: Request) -> dict[str, Any]:

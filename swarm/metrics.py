@@ -48,7 +48,7 @@ class Metrics:
         def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
             lines.append(f"# HELP swarm_{name} {help_}")
             lines.append(f"# TYPE swarm_{name} {kind}")
-            lines.extend(f"swarm_{name}{labels} {value:g}" for labels, value in samples)
+            lines.extend(f"swarm_{name}{labels} {_number(value)}" for labels, value in samples)
 
         metric("requests_total", "counter", "Requests entered at this peer, by outcome.", [
             ('{outcome="started"}', self.requests_started),
@@ -63,9 +63,9 @@ class Metrics:
         metric("bytes_sent_total", "counter", "Activation bytes sent for requests entered here.",
                [("", self.bytes_sent)])  # fmt: skip
         metric("stage_compute_seconds_total", "counter", "Compute time per stage for requests entered here.",
-               [(f'{{stage="{k}"}}', v) for k, v in sorted(self.compute_s.items())])  # fmt: skip
+               [(f'{{stage="{_label(k)}"}}', v) for k, v in sorted(self.compute_s.items())])  # fmt: skip
         metric("hop_wire_seconds_total", "counter", "Time on the wire per hop for requests entered here.",
-               [(f'{{hop="{k}"}}', v) for k, v in sorted(self.wire_s.items())])  # fmt: skip
+               [(f'{{hop="{_label(k)}"}}', v) for k, v in sorted(self.wire_s.items())])  # fmt: skip
         membership = node.membership
         members = list(membership.members.values()) if membership else []
         metric("ready", "gauge", "1 when every stage of the layer map is loaded.", [("", float(node.ready()))])
@@ -79,5 +79,15 @@ class Metrics:
         ])  # fmt: skip
         metric("stage_sessions", "gauge", "Sessions open on this peer's stage.", [("", node.service.sessions())])
         metric("dropped_messages_total", "counter", "Peer messages dropped, by reason.",
-               [(f'{{reason="{k}"}}', v) for k, v in sorted(node.drops.items())])  # fmt: skip
+               [(f'{{reason="{_label(k)}"}}', v) for k, v in sorted(node.drops.items())])  # fmt: skip
         return "\n".join(lines) + "\n"
+
+
+def _number(value: float) -> str:
+    """A sample value at full precision (Prometheus reads any float literal)."""
+    return str(value) if isinstance(value, int) else repr(float(value))
+
+
+def _label(value: str) -> str:
+    """A label value escaped as the text format requires."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

@@ -95,13 +95,15 @@ def parse_common(body: dict[str, Any], node: Node) -> tuple[int, SamplingParams,
     if model is not None and model != node.model.spec:
         raise ApiError(404, f"the model {model!r} does not exist; this swarm serves {node.model.spec!r}",
                        param="model", code="model_not_found")  # fmt: skip
-    max_tokens = body.get("max_tokens", body.get("max_completion_tokens", node.config.serving.default_max_tokens))
+    max_tokens = body.get("max_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:
         max_tokens = node.config.serving.default_max_tokens
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
         raise ApiError(400, "max_tokens must be a positive integer", param="max_tokens")
     n = body.get("n", 1)
-    if n not in (1, None) or isinstance(n, bool):
+    if n is not None and (type(n) is not int or n != 1):
         raise ApiError(400, "only n=1 is supported", param="n")
     seed = body.get("seed", 0)
     if seed is None:
@@ -120,7 +122,7 @@ def parse_common(body: dict[str, Any], node: Node) -> tuple[int, SamplingParams,
     stops: tuple[str, ...]
     if stop is None:
         stops = ()
-    elif isinstance(stop, str):
+    elif isinstance(stop, str) and stop:
         stops = (stop,)
     elif isinstance(stop, list) and len(stop) <= MAX_STOP_STRINGS and all(isinstance(s, str) and s for s in stop):
         stops = tuple(stop)

@@ -42,7 +42,7 @@ def unpack(
     if not isinstance(raw, dict) or set(raw) != {"dtype", "shape", "data"}:
         raise MessageRejected("malformed", "a tensor is {dtype, shape, data}")
     name, dims, data = raw["dtype"], raw["shape"], raw["data"]
-    if name not in DTYPES:
+    if not isinstance(name, str) or name not in DTYPES:
         raise MessageRejected("malformed", f"tensor dtype must be one of {', '.join(DTYPES)}, not {name!r}")
     if (
         not isinstance(dims, list)

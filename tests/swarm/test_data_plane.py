@@ -53,7 +53,7 @@ def swarm(smollm2, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
         def ready() -> dict[str, Any] | None:
             status = peers[0].status()
             alive = status and sum(p["state"] == "alive" for p in status["peers"]) == len(peers)
-            everyone = alive and len(status["layer_map"] and status["layer_map"]["stages"] or []) == len(peers)
+            everyone = alive and len((status["layer_map"] and status["layer_map"]["stages"]) or []) == len(peers)
             return status if everyone and status["ready"] else None
 
         status = wait_for(ready, 180, "the swarm to be ready", lambda: "\n".join(p.log()[-800:] for p in peers))

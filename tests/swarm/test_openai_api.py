@@ -1,0 +1,479 @@
+"""The OpenAI-compatible API's request parsing and error shape, and the Prometheus metrics text, on
+small stand-ins for the node: no swarm, no sockets. Serving whole requests through a running swarm
+is the data-plane tests' business."""
+
+from __future__ import annotations
+
+import json
+import re
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from peer.errors import InvalidInput
+from peer.sampling import SamplingParams
+from swarm.entry import MAX_STOP_STRINGS, Timings
+from swarm.membership import State
+from swarm.metrics import Metrics
+from swarm.openai_api import (
+    MAX_TOKENS_LIMIT,
+    ApiError,
+    _logprobs_wanted,
+    chat_prompt,
+    completion_prompt,
+    parse_common,
+)
+
+SPEC = "smollm2-135m"
+DEFAULT_MAX_TOKENS = 16
+PROMPT_IDS = [5, 6, 7]
+CHAT_IDS = [1, 2, 3, 4]
+
+
+class FakeTokenizer:
+    """Fixed ids, and a record of what was asked."""
+
+    def __init__(self) -> None:
+        self.encoded: list[str] = []
+        self.chats: list[list[dict[str, str]]] = []
+
+    def encode(self, text: str) -> list[int]:
+        self.encoded.append(text)
+        return list(PROMPT_IDS)
+
+    def apply_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if any(m["content"] == "refuse" for m in messages):
+            raise InvalidInput("the chat template refused this conversation")
+        self.chats.append(messages)
+        return list(CHAT_IDS)
+
+
+def fold(t: Timings, stages: list[dict[str, Any]], entry_wire_s: float, entry_bytes: int) -> None:
+    """One step's timings, the stages named (as the entry names them) by their route position."""
+    t.add_step(stages, [str(s.get("node_id")) for s in stages], entry_wire_s=entry_wire_s, entry_bytes=entry_bytes)
+
+
+def fake_node() -> Any:
+    return SimpleNamespace(
+        model=SimpleNamespace(spec=SPEC),
+        config=SimpleNamespace(serving=SimpleNamespace(default_max_tokens=DEFAULT_MAX_TOKENS)),
+        tokenizer=FakeTokenizer(),
+    )
+
+
+def refused(fn: Any, body: dict[str, Any], status: int = 400, param: str | None = None) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        fn(body, fake_node())
+    assert info.value.status == status
+    assert info.value.param == param
+    return info.value
+
+
+# ---- parse_common ---------------------------------------------------------------------------------
+
+
+def test_parse_common_defaults() -> None:
+    max_tokens, sampling, stops, stream = parse_common({}, fake_node())
+    assert max_tokens == DEFAULT_MAX_TOKENS
+    assert sampling == SamplingParams(temperature=1.0, top_p=1.0, seed=0)
+    assert stops == ()
+    assert stream is False
+
+
+def test_parse_common_explicit_nulls_are_defaults() -> None:
+    body = {
+        "model": None,
+        "max_tokens": None,
+        "n": None,
+        "seed": None,
+        "temperature": None,
+        "top_p": None,
+        "stop": None,
+    }
+    assert parse_common(body, fake_node()) == (DEFAULT_MAX_TOKENS, SamplingParams(temperature=1.0), (), False)
+
+
+def test_parse_common_takes_every_field() -> None:
+    body = {
+        "model": SPEC,
+        "max_tokens": 7,
+        "n": 1,
+        "seed": -42,
+        "temperature": 0,
+        "top_p": 0.5,
+        "stop": ["\n", "END"],
+        "stream": True,
+    }
+    max_tokens, sampling, stops, stream = parse_common(body, fake_node())
+    assert max_tokens == 7
+    assert sampling == SamplingParams(temperature=0.0, top_p=0.5, seed=-42)
+    assert sampling.greedy
+    assert isinstance(sampling.temperature, float)
+    assert stops == ("\n", "END")
+    assert stream is True
+
+
+def test_parse_common_reads_max_completion_tokens() -> None:
+    assert parse_common({"max_completion_tokens": 9}, fake_node())[0] == 9
+    assert parse_common({"max_tokens": 3, "max_completion_tokens": 9}, fake_node())[0] == 3
+
+
+def test_parse_common_refuses_another_model() -> None:
+    error = refused(parse_common, {"model": "gpt-4o"}, status=404, param="model")
+    assert error.code == "model_not_found"
+    assert error.kind == "invalid_request_error"
+    assert "gpt-4o" in error.message
+    assert SPEC in error.message
+
+
+@pytest.mark.parametrize("value", [0, -1, MAX_TOKENS_LIMIT + 1, 10**30, True, False, "16", 16.0, [16]], ids=repr)
+def test_parse_common_refuses_bad_max_tokens(value: Any) -> None:
+    refused(parse_common, {"max_tokens": value}, param="max_tokens")
+    refused(parse_common, {"max_completion_tokens": value}, param="max_tokens")
+
+
+def test_parse_common_accepts_max_tokens_up_to_its_limit() -> None:
+    assert parse_common({"max_tokens": 1}, fake_node())[0] == 1
+    assert parse_common({"max_tokens": MAX_TOKENS_LIMIT}, fake_node())[0] == MAX_TOKENS_LIMIT
+
+
+@pytest.mark.parametrize("n", [2, 0, -1, True, "1"], ids=repr)
+def test_parse_common_refuses_n_other_than_one(n: Any) -> None:
+    refused(parse_common, {"n": n}, param="n")
+
+
+@pytest.mark.parametrize("value", [-0.01, 2.01, 100, float("nan"), float("inf"), "1.0", True, [1]], ids=repr)
+def test_parse_common_refuses_bad_temperature(value: Any) -> None:
+    refused(parse_common, {"temperature": value}, param="temperature")
+
+
+@pytest.mark.parametrize("value", [0.0, 0.7, 2, 2.0])
+def test_parse_common_accepts_temperature_in_range(value: float) -> None:
+    assert parse_common({"temperature": value}, fake_node())[1].temperature == float(value)
+
+
+@pytest.mark.parametrize("value", [0, 0.0, -0.5, 1.01, 2, "0.9", False, float("nan")], ids=repr)
+def test_parse_common_refuses_bad_top_p(value: Any) -> None:
+    refused(parse_common, {"top_p": value}, param="top_p")
+
+
+@pytest.mark.parametrize("value", [1e-9, 0.1, 1, 1.0])
+def test_parse_common_accepts_top_p_in_range(value: float) -> None:
+    assert parse_common({"top_p": value}, fake_node())[1].top_p == float(value)
+
+
+@pytest.mark.parametrize("seed", [True, False, "7", 1.5, 1 << 63, -(1 << 63) - 1], ids=repr)
+def test_parse_common_refuses_bad_seeds(seed: Any) -> None:
+    refused(parse_common, {"seed": seed}, param="seed")
+
+
+@pytest.mark.parametrize("seed", [0, 7, -(1 << 63), (1 << 63) - 1])
+def test_parse_common_accepts_64_bit_seeds(seed: int) -> None:
+    assert parse_common({"seed": seed}, fake_node())[1].seed == seed
+
+
+@pytest.mark.parametrize(
+    ("stop", "expected"),
+    [
+        ("###", ("###",)),
+        ([], ()),
+        (["a"], ("a",)),
+        (["a", "bb", "\n", "a"], ("a", "bb", "\n", "a")),
+        (["x"] * MAX_STOP_STRINGS, ("x",) * MAX_STOP_STRINGS),
+    ],
+    ids=repr,
+)
+def test_parse_common_takes_stop_strings(stop: Any, expected: tuple[str, ...]) -> None:
+    assert parse_common({"stop": stop}, fake_node())[2] == expected
+
+
+@pytest.mark.parametrize(
+    "stop",
+    [["x"] * (MAX_STOP_STRINGS + 1), [""], ["a", ""], ["a", 1], [None], 5, {"s": "a"}, ("a",), True],
+    ids=repr,
+)
+def test_parse_common_refuses_bad_stop(stop: Any) -> None:
+    refused(parse_common, {"stop": stop}, param="stop")
+
+
+@pytest.mark.parametrize("stream", ["true", 1, 0, None, [], {}], ids=repr)
+def test_parse_common_refuses_non_boolean_stream(stream: Any) -> None:
+    refused(parse_common, {"stream": stream}, param="stream")
+
+
+# ---- logprobs -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "wanted"), [(None, False), (False, False), (True, True), (0, True), (5, True)])
+def test_logprobs_wanted(value: Any, wanted: bool) -> None:
+    assert _logprobs_wanted({"logprobs": value}) is wanted
+    assert _logprobs_wanted({}) is False
+
+
+@pytest.mark.parametrize("value", [-1, 6, 2.0, "1", [1], {}], ids=repr)
+def test_logprobs_refused(value: Any) -> None:
+    with pytest.raises(ApiError) as info:
+        _logprobs_wanted({"logprobs": value})
+    assert (info.value.status, info.value.param) == (400, "logprobs")
+
+
+# ---- prompts --------------------------------------------------------------------------------------
+
+
+def test_completion_prompt_encodes_a_string_or_a_list_of_one() -> None:
+    node = fake_node()
+    assert completion_prompt({"prompt": "Once upon"}, node) == PROMPT_IDS
+    assert completion_prompt({"prompt": ["a time"]}, node) == PROMPT_IDS
+    assert node.tokenizer.encoded == ["Once upon", "a time"]
+
+
+@pytest.mark.parametrize("prompt", [None, "", [""], [], ["a", "b"], [1, 2, 3], [[1, 2]], 5, {"text": "a"}], ids=repr)
+def test_completion_prompt_refuses_anything_else(prompt: Any) -> None:
+    body = {} if prompt is None else {"prompt": prompt}
+    refused(completion_prompt, body, param="prompt")
+
+
+def test_chat_prompt_renders_clean_messages() -> None:
+    node = fake_node()
+    messages = [
+        {"role": "system", "content": "be brief", "name": "ignored"},
+        {"role": "user", "content": [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]},
+        {"role": "assistant", "content": ""},
+    ]
+    assert chat_prompt({"messages": messages}, node) == CHAT_IDS
+    assert node.tokenizer.chats == [
+        [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": ""},
+        ]
+    ]
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        None,
+        [],
+        "hello",
+        {"role": "user", "content": "hi"},
+        ["hi"],
+        [{"content": "hi"}],
+        [{"role": "tool", "content": "hi"}],
+        [{"role": "user"}],
+        [{"role": "user", "content": None}],
+        [{"role": "user", "content": 5}],
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+        [{"role": "user", "content": [{"type": "text", "text": 5}]}],
+        [{"role": "user", "content": ["text"]}],
+        [{"role": "user", "content": "ok"}, {"role": "user", "content": {"text": "no"}}],
+    ],
+    ids=repr,
+)
+def test_chat_prompt_refuses_bad_messages(messages: Any) -> None:
+    body = {} if messages is None else {"messages": messages}
+    refused(chat_prompt, body, param="messages")
+
+
+def test_chat_prompt_turns_template_refusals_into_400() -> None:
+    error = refused(chat_prompt, {"messages": [{"role": "user", "content": "refuse"}]}, param="messages")
+    assert "refused this conversation" in error.message
+
+
+# ---- error bodies ---------------------------------------------------------------------------------
+
+
+def body_of(response: web.Response) -> Any:
+    assert isinstance(response.body, bytes)
+    return json.loads(response.body)
+
+
+def test_api_error_response_has_openai_shape() -> None:
+    response = ApiError(404, "no such model", param="model", code="model_not_found").response()
+    assert response.status == 404
+    assert response.content_type == "application/json"
+    assert "Retry-After" not in response.headers
+    assert body_of(response) == {
+        "error": {
+            "message": "no such model",
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "model_not_found",
+        }
+    }
+
+
+def test_api_error_defaults_to_null_param_and_code() -> None:
+    response = ApiError(400, "bad").response()
+    assert body_of(response)["error"] == {
+        "message": "bad",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }
+
+
+def test_api_error_503_asks_to_retry() -> None:
+    response = ApiError(503, "not ready", "server_error", code="swarm_not_ready").response()
+    assert response.status == 503
+    assert response.headers["Retry-After"] == "5"
+    assert body_of(response)["error"]["type"] == "server_error"
+    for status in (500, 502):
+        assert "Retry-After" not in ApiError(status, "x", "server_error").response().headers
+
+
+# ---- metrics --------------------------------------------------------------------------------------
+
+
+def metrics_node(
+    states: list[State], *, ready: bool, term: int, epoch: int | None, sessions: int, drops: dict[str, int]
+) -> Any:
+    members = {f"peer-{i}": SimpleNamespace(state=s) for i, s in enumerate(states)}
+    return SimpleNamespace(
+        membership=SimpleNamespace(members=members),
+        ready=lambda: ready,
+        election=SimpleNamespace(term=term),
+        layer_map=None if epoch is None else SimpleNamespace(epoch=epoch),
+        service=SimpleNamespace(sessions=lambda: sessions),
+        drops=drops,
+    )
+
+
+def samples(text: str) -> dict[str, float]:
+    """Sample lines of Prometheus text, by name with labels."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            assert name not in out, f"sample {name} appears twice"
+            out[name] = float(value)
+    return out
+
+
+def test_metrics_record_sums_requests() -> None:
+    metrics = Metrics()
+    for first, total, tokens in ((0.25, 1.0, 4), (0.5, 2.0, 6)):
+        t = Timings(started=0.0, first_token_s=first, total_s=total, tokens=tokens)
+        fold(
+            t,
+            [{"node_id": "a", "compute_s": 0.5, "wire_s": 0.25, "bytes_out": 100}, {"node_id": "b", "compute_s": 1.0}],
+            entry_wire_s=0.125,
+            entry_bytes=10,
+        )
+        metrics.record(t)
+    assert metrics.requests_completed == 2
+    assert metrics.tokens_generated == 10
+    assert metrics.time_to_first_token_s_sum == 0.75
+    assert metrics.request_s_sum == 3.0
+    assert metrics.bytes_sent == 220
+    assert dict(metrics.compute_s) == {"a": 1.0, "b": 2.0}
+    assert dict(metrics.wire_s) == {"entry->a": 0.25, "a->b": 0.5}
+
+
+def test_metrics_render_is_prometheus_text() -> None:
+    metrics = Metrics(requests_started=3, requests_failed=1)
+    t = Timings(started=0.0, first_token_s=0.5, total_s=2.5, tokens=8)
+    fold(
+        t,
+        [{"node_id": "a", "compute_s": 0.75, "wire_s": 0.5, "bytes_out": 4096}, {"node_id": "b", "compute_s": 1.25}],
+        entry_wire_s=0.25,
+        entry_bytes=64,
+    )
+    metrics.record(t)
+    node = metrics_node(
+        [State.ALIVE, State.ALIVE, State.SUSPECT, State.DEAD, State.DEAD, State.DEAD],
+        ready=True,
+        term=7,
+        epoch=3,
+        sessions=2,
+        drops={"replay": 4, "bad_signature": 1},
+    )
+    text = metrics.render(node)
+    assert text.endswith("\n")
+
+    declared = {}
+    for m in re.finditer(r"^# TYPE (swarm_\w+) (\w+)$", text, re.MULTILINE):
+        declared[m.group(1)] = m.group(2)
+        assert re.search(rf"^# HELP {m.group(1)} \S", text, re.MULTILINE), m.group(1)
+    assert declared == {
+        "swarm_requests_total": "counter",
+        "swarm_tokens_generated_total": "counter",
+        "swarm_time_to_first_token_seconds_sum": "counter",
+        "swarm_request_seconds_sum": "counter",
+        "swarm_bytes_sent_total": "counter",
+        "swarm_stage_compute_seconds_total": "counter",
+        "swarm_hop_wire_seconds_total": "counter",
+        "swarm_ready": "gauge",
+        "swarm_term": "gauge",
+        "swarm_layer_map_epoch": "gauge",
+        "swarm_peers": "gauge",
+        "swarm_stage_sessions": "gauge",
+        "swarm_dropped_messages_total": "counter",
+    }
+    for name in declared:  # every sample comes after its own TYPE line
+        assert all(re.split(r"[{ ]", line)[0] == name for line in _block(text, name)), name
+
+    assert samples(text) == {
+        'swarm_requests_total{outcome="started"}': 3,
+        'swarm_requests_total{outcome="completed"}': 1,
+        'swarm_requests_total{outcome="failed"}': 1,
+        "swarm_tokens_generated_total": 8,
+        "swarm_time_to_first_token_seconds_sum": 0.5,
+        "swarm_request_seconds_sum": 2.5,
+        "swarm_bytes_sent_total": 64 + 4096,
+        'swarm_stage_compute_seconds_total{stage="a"}': 0.75,
+        'swarm_stage_compute_seconds_total{stage="b"}': 1.25,
+        'swarm_hop_wire_seconds_total{hop="a->b"}': 0.5,
+        'swarm_hop_wire_seconds_total{hop="entry->a"}': 0.25,
+        "swarm_ready": 1,
+        "swarm_term": 7,
+        "swarm_layer_map_epoch": 3,
+        'swarm_peers{state="alive"}': 3,  # this peer and two others
+        'swarm_peers{state="suspect"}': 1,
+        'swarm_peers{state="dead"}': 3,
+        "swarm_stage_sessions": 2,
+        'swarm_dropped_messages_total{reason="bad_signature"}': 1,
+        'swarm_dropped_messages_total{reason="replay"}': 4,
+    }
+
+
+def test_metrics_render_before_anything_happened() -> None:
+    node = metrics_node([], ready=False, term=0, epoch=None, sessions=0, drops={})
+    node.membership = None
+    values = samples(Metrics().render(node))
+    assert values["swarm_ready"] == 0
+    assert values["swarm_layer_map_epoch"] == 0
+    assert values['swarm_peers{state="alive"}'] == 1  # only this peer
+    assert values['swarm_peers{state="dead"}'] == 0
+    assert values['swarm_requests_total{outcome="completed"}'] == 0
+    assert not any(name.startswith(("swarm_stage_compute", "swarm_hop_wire", "swarm_dropped")) for name in values)
+
+
+def _block(text: str, name: str) -> list[str]:
+    """The sample lines between `name`'s TYPE line and the next comment."""
+    lines = text.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith(f"# TYPE {name} "))) + 1
+    block = []
+    for line in lines[start:]:
+        if line.startswith("#"):
+            break
+        block.append(line)
+    return block
+
+
+def test_an_empty_stop_string_is_refused_and_n_must_be_the_integer_one() -> None:
+    node = fake_node()
+    for body in ({"stop": ""}, {"n": 1.0}, {"n": True}):
+        with pytest.raises(ApiError) as e:
+            parse_common(body, node)
+        assert e.value.status == 400
+    assert parse_common({"max_tokens": None, "max_completion_tokens": 5}, node)[0] == 5
+
+
+def test_metrics_keep_full_precision_and_escape_labels() -> None:
+    from swarm.metrics import _label, _number
+
+    assert _number(1234567) == "1234567" and _number(12345.678) == "12345.678"
+    assert _label('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
