@@ -137,8 +137,15 @@ def wait_ready(url: str, peers: Peers, count: int) -> dict[str, Any]:
     raise SwarmError(f"the swarm was not ready within {READY_TIMEOUT_S:.0f} s")
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Ctrl-C and a plain `kill` both stop the peers (even where the shell started us ignoring SIGINT).
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     if args.num_peers < 1:
         print("error: --num-peers must be at least 1", file=sys.stderr)
         return 2
