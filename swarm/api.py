@@ -36,7 +36,10 @@ def error_response(status: int, kind: str, message: str) -> web.Response:
 async def post_stage(request: web.Request) -> web.Response:
     """One sealed data-plane message (a step or a close) in, its sealed result out."""
     node = request.app[NODE]
-    limit = node.config.serving.max_activation_bytes
+    limit = node.data_limit
+    if request.content_length is not None and request.content_length > limit:
+        node.drops["oversized"] += 1
+        return error_response(413, "oversized", f"body exceeds {limit} bytes")
     try:
         data = await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -100,7 +103,7 @@ async def get_healthz(request: web.Request) -> web.Response:
 
 def make_app(node: Node) -> web.Application:
     """The peer's aiohttp application: peer messages, the data plane, status and the OpenAI API."""
-    limit = max(node.config.security.max_message_bytes, node.config.serving.max_activation_bytes)
+    limit = max(node.config.security.max_message_bytes, node.data_limit)
     app = web.Application(client_max_size=limit)  # each route checks its own, smaller limit
     app[NODE] = node
     app.router.add_post(MSG_PATH, post_message)

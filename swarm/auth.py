@@ -163,19 +163,20 @@ class Opener:
         self._windows: OrderedDict[str, _SenderWindow] = OrderedDict()
         self.drops: Counter[str] = Counter({reason: 0 for reason in DROP_REASONS})
 
-    def open(self, data: bytes) -> Message:
-        """The checked message in `data`; raises MessageRejected (and counts it) otherwise."""
+    def open(self, data: bytes, *, max_bytes: int | None = None) -> Message:
+        """The checked message in `data` (at most `max_bytes`, else the configured limit); raises
+        MessageRejected (and counts it) otherwise."""
         try:
-            return self._open(data)
+            return self._open(data, max_bytes or self.max_message_bytes)
         except MessageRejected as e:
             self.drops[e.reason] += 1
             raise
 
-    def _open(self, data: bytes) -> Message:
-        if len(data) > self.max_message_bytes:
-            raise MessageRejected("oversized", f"{len(data)} bytes > {self.max_message_bytes}")
+    def _open(self, data: bytes, limit: int) -> Message:
+        if len(data) > limit:
+            raise MessageRejected("oversized", f"{len(data)} bytes > {limit}")
         try:
-            outer = msgpack.unpackb(data, raw=False, max_bin_len=self.max_message_bytes)
+            outer = msgpack.unpackb(data, raw=False, max_bin_len=limit)
         except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
             raise MessageRejected("malformed", f"not msgpack: {e}") from e
         if not (isinstance(outer, list) and len(outer) == 3 and all(isinstance(p, bytes) for p in outer)):

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -120,7 +120,7 @@ class Entry:
                 f"the model's context of {context} tokens"
             )
 
-    async def generate(self, request: Request, timings: Timings) -> AsyncIterator[Event]:
+    async def generate(self, request: Request, timings: Timings) -> AsyncGenerator[Event, None]:
         """Yield the generation's events; the session is closed on every stage however it ends."""
         self.check(request)
         node, tokenizer = self.node, self.node.tokenizer
@@ -163,16 +163,19 @@ class Entry:
                     start += len(ids)
                     ids = [token]
                     if token in tokenizer.eos_token_ids:
+                        timings.total_s = time.perf_counter() - timings.started
                         yield Event(text[emitted:] + decoder.flush(), token, logprob, "stop")
                         return
                     text += decoder.push(token)
                     cut = _first_stop(text, request.stop)
                     if cut is not None:
+                        timings.total_s = time.perf_counter() - timings.started
                         yield Event(text[emitted:cut], token, logprob, "stop")
                         return
                     last = n == request.max_tokens - 1
                     if last:
                         text += decoder.flush()
+                        timings.total_s = time.perf_counter() - timings.started
                         yield Event(text[emitted:], token, logprob, "length")
                         return
                     safe = max(emitted, len(text) - hold)

@@ -104,6 +104,8 @@ class Node:
             peer_id=identity.peer_id,
         )
         self.drops = self.opener.drops  # every dropped message, by reason
+        # A data-plane envelope: the activations plus room for the envelope and the sender's info.
+        self.data_limit = config.serving.max_activation_bytes + 64 * 1024
         persisted = state_file.load() if state_file else PersistentState()
         # Every start is a new incarnation, written before anyone hears of it.
         self.persisted = PersistentState(term=persisted.term, incarnation=persisted.incarnation + 1)
@@ -235,7 +237,7 @@ class Node:
 
     def check_data(self, data: bytes) -> Checked:
         """Open and check a data-plane message (counting what is dropped); its sender's news is not taken in."""
-        msg = self.opener.open(data)  # counts its own drops
+        msg = self.opener.open(data, max_bytes=self.data_limit)  # counts its own drops
         try:
             if msg.kind not in ("step", "close"):
                 raise MessageRejected("malformed", f"unknown data-plane message kind {msg.kind!r}")
@@ -269,7 +271,7 @@ class Node:
             async with self._session.post(
                 stage.url + STAGE_PATH, data=data, headers={"Content-Type": MSGPACK}, timeout=timeout
             ) as resp:
-                payload = await _read_bounded(resp, self.config.serving.max_activation_bytes)
+                payload = await _read_bounded(resp, self.data_limit)
                 status = resp.status
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
             raise MessageRejected("unreachable", f"{where}: {e or type(e).__name__}") from e
@@ -280,7 +282,7 @@ class Node:
             except (ValueError, KeyError, TypeError):
                 reason, message = "unreachable", payload[:200].decode(errors="replace")
             raise Relayed(reason, f"{where}: {message}", status)
-        answer = self.opener.open(payload)  # counts its own drops
+        answer = self.opener.open(payload, max_bytes=self.data_limit)  # counts its own drops
         try:
             if answer.recipient != self.peer_id or answer.sender != stage.peer_id:
                 raise MessageRejected("misdirected", f"reply from {answer.sender} for {answer.recipient}")

@@ -7,19 +7,22 @@ object (time to first token, tokens per second, compute per stage, wire per hop,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import ClientConnectionResetError, web
+from jinja2 import TemplateError
 
 from peer.errors import InvalidInput, SwarmError
 from peer.sampling import SamplingParams
 from swarm.entry import MAX_STOP_STRINGS, Entry, Event, NotReady, Request, Timings
-from swarm.errors import MessageRejected, Relayed
+from swarm.errors import MessageRejected
 from swarm.metrics import Metrics
 from swarm.node import Node
 
@@ -68,9 +71,13 @@ async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
     """The request's JSON object, bounded in size."""
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, f"request body exceeds {limit} bytes", code="request_too_large")
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
-        raise ApiError(413, f"request body exceeds {limit} bytes", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.content.iter_chunked(64 * 1024):  # the whole body, however it arrives
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body exceeds {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -105,9 +112,9 @@ def parse_common(body: dict[str, Any], node: Node) -> tuple[int, SamplingParams,
     n = body.get("n", 1)
     if n is not None and (type(n) is not int or n != 1):
         raise ApiError(400, "only n=1 is supported", param="n")
-    seed = body.get("seed", 0)
+    seed = body.get("seed")
     if seed is None:
-        seed = 0
+        seed = secrets.randbits(63)  # a fresh draw per request, as OpenAI's API does
     if isinstance(seed, bool) or not isinstance(seed, int) or not -(1 << 63) <= seed < (1 << 63):
         raise ApiError(400, "seed must be a 64-bit integer", param="seed")
     try:
@@ -143,7 +150,10 @@ def completion_prompt(body: dict[str, Any], node: Node) -> list[int]:
     if not isinstance(prompt, str) or not prompt:
         raise ApiError(400, "prompt must be a non-empty string", param="prompt")
     assert node.tokenizer is not None
-    return node.tokenizer.encode(prompt)
+    try:
+        return node.tokenizer.encode(prompt)
+    except (TypeError, ValueError, InvalidInput) as e:
+        raise ApiError(400, f"the prompt cannot be tokenized: {e}", param="prompt") from e
 
 
 def chat_prompt(body: dict[str, Any], node: Node) -> list[int]:
@@ -167,8 +177,8 @@ def chat_prompt(body: dict[str, Any], node: Node) -> list[int]:
     assert node.tokenizer is not None
     try:
         return node.tokenizer.apply_chat(clean)
-    except InvalidInput as e:
-        raise ApiError(400, str(e), param="messages") from e
+    except (InvalidInput, TypeError, ValueError, TemplateError) as e:
+        raise ApiError(400, f"the messages cannot be rendered: {e}", param="messages") from e
 
 
 def _logprobs_wanted(body: dict[str, Any]) -> bool:
@@ -202,15 +212,18 @@ async def _run(request: web.Request, chat: bool) -> web.StreamResponse:
     metrics.requests_started += 1
     shape = _Shape(rid, created, node.model.spec, chat, len(prompt_ids))
     if stream:
-        return await _stream(request, entry, req, timings, shape, metrics)
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        return await _stream(request, entry, req, timings, shape, metrics, include_usage)
     text, tokens, logprobs, finish = "", [], [], None
     try:
-        async for event in entry.generate(req, timings):
-            text += event.text
-            if event.token is not None:
-                tokens.append(event.token)
-                logprobs.append(event.logprob)
-            finish = event.finish_reason or finish
+        async with contextlib.aclosing(entry.generate(req, timings)) as events:
+            async for event in events:
+                text += event.text
+                if event.token is not None:
+                    tokens.append(event.token)
+                    logprobs.append(event.logprob)
+                finish = event.finish_reason or finish
     except (NotReady, MessageRejected, SwarmError) as e:
         metrics.requests_failed += 1
         raise _failure(e) from e
@@ -227,7 +240,7 @@ async def _run(request: web.Request, chat: bool) -> web.StreamResponse:
 def _failure(e: Exception) -> ApiError:
     if isinstance(e, NotReady):
         return ApiError(503, str(e), "server_error", code="swarm_not_ready")
-    if isinstance(e, Relayed) and e.reason == "cache_full":
+    if isinstance(e, MessageRejected) and e.reason == "cache_full":  # from a later stage or our own
         return ApiError(503, str(e), "server_error", code="overloaded")
     return ApiError(502, f"the swarm failed to run the request: {e}", "server_error", code="pipeline_error")
 
@@ -285,7 +298,13 @@ class _Shape:
 
 
 async def _stream(
-    request: web.Request, entry: Entry, req: Request, timings: Timings, shape: _Shape, metrics: Metrics
+    request: web.Request,
+    entry: Entry,
+    req: Request,
+    timings: Timings,
+    shape: _Shape,
+    metrics: Metrics,
+    include_usage: bool,
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
@@ -293,24 +312,31 @@ async def _stream(
     async def send(obj: Any) -> None:
         await response.write(f"data: {json.dumps(obj)}\n\n".encode())
 
-    if shape.chat:
-        await send(shape.chunk(None, first=True))
     tokens = 0
     try:
-        async for event in entry.generate(req, timings):
-            tokens += event.token is not None
-            if event.text or event.finish_reason:
-                await send(shape.chunk(event))
+        if shape.chat:
+            await send(shape.chunk(None, first=True))
+        async with contextlib.aclosing(entry.generate(req, timings)) as events:
+            async for event in events:
+                tokens += event.token is not None
+                if event.finish_reason:
+                    # The last chunk also carries the request's usage and timings.
+                    chunk = shape.chunk(event)
+                    chunk["usage"], chunk["timings"] = shape.usage(tokens), timings.to_json()
+                    await send(chunk)
+                elif event.text:
+                    await send(shape.chunk(event))
+        metrics.record(timings)
+        if include_usage:  # OpenAI's stream_options.include_usage: a final chunk with no choices
+            await send({**shape.chunk(None), "choices": [], "usage": shape.usage(tokens)})
+    except (ConnectionResetError, ClientConnectionResetError):
+        metrics.requests_failed += 1
+        log.info("client went away during %s; its session is closed", shape.rid)
+        return response
     except (NotReady, MessageRejected, SwarmError) as e:
         metrics.requests_failed += 1
         error = _failure(e)
         await send({"error": {"message": error.message, "type": error.kind, "param": None, "code": error.code}})
-    else:
-        metrics.record(timings)
-        final = shape.chunk(None)
-        final["choices"] = []
-        final["usage"], final["timings"] = shape.usage(tokens), timings.to_json()
-        await send(final)
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response

@@ -92,7 +92,9 @@ class StageService:
         ex = self._executor
         return len(ex.session_ids()) if ex is not None else 0
 
-    def _my_stage(self, checked: Checked) -> tuple[list[Stage], StageExecutor]:
+    def _route_here(self, checked: Checked) -> list[Stage]:
+        """The message's route, checked: the rest of the current map from this peer on, sent by the
+        stage before this one (or, to the first stage, by any member: the entry peer)."""
         body = checked.msg.body
         epoch, route = body.get("epoch"), route_of(body.get("route"))
         layer_map = self.node.layer_map
@@ -104,6 +106,12 @@ class StageService:
         index = len(layer_map.stages) - len(route)
         if index < 0 or tuple(route) != layer_map.stages[index:] or route[0].peer_id != self.node.peer_id:
             raise MessageRejected("mismatch", "the route is not the rest of the current layer map from this peer")
+        if index > 0 and checked.msg.sender != layer_map.stages[index - 1].peer_id:
+            raise MessageRejected("mismatch", "only the previous stage sends to this one")
+        return route
+
+    def _my_stage(self, checked: Checked) -> tuple[list[Stage], StageExecutor]:
+        route = self._route_here(checked)
         executor = self.executor()
         held = self.node.host.range if self.node.host else None
         if executor is None or held != (route[0].start, route[0].end):
@@ -116,9 +124,10 @@ class StageService:
         body = checked.msg.body
         route, executor = self._my_stage(checked)
         session, start, opening = body.get("session"), body.get("start"), body.get("open")
-        if not isinstance(session, str) or type(start) is not int or start < 0:
-            raise MessageRejected("malformed", "session must be a string and start a non-negative integer")
         stage = executor.stage
+        context = stage.config.max_position_embeddings
+        if not isinstance(session, str) or type(start) is not int or not 0 <= start < context:
+            raise MessageRejected("malformed", f"session must be a string and start an integer in [0, {context})")
         limit = self.node.config.serving.max_activation_bytes
         if stage.is_first:
             inputs = unpack(body.get("input"), dtype=torch.int64, shape=(1, None), max_bytes=limit)
@@ -129,12 +138,14 @@ class StageService:
             raise MessageRejected("malformed", "a step needs at least one position")
         if stage.is_first and (int(inputs.min()) < 0 or int(inputs.max()) >= stage.config.vocab_size):
             raise MessageRejected("malformed", "token ids outside the vocabulary")
+        if start + inputs.shape[1] > context:
+            raise MessageRejected("malformed", f"positions beyond the model's context of {context}")
+        positions = torch.arange(start, start + inputs.shape[1], dtype=torch.int64)
         if opening is not None:
             if not isinstance(opening, dict) or type(opening.get("max_length")) is not int:
                 raise MessageRejected("malformed", "open must be {max_length, sampling}")
             sampling = sampling_of(opening.get("sampling", {}))
             self._run(executor.open_session, session, opening["max_length"], sampling)
-        positions = torch.arange(start, start + inputs.shape[1], dtype=torch.int64)
         try:
             result = await asyncio.to_thread(self._run, executor.step, session, inputs, positions)
         except BaseException:
@@ -169,7 +180,7 @@ class StageService:
     async def close(self, checked: Checked) -> dict[str, Any]:
         """Close a session here and on every later stage; unknown sessions are not an error."""
         body = checked.msg.body
-        session, route = body.get("session"), route_of(body.get("route"))
+        session, route = body.get("session"), self._route_here(checked)
         if not isinstance(session, str):
             raise MessageRejected("malformed", "session must be a string")
         executor = self._executor

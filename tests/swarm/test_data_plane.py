@@ -167,6 +167,7 @@ def test_eight_concurrent_requests_each_match_their_lone_run(swarm) -> None:
         ("/v1/completions", {"prompt": "hi", "stop": [1]}, 400),
         ("/v1/completions", {"prompt": "hi", "logprobs": 99}, 400),
         ("/v1/completions", b"x" * (2 * 1024 * 1024), 413),
+        ("/v1/completions", {"prompt": "\ud800 a lone surrogate"}, 400),
         ("/v1/chat/completions", {"messages": "hello"}, 400),
         ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400),
@@ -213,7 +214,13 @@ def test_stage_endpoints_refuse_bad_messages_without_disturbing_sessions(swarm, 
         (first, {**base, "input": pack(torch.tensor([[[1, 2]]], dtype=torch.int64))}, key, 409, "mismatch"),  # 3-D
         (first, {**base, "input": tokens}, key, 409, "unknown_session"),  # a session never opened
         (first, {**base, "input": {"dtype": "float32", "shape": [1, 3], "data": b"xx"}}, key, 400, "malformed"),
-        (second, {**base, "route": route[1:], "input": pack(torch.ones(1, 3, 7))}, key, 409, "mismatch"),  # width 7
+        (
+            second,
+            {**base, "route": route[1:], "input": pack(torch.ones(1, 3, 576))},
+            key,
+            409,
+            "mismatch",
+        ),  # not from stage 0
         (second, {**base, "route": route, "input": tokens}, key, 409, "mismatch"),  # not this peer's route
     ]
     with ThreadPoolExecutor(1) as pool:
@@ -237,3 +244,22 @@ def test_swarm_generate_and_chat_stream_to_the_terminal(
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     assert main(["chat", "--url", url, "--max-tokens", "30"]) == 0
     assert "Paris" in capsys.readouterr().out
+
+
+def test_a_long_prompt_crosses_the_stages(swarm) -> None:
+    # ~700 tokens: the first hop carries ~1.6 MB of hidden states, more than a control message may.
+    prompt = "The quick brown fox jumps over the lazy dog. " * 70
+    status, body = post(swarm["stages"][0], "/v1/completions", {"prompt": prompt, "max_tokens": 3, "temperature": 0})
+    assert status == 200, body
+    assert body["usage"]["prompt_tokens"] > 600 and body["usage"]["completion_tokens"] == 3
+    assert body["timings"]["bytes_sent"] > 1024 * 1024
+
+
+def test_a_stream_ends_with_usage_and_timings_on_its_last_chunk(swarm) -> None:
+    from swarm.cli import stream_events
+
+    body = {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0, "stream_options": {"include_usage": True}}
+    events = list(stream_events(swarm["stages"][1], "/v1/completions", body))
+    finish = [e for e in events if e["choices"] and e["choices"][0]["finish_reason"]]
+    assert len(finish) == 1 and finish[0]["usage"]["completion_tokens"] == 4 and finish[0]["timings"]["tokens"] == 4
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 4  # as OpenAI sends it

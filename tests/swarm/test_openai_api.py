@@ -77,9 +77,12 @@ def refused(fn: Any, body: dict[str, Any], status: int = 400, param: str | None 
 def test_parse_common_defaults() -> None:
     max_tokens, sampling, stops, stream = parse_common({}, fake_node())
     assert max_tokens == DEFAULT_MAX_TOKENS
-    assert sampling == SamplingParams(temperature=1.0, top_p=1.0, seed=0)
+    assert (sampling.temperature, sampling.top_p) == (1.0, 1.0)
     assert stops == ()
     assert stream is False
+    # No seed: a fresh one per request, so repeated sampled requests differ as with OpenAI's API.
+    seeds = {parse_common({}, fake_node())[1].seed for _ in range(8)}
+    assert len(seeds) == 8 and all(0 <= seed < 1 << 63 for seed in seeds)
 
 
 def test_parse_common_explicit_nulls_are_defaults() -> None:
@@ -92,7 +95,9 @@ def test_parse_common_explicit_nulls_are_defaults() -> None:
         "top_p": None,
         "stop": None,
     }
-    assert parse_common(body, fake_node()) == (DEFAULT_MAX_TOKENS, SamplingParams(temperature=1.0), (), False)
+    max_tokens, sampling, stops, stream = parse_common(body, fake_node())
+    assert (max_tokens, stops, stream) == (DEFAULT_MAX_TOKENS, (), False)
+    assert (sampling.temperature, sampling.top_p, sampling.top_k) == (1.0, 1.0, 0)
 
 
 def test_parse_common_takes_every_field() -> None:
