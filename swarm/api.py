@@ -5,6 +5,7 @@ translate between HTTP and the node: errors become JSON bodies with the right st
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from aiohttp import web
@@ -33,18 +34,24 @@ def error_response(status: int, kind: str, message: str) -> web.Response:
     return web.json_response({"error": {"type": kind, "message": message}}, status=status)
 
 
+async def read_sealed(request: web.Request, limit: int) -> bytes | web.Response:
+    """The body of a sealed message, or a 413 (counted) when it is over `limit` bytes."""
+    node = request.app[NODE]
+    if request.content_length is None or request.content_length <= limit:
+        with contextlib.suppress(web.HTTPRequestEntityTooLarge):
+            data = await request.read()
+            if len(data) <= limit:
+                return data
+    node.drops["oversized"] += 1
+    return error_response(413, "oversized", f"body exceeds {limit} bytes")
+
+
 async def post_stage(request: web.Request) -> web.Response:
     """One sealed data-plane message (a step or a close) in, its sealed result out."""
     node = request.app[NODE]
-    limit = node.data_limit
-    if request.content_length is not None and request.content_length > limit:
-        node.drops["oversized"] += 1
-        return error_response(413, "oversized", f"body exceeds {limit} bytes")
-    try:
-        data = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        node.drops["oversized"] += 1
-        return error_response(413, "oversized", f"body exceeds {limit} bytes")
+    data = await read_sealed(request, node.data_limit)
+    if isinstance(data, web.Response):
+        return data
     try:
         checked = node.check_data(data)  # counts what it drops
     except MessageRejected as e:
@@ -67,18 +74,9 @@ async def post_stage(request: web.Request) -> web.Response:
 async def post_message(request: web.Request) -> web.Response:
     """One sealed peer message in, one sealed reply out."""
     node = request.app[NODE]
-    limit = node.config.security.max_message_bytes
-    if request.content_length is not None and request.content_length > limit:
-        node.drops["oversized"] += 1
-        return error_response(413, "oversized", f"body exceeds {limit} bytes")
-    try:
-        data = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        node.drops["oversized"] += 1
-        return error_response(413, "oversized", f"body exceeds {limit} bytes")
-    if len(data) > limit:
-        node.drops["oversized"] += 1
-        return error_response(413, "oversized", f"body exceeds {limit} bytes")
+    data = await read_sealed(request, node.config.security.max_message_bytes)
+    if isinstance(data, web.Response):
+        return data
     try:
         reply = node.handle(data)
     except MessageRejected as e:
