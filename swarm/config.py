@@ -178,13 +178,16 @@ class ServingConfig:
     default_max_tokens: int = 16
     # Requests generating at once on this entry peer; more wait, and are refused when the queue is full.
     max_concurrent_requests: int = 16
+    # A session whose pipeline failed waits this long for a new one to replay on, in seconds.
+    recovery_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         for name in ("max_activation_bytes", "max_request_bytes", "default_max_tokens", "max_concurrent_requests"):
             if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
                 raise ConfigError(f"serving.{name} must be a positive integer, not {getattr(self, name)!r}")
-        if not _is_number(self.step_timeout_s) or self.step_timeout_s <= 0:
-            raise ConfigError(f"serving.step_timeout_s must be positive, not {self.step_timeout_s!r}")
+        for name in ("step_timeout_s", "recovery_timeout_s"):
+            if not _is_number(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ConfigError(f"serving.{name} must be positive, not {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -23,9 +24,15 @@ from swarm.stage_service import route_json
 from swarm.tensors import pack
 
 if TYPE_CHECKING:
+    from swarm.layer_map import LayerMap
     from swarm.node import Node
 
+log = logging.getLogger(__name__)
+
 MAX_STOP_STRINGS = 4
+RENEW_POLL_S = 0.1  # how often a session waiting for a new pipeline looks again
+# Refusals that a new pipeline can cure: a stage gone or moved on, or its session lost with it.
+RECOVERABLE = frozenset({"unreachable", "stale_epoch", "unknown_session", "not_ready", "mismatch", "session_exists"})
 
 
 class NotReady(Exception):
@@ -136,32 +143,29 @@ class Entry:
             layer_map = node.layer_map  # the map of the moment the request gets its turn
             if layer_map is None or not node.ready():
                 raise NotReady("the swarm is not ready: its layers are still being assigned or loaded")
-            route, session = list(layer_map.stages), uuid.uuid4().hex
-            base = {"session": session, "epoch": layer_map.epoch, "route": route_json(route)}
+            pipe = _Pipeline(node, layer_map)
             opening = {"max_length": len(request.prompt_ids) + request.max_tokens, "sampling": _sampling_json(request)}
             decoder = tokenizer.stream(request.prompt_ids)
             text, emitted, hold = "", 0, max(0, max((len(s) for s in request.stop), default=1) - 1)
-            names = [node.name_of(s.peer_id) for s in route]
+            history = list(request.prompt_ids)  # every token the session has, prompt and generated
             ids, start = list(request.prompt_ids), 0
             try:
                 for n in range(request.max_tokens):
-                    body = {**base, "start": start, "input": pack(torch.tensor([ids], dtype=torch.int64))}
-                    if n == 0:
-                        body["open"] = opening
                     t0 = time.perf_counter()
-                    reply, sent = await node.data_request(route[0], "step", body)
+                    reply, sent, ids, start = await self._step(pipe, history, ids, start, opening, first=n == 0)
                     token, logprob = _token_of(reply)
                     elapsed = time.perf_counter() - t0
                     pipeline = reply.get("elapsed_s")
                     pipeline_s = (
                         float(pipeline) if isinstance(pipeline, float) and 0 <= pipeline <= elapsed else elapsed
                     )
-                    timings.add_step(reply.get("timings"), names, elapsed - pipeline_s, sent)
+                    timings.add_step(reply.get("timings"), pipe.names, elapsed - pipeline_s, sent)
                     timings.tokens += 1
                     if timings.first_token_s is None:
                         timings.first_token_s = time.perf_counter() - timings.started
                     start += len(ids)
                     ids = [token]
+                    history.append(token)
                     if token in tokenizer.eos_token_ids:
                         timings.total_s = time.perf_counter() - timings.started
                         yield Event(text[emitted:] + decoder.flush(), token, logprob, "stop")
@@ -183,9 +187,34 @@ class Entry:
                     emitted = safe
             finally:
                 timings.total_s = time.perf_counter() - timings.started
-                node._spawn(self._close(route[0], dict(base)))
+                node._spawn(self._close(pipe.route[0], dict(pipe.base)))
         finally:
             self.limit.release()
+
+    async def _step(
+        self, pipe: _Pipeline, history: list[int], ids: list[int], start: int, opening: dict[str, Any], first: bool
+    ) -> tuple[dict[str, Any], int, list[int], int]:
+        """One step through the pipeline; if a stage fails or the layer map moves on, wait for the
+        new map to be ready and replay the whole history through it. Returns the reply, the bytes
+        sent, and the input and start actually used (the history from 0 after a replay)."""
+        deadline = time.monotonic() + self.node.config.serving.recovery_timeout_s
+        while True:
+            body = {**pipe.base, "start": start, "input": pack(torch.tensor([ids], dtype=torch.int64))}
+            if first:
+                body["open"] = opening
+            try:
+                reply, sent = await self.node.data_request(pipe.route[0], "step", body)
+                return reply, sent, ids, start
+            except MessageRejected as e:
+                if e.reason not in RECOVERABLE:
+                    raise
+                failed = e
+            log.warning("session %s on epoch %d: %s; replaying %d tokens once the swarm is ready again",
+                        pipe.session[:8], pipe.epoch, failed, len(history))  # fmt: skip
+            old = (pipe.route[0], dict(pipe.base))
+            await pipe.renew(deadline, failed)
+            self.node._spawn(self._close(*old))
+            ids, start, first = list(history), 0, True
 
     async def _close(self, first: Any, base: dict[str, Any]) -> None:
         with contextlib.suppress(MessageRejected):  # stages evict abandoned sessions on their own
@@ -202,6 +231,35 @@ def _seconds(entry: Any, key: str) -> float | None:
 def _count(entry: Any, key: str) -> int | None:
     value = entry.get(key, 0) if isinstance(entry, dict) else None
     return value if type(value) is int and 0 <= value < 1 << 40 else None
+
+
+class _Pipeline:
+    """The route a session runs on, and its renewal after a failure."""
+
+    def __init__(self, node: Node, layer_map: LayerMap) -> None:
+        self.node = node
+        self._use(layer_map)
+
+    def _use(self, layer_map: LayerMap) -> None:
+        self.epoch = layer_map.epoch
+        self.route = list(layer_map.stages)
+        self.session = uuid.uuid4().hex
+        self.base: dict[str, Any] = {"session": self.session, "epoch": layer_map.epoch, "route": route_json(self.route)}
+        self.names = [self.node.name_of(s.peer_id) for s in self.route]
+
+    async def renew(self, deadline: float, failed: MessageRejected) -> None:
+        """Wait until the swarm is ready on a newer map (or, after a dead timeout, on the same one)."""
+        node = self.node
+        same_epoch_after = time.monotonic() + node.config.gossip.dead_after_s + 2 * node.config.gossip.interval_s
+        while time.monotonic() < deadline:
+            layer_map = node.layer_map
+            moved_on = layer_map is not None and (layer_map.epoch != self.epoch or time.monotonic() >= same_epoch_after)
+            if layer_map is not None and moved_on and node.ready():
+                self._use(layer_map)
+                return
+            await asyncio.sleep(RENEW_POLL_S)
+        missing = "; ".join(node.status()["errors"]) or "no layer map is ready"
+        raise NotReady(f"the swarm could not continue the generation ({failed}): {missing}")
 
 
 def _sampling_json(request: Request) -> dict[str, Any]:
