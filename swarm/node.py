@@ -92,7 +92,6 @@ class Node:
         self.service = StageService(self)
         self.clock = clock
         self.rng = rng or random.Random()
-        self.swarm_key = swarm_key
         self.key_fingerprint = key_fingerprint(swarm_key)
         self.sealer = Sealer(identity, swarm_key)
         sec = config.security

@@ -129,3 +129,26 @@ def wait_for(predicate: Callable[[], T | None], timeout_s: float, what: str, des
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}: {describe()}")
         time.sleep(POLL_S)  # polling interval of a condition check, not synchronisation
+
+
+def start_seeded_swarm(tmp: Path, config: Path, caps_mb: dict[str, int], peers: list[PeerProcess]) -> dict[str, Any]:
+    """Start one peer per cap (the first a seed the others --join, no mDNS, key tmp/swarm.key, which
+    it writes) into `peers`, which the caller stops; the status once every peer holds a ready stage."""
+    from swarm.auth import write_new_swarm_key
+
+    write_new_swarm_key(tmp / "swarm.key")
+    for name, cap in caps_mb.items():
+        args = ["--config", str(config), "--port", "0", "--max-memory-mb", str(cap), "--no-mdns"]
+        args += ["--state-dir", str(tmp / name), "--swarm-key-file", str(tmp / "swarm.key")]
+        if peers:
+            args += ["--join", str(peers[0].url).removeprefix("http://")]
+        peers.append(PeerProcess(name, args, tmp).start())
+        peers[-1].wait_url()
+
+    def ready() -> dict[str, Any] | None:
+        status = peers[0].status()
+        stages = status["layer_map"]["stages"] if status and status["layer_map"] else []
+        alive = status and sum(p["state"] == "alive" for p in status["peers"]) == len(peers)
+        return status if alive and status["ready"] and len(stages) == len(peers) else None
+
+    return wait_for(ready, 180, "the swarm to be ready", lambda: "\n".join(p.log()[-800:] for p in peers))

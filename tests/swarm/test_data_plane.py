@@ -17,12 +17,12 @@ import msgpack
 import pytest
 import torch
 
-from swarm.auth import Sealer, load_swarm_key, write_new_swarm_key
+from swarm.auth import Sealer, load_swarm_key
 from swarm.identity import Identity
 from swarm.membership import MemberInfo
 from swarm.stage_service import STAGE_PATH
 from swarm.tensors import pack
-from tests.swarm.procs import PeerProcess, wait_for, write_config
+from tests.swarm.procs import PeerProcess, start_seeded_swarm, write_config
 
 pytestmark = [pytest.mark.real_model, pytest.mark.timeout(600)]
 
@@ -39,24 +39,9 @@ def swarm(smollm2, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
     # The default gossip timings: under the heavy compute of these tests a peer must not look dead.
     gossip = {"interval_s": 1.0, "suspect_after_s": 3.0, "dead_after_s": 6.0, "request_timeout_s": 2.0}
     config = write_config(tmp / "config.yaml", store.cache_dir, gossip=gossip)
-    write_new_swarm_key(tmp / "swarm.key")
     peers: list[PeerProcess] = []
     try:
-        for name, cap in CAPS_MB.items():
-            args = ["--config", str(config), "--port", "0", "--max-memory-mb", str(cap), "--no-mdns"]
-            args += ["--state-dir", str(tmp / name), "--swarm-key-file", str(tmp / "swarm.key")]
-            if peers:
-                args += ["--join", peers[0].url.removeprefix("http://")]  # type: ignore[union-attr]
-            peers.append(PeerProcess(name, args, tmp).start())
-            peers[-1].wait_url()
-
-        def ready() -> dict[str, Any] | None:
-            status = peers[0].status()
-            alive = status and sum(p["state"] == "alive" for p in status["peers"]) == len(peers)
-            everyone = alive and len((status["layer_map"] and status["layer_map"]["stages"]) or []) == len(peers)
-            return status if everyone and status["ready"] else None
-
-        status = wait_for(ready, 180, "the swarm to be ready", lambda: "\n".join(p.log()[-800:] for p in peers))
+        status = start_seeded_swarm(tmp, config, CAPS_MB, peers)
         stages = [s["url"] for s in status["layer_map"]["stages"]]
         yield {"stages": stages, "key": load_swarm_key(tmp / "swarm.key"), "files": files, "status": status}
     finally:

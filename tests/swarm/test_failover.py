@@ -12,9 +12,8 @@ from typing import Any
 
 import pytest
 
-from swarm.auth import write_new_swarm_key
 from swarm.cli import stream_events
-from tests.swarm.procs import PeerProcess, wait_for, write_config
+from tests.swarm.procs import PeerProcess, start_seeded_swarm, write_config
 
 pytestmark = [pytest.mark.real_model, pytest.mark.timeout(600)]
 
@@ -28,23 +27,9 @@ def swarm(smollm2, tmp_path) -> Iterator[list[PeerProcess]]:
     store, _ = smollm2
     gossip = {"interval_s": 0.5, "suspect_after_s": 2.0, "dead_after_s": 4.0, "request_timeout_s": 2.0}
     config = write_config(tmp_path / "config.yaml", store.cache_dir, gossip=gossip)
-    write_new_swarm_key(tmp_path / "swarm.key")
     peers: list[PeerProcess] = []
     try:
-        for name, cap in CAPS_MB.items():
-            args = ["--config", str(config), "--port", "0", "--max-memory-mb", str(cap), "--no-mdns"]
-            args += ["--state-dir", str(tmp_path / name), "--swarm-key-file", str(tmp_path / "swarm.key")]
-            if peers:
-                args += ["--join", str(peers[0].url).removeprefix("http://")]
-            peers.append(PeerProcess(name, args, tmp_path).start())
-            peers[-1].wait_url()
-
-        def ready() -> bool:
-            status = peers[0].status()
-            stages = status["layer_map"]["stages"] if status and status["layer_map"] else []
-            return bool(status and status["ready"] and len(stages) == len(peers))
-
-        wait_for(ready, 180, "the swarm to be ready", lambda: "\n".join(p.log()[-800:] for p in peers))
+        start_seeded_swarm(tmp_path, config, CAPS_MB, peers)
         yield peers
     finally:
         for p in peers:
