@@ -178,14 +178,17 @@ class ServingConfig:
     default_max_tokens: int = 16
     # Requests generating at once on this entry peer; more wait, and are refused when the queue is full.
     max_concurrent_requests: int = 16
-    # A session whose pipeline failed waits this long for a new one to replay on, in seconds.
+    # A session whose pipeline failed (or a new request, while the swarm is not ready) waits this long
+    # for a ready one, in seconds; at once a 503 when the live peers cannot hold the model.
     recovery_timeout_s: float = 60.0
+    # A step with no reply for this long makes the entry peer probe its stages directly, in seconds.
+    hop_check_after_s: float = 2.0
 
     def __post_init__(self) -> None:
         for name in ("max_activation_bytes", "max_request_bytes", "default_max_tokens", "max_concurrent_requests"):
             if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
                 raise ConfigError(f"serving.{name} must be a positive integer, not {getattr(self, name)!r}")
-        for name in ("step_timeout_s", "recovery_timeout_s"):
+        for name in ("step_timeout_s", "recovery_timeout_s", "hop_check_after_s"):
             if not _is_number(getattr(self, name)) or getattr(self, name) <= 0:
                 raise ConfigError(f"serving.{name} must be positive, not {getattr(self, name)!r}")
 

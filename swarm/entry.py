@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 MAX_STOP_STRINGS = 4
 RENEW_POLL_S = 0.1  # how often a session waiting for a new pipeline looks again
+MAX_BACKOFF_S = 2.0  # longest wait before retrying the same layer map after a failure
 # Refusals that a new pipeline can cure: a stage gone or moved on, or its session lost with it.
 RECOVERABLE = frozenset({"unreachable", "stale_epoch", "unknown_session", "not_ready", "mismatch", "session_exists"})
 
@@ -140,10 +141,7 @@ class Entry:
         finally:
             self.waiting -= 1
         try:
-            layer_map = node.layer_map  # the map of the moment the request gets its turn
-            if layer_map is None or not node.ready():
-                raise NotReady("the swarm is not ready: its layers are still being assigned or loaded")
-            pipe = _Pipeline(node, layer_map)
+            pipe = _Pipeline(node, await self.wait_ready())  # the map of the moment the request gets its turn
             opening = {"max_length": len(request.prompt_ids) + request.max_tokens, "sampling": _sampling_json(request)}
             decoder = tokenizer.stream(request.prompt_ids)
             text, emitted, hold = "", 0, max(0, max((len(s) for s in request.stop), default=1) - 1)
@@ -191,6 +189,22 @@ class Entry:
         finally:
             self.limit.release()
 
+    async def wait_ready(self) -> LayerMap:
+        """The current layer map once every stage of it is loaded. NotReady at once when the live
+        peers cannot hold the model, or after `serving.recovery_timeout_s` of waiting."""
+        node = self.node
+        deadline = time.monotonic() + node.config.serving.recovery_timeout_s
+        while True:
+            if node.layer_map is not None and node.ready():
+                return node.layer_map
+            too_small = node.capacity_error()
+            if too_small is not None:
+                raise NotReady(too_small)
+            if time.monotonic() >= deadline:
+                errors = "; ".join(node.status()["errors"]) or "its layers are still being assigned or loaded"
+                raise NotReady(f"the swarm is not ready: {errors}")
+            await asyncio.sleep(RENEW_POLL_S)
+
     async def _step(
         self, pipe: _Pipeline, history: list[int], ids: list[int], start: int, opening: dict[str, Any], first: bool
     ) -> tuple[dict[str, Any], int, list[int], int]:
@@ -203,18 +217,56 @@ class Entry:
             if first:
                 body["open"] = opening
             try:
-                reply, sent = await self.node.data_request(pipe.route[0], "step", body)
+                reply, sent = await self._watched(pipe, body)
                 return reply, sent, ids, start
             except MessageRejected as e:
                 if e.reason not in RECOVERABLE:
                     raise
                 failed = e
+            if failed.reason == "unreachable":  # probe the route now; gossip would take its timeouts
+                for stage in pipe.route:
+                    self.node._spawn(self.node.check_peer(stage.peer_id, str(failed)))
             log.warning("session %s on epoch %d: %s; replaying %d tokens once the swarm is ready again",
                         pipe.session[:8], pipe.epoch, failed, len(history))  # fmt: skip
             old = (pipe.route[0], dict(pipe.base))
             await pipe.renew(deadline, failed)
             self.node._spawn(self._close(*old))
             ids, start, first = list(history), 0, True
+
+    async def _watched(self, pipe: _Pipeline, body: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        """Send a step and watch it, so that a stage that stops answering (paused, its host gone
+        silent) is caught by this peer itself: a step with no reply for `serving.hop_check_after_s`
+        has its route's stages probed, again every gossip interval. A stage found dead, or the map
+        moving on to a new epoch that is ready, abandons the step as a recoverable failure."""
+        node = self.node
+        step = asyncio.ensure_future(node.data_request(pipe.route[0], "step", body))
+        try:
+            done, _ = await asyncio.wait({step}, timeout=node.config.serving.hop_check_after_s)
+            while not done:
+                check = asyncio.ensure_future(self._check_route(pipe))
+                await asyncio.wait([step, check], return_when=asyncio.FIRST_COMPLETED)
+                if step.done():
+                    check.cancel()
+                    break
+                problem = check.result()
+                if problem is not None:
+                    raise MessageRejected(*problem)
+                done, _ = await asyncio.wait({step}, timeout=node.config.gossip.interval_s)
+            return step.result()
+        finally:
+            if not step.done():
+                step.cancel()
+
+    async def _check_route(self, pipe: _Pipeline) -> tuple[str, str] | None:
+        """Why the pipeline of a step that is taking long cannot answer, if it cannot."""
+        node = self.node
+        layer_map = node.layer_map
+        if layer_map is not None and layer_map.epoch != pipe.epoch and node.ready():
+            return "stale_epoch", f"the layer map moved on to epoch {layer_map.epoch} during the step"
+        why = f"no reply to a step for over {node.config.serving.hop_check_after_s:g} s"
+        dead = await asyncio.gather(*(node.check_peer(s.peer_id, why) for s in pipe.route))
+        gone = [name for name, is_dead in zip(pipe.names, dead, strict=True) if is_dead]
+        return ("unreachable", f"stage(s) {', '.join(gone)} stopped answering ({why})") if gone else None
 
     async def _close(self, first: Any, base: dict[str, Any]) -> None:
         with contextlib.suppress(MessageRejected):  # stages evict abandoned sessions on their own
@@ -238,6 +290,7 @@ class _Pipeline:
 
     def __init__(self, node: Node, layer_map: LayerMap) -> None:
         self.node = node
+        self.retries = 0  # renewals so far
         self._use(layer_map)
 
     def _use(self, layer_map: LayerMap) -> None:
@@ -248,18 +301,32 @@ class _Pipeline:
         self.names = [self.node.name_of(s.peer_id) for s in self.route]
 
     async def renew(self, deadline: float, failed: MessageRejected) -> None:
-        """Wait until the swarm is ready on a newer map (or, after a dead timeout, on the same one)."""
+        """Wait until the swarm is ready on a new pipeline. After a stage was unreachable that is a
+        newer map (or the same one, if after a dead timeout its stage still answers gossip); after
+        any other failure (a stage behind or ahead by an epoch, its session lost) the same map may
+        serve again, after a short backoff. NotReady at once when the live peers cannot hold the
+        model, or at the deadline."""
         node = self.node
-        same_epoch_after = time.monotonic() + node.config.gossip.dead_after_s + 2 * node.config.gossip.interval_s
-        while time.monotonic() < deadline:
+        self.retries += 1
+        wait = (
+            0.0
+            if failed.reason != "unreachable"
+            else node.config.gossip.dead_after_s + 2 * node.config.gossip.interval_s
+        )
+        same_epoch_after = time.monotonic() + max(wait, min(MAX_BACKOFF_S, RENEW_POLL_S * 2 ** (self.retries - 1)))
+        while True:
+            too_small = node.capacity_error()
+            if too_small is not None:
+                raise NotReady(f"the swarm could not continue the generation ({failed}): {too_small}")
             layer_map = node.layer_map
             moved_on = layer_map is not None and (layer_map.epoch != self.epoch or time.monotonic() >= same_epoch_after)
             if layer_map is not None and moved_on and node.ready():
                 self._use(layer_map)
                 return
+            if time.monotonic() >= deadline:
+                missing = "; ".join(node.status()["errors"]) or "no layer map is ready"
+                raise NotReady(f"the swarm could not continue the generation ({failed}): {missing}")
             await asyncio.sleep(RENEW_POLL_S)
-        missing = "; ".join(node.status()["errors"]) or "no layer map is ready"
-        raise NotReady(f"the swarm could not continue the generation ({failed}): {missing}")
 
 
 def _sampling_json(request: Request) -> dict[str, Any]:

@@ -88,6 +88,7 @@ class Event:
 
     peer_id: str
     what: str  # "joined", "suspect", "alive", "dead", "forgotten", "rejoined", "refuted"
+    cause: str = ""  # why, where it was not the heartbeat's silence
 
 
 class Membership:
@@ -155,11 +156,29 @@ class Membership:
                 return [Event(info.peer_id, "alive")]
         return []
 
-    def _kill(self, member: Member, now: float) -> list[Event]:
+    def _kill(self, member: Member, now: float, cause: str = "") -> list[Event]:
         if member.state is State.DEAD:
             return []
         member.state, member.died_at = State.DEAD, now
-        return [Event(member.info.peer_id, "dead")]
+        return [Event(member.info.peer_id, "dead", cause)]
+
+    def declare_dead(self, peer_id: str, now: float, cause: str) -> list[Event]:
+        """Kill a member on direct evidence (it failed a probe), without waiting for its heartbeat to
+        stall; like any death, the rumour spreads and only a higher incarnation undoes it."""
+        member = self.members.get(peer_id)
+        return self._kill(member, now, cause) if member is not None else []
+
+    def quiet_for(self, peer_id: str, now: float) -> float:
+        """Seconds since a member's heartbeat last went up (0 for this peer or an unknown one)."""
+        member = self.members.get(peer_id)
+        return now - member.advanced_at if member is not None else 0.0
+
+    def forgive(self, now: float) -> None:
+        """After this peer itself stood still (paused, or starved of CPU), every member's silence is
+        ours, not theirs: restart their heartbeat deadlines instead of declaring them all dead."""
+        for member in self.members.values():
+            if member.state is not State.DEAD:
+                member.advanced_at = max(member.advanced_at, now)
 
     def tick(self, now: float) -> list[Event]:
         """Suspect, kill and forget members whose heartbeats have stalled."""

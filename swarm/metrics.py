@@ -78,6 +78,8 @@ class Metrics:
             ('{state="dead"}', sum(m.state is State.DEAD for m in members)),
         ])  # fmt: skip
         metric("stage_sessions", "gauge", "Sessions open on this peer's stage.", [("", node.service.sessions())])
+        metric("stage_sessions_dropped_total", "counter", "Sessions dropped with an abandoned layer-map epoch.",
+               [("", node.service.dropped)])  # fmt: skip
         metric("dropped_messages_total", "counter", "Peer messages dropped, by reason.",
                [(f'{{reason="{_label(k)}"}}', v) for k, v in sorted(node.drops.items())])  # fmt: skip
         return "\n".join(lines) + "\n"

@@ -30,7 +30,7 @@ from swarm.errors import LayerMapError, MessageRejected, Relayed, SwarmTooSmall
 from swarm.identity import Identity, PersistentState, StateFile
 from swarm.layer_map import LayerMap, Stage, next_map, should_follow
 from swarm.membership import Event, MemberInfo, Membership, State, parse_digest
-from swarm.partitioner import Candidate, partition
+from swarm.partitioner import Candidate, Share, partition
 from swarm.stage_host import StageHost
 from swarm.stage_service import STAGE_PATH, StageService
 
@@ -128,6 +128,8 @@ class Node:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._loading: asyncio.Task[None] | None = None
+        self._checks: dict[str, asyncio.Task[bool]] = {}  # peer id -> its probe in flight
+        self._last_round: float | None = None  # when the gossip loop last ran
         self._closed = False
 
     # ---- lifetime -------------------------------------------------------------------------------
@@ -398,8 +400,14 @@ class Node:
 
     async def _request(self, url: str, kind: str, body: dict[str, Any], to: str | None) -> Checked | None:
         """Send one message to peer `to` (None: whoever answers at `url`); its checked reply, or None."""
+        reply = await self._exchange(url, kind, body, to)
+        return reply if isinstance(reply, Checked) else None
+
+    async def _exchange(self, url: str, kind: str, body: dict[str, Any], to: str | None) -> Checked | str:
+        """Like `_request`, but a failure says what it was: "timeout", "refused" (nobody answered:
+        connection refused or reset) or "rejected" (an answer, but not an acceptable one)."""
         if self._session is None or self._closed:
-            return None
+            return "rejected"
         data = self._seal(kind, body, to=to)
         limit = self.config.security.max_message_bytes
         try:
@@ -407,14 +415,17 @@ class Node:
                 payload = await _read_bounded(resp, limit)
                 if resp.status != 200:
                     log.debug("%s to %s: HTTP %d %s", kind, url, resp.status, payload[:200].decode(errors="replace"))
-                    return None
+                    return "rejected"
             reply = self.opener.open(payload)  # counts its own drops
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
+        except asyncio.TimeoutError:
+            log.debug("%s to %s timed out", kind, url)
+            return "timeout"
+        except (aiohttp.ClientError, OSError, ValueError) as e:
             log.debug("%s to %s failed: %s", kind, url, e or type(e).__name__)
-            return None
+            return "refused" if isinstance(e, (aiohttp.ClientConnectionError, OSError)) else "rejected"
         except MessageRejected as e:
             log.debug("reply to %s from %s rejected: %s", kind, url, e)
-            return None
+            return "rejected"
         try:
             if reply.recipient != self.peer_id or (to is not None and reply.sender != to):
                 raise MessageRejected("misdirected", f"reply from {reply.sender} for {reply.recipient}")
@@ -422,7 +433,7 @@ class Node:
         except MessageRejected as e:
             self.drops[e.reason] += 1
             log.debug("reply to %s from %s rejected: %s", kind, url, e)
-            return None
+            return "rejected"
 
     async def _hello(self, url: str) -> None:
         reply = await self._request(url, "hello", {}, to=None)
@@ -455,18 +466,67 @@ class Node:
             # that if it goes on to lead, it starts from the current map rather than from nothing.
             self._adopt(current, from_leader=False)
 
-    async def _gossip_to(self, info: MemberInfo) -> None:
-        reply = await self._request(info.url, "gossip", {"digest": self._digest()}, to=info.peer_id)
-        if reply is None or reply.msg.kind != "gossip":
-            return
+    async def _gossip_to(self, info: MemberInfo) -> str | None:
+        """One gossip exchange with a member; what went wrong ("timeout", "refused", "rejected"), if anything."""
+        reply = await self._exchange(info.url, "gossip", {"digest": self._digest()}, to=info.peer_id)
+        if not isinstance(reply, Checked):
+            return reply
+        if reply.msg.kind != "gossip":
+            return "rejected"
         try:
             entries = parse_digest(reply.msg.body.get("digest"), self.config.gossip.max_members)
         except MessageRejected as e:
             self.drops[e.reason] += 1
             log.debug("gossip reply from %s: %s", info.url, e)
-            return
+            return "rejected"
         self._accept(reply)
         self._merge(entries)
+        return None
+
+    def _spread(self) -> None:
+        """Gossip with every live member now rather than at the next round: news that cannot wait
+        (a death seen on the data path, this peer's layers of a new epoch ready)."""
+        assert self.membership is not None
+        for info in self.membership.live()[1:]:
+            self._spawn(self._gossip_to(info))
+
+    # ---- direct failure detection -------------------------------------------------------------------
+
+    async def check_peer(self, peer_id: str, why: str) -> bool:
+        """A hop to `peer_id` failed on the data path (`why`): probe it at once with a gossip exchange
+        instead of waiting for its heartbeat to stall. It is declared dead, and the news spread, when
+        nobody answers at its address, or when the probe times out and its heartbeat has been quiet
+        for the suspect timeout as well. True if it is dead (now or already)."""
+        if self.membership is None or peer_id == self.peer_id:
+            return False
+        state = self.membership.state_of(peer_id)
+        if state is None or state is State.DEAD:
+            return state is State.DEAD
+        task = self._checks.get(peer_id)
+        if task is None:
+            task = asyncio.create_task(self._probe(peer_id, why))
+            self._checks[peer_id] = task
+            task.add_done_callback(lambda _: self._checks.pop(peer_id, None))
+        return await asyncio.shield(task)
+
+    async def _probe(self, peer_id: str, why: str) -> bool:
+        assert self.membership is not None
+        member = self.membership.members.get(peer_id)
+        if member is None:
+            return False
+        failure = await self._gossip_to(member.info)
+        now = self.clock()
+        quiet = self.membership.quiet_for(peer_id, now)
+        if failure is None or failure == "rejected":
+            return self.membership.state_of(peer_id) is State.DEAD
+        if failure == "timeout" and quiet <= self.config.gossip.suspect_after_s:
+            log.info("peer %s slow on the data path (%s) and to a probe; heartbeat quiet for %.1f s",
+                     self._name(peer_id), why, quiet)  # fmt: skip
+            return False
+        cause = f"unreachable on the data path ({why}); probe {failure}, heartbeat quiet for {quiet:.1f} s"
+        self._on_events(self.membership.declare_dead(peer_id, now, cause))
+        self._spread()
+        return self.membership.state_of(peer_id) is State.DEAD
 
     async def _ask_each(self, peer_ids: list[str], kind: str) -> list[Checked]:
         """Send `kind` to every peer at once; the replies that came back, taken in."""
@@ -531,6 +591,13 @@ class Node:
     def _gossip_round(self) -> None:
         assert self.membership is not None
         now = self.clock()
+        if self._last_round is not None and now - self._last_round > self.config.gossip.suspect_after_s:
+            # This peer stood still (SIGSTOP, a suspended VM, starved of CPU): the others' silence
+            # is ours. Give them a fresh deadline rather than declaring everyone dead.
+            log.warning("this peer was stalled for %.1f s; restarting every member's heartbeat deadline",
+                        now - self._last_round)  # fmt: skip
+            self.membership.forgive(now)
+        self._last_round = now
         self.membership.beat()
         self._on_events(self.membership.tick(now))
         self._lead()
@@ -565,8 +632,8 @@ class Node:
                 log.info("peer %s suspect: no heartbeat for %.1f s", self._name(event.peer_id),
                          self.config.gossip.suspect_after_s)  # fmt: skip
             elif event.what == "dead":
-                log.warning("peer %s dead: no heartbeat for %.1f s", self._name(event.peer_id),
-                            self.config.gossip.dead_after_s)  # fmt: skip
+                cause = event.cause or f"no heartbeat for {self.config.gossip.dead_after_s:.1f} s"
+                log.warning("peer %s dead: %s", self._name(event.peer_id), cause)
             else:
                 log.info("peer %s %s", self._name(event.peer_id), event.what)
             if event.what in ("dead", "forgotten") and event.peer_id == self.election.leader:
@@ -613,14 +680,30 @@ class Node:
 
     # ---- partitioning and the layer map ------------------------------------------------------------
 
+    def _partition(self) -> tuple[Share, ...]:
+        """The live members' partition of the layers; SwarmTooSmall when they cannot hold the model."""
+        assert self.membership is not None
+        candidates = [Candidate(m.peer_id, m.usable_bytes) for m in self.membership.live()]
+        return partition(candidates, self.model.profile, self.config.partition.kv_reserve_tokens)
+
+    def capacity_error(self) -> str | None:
+        """What is missing when the live members (as this peer sees them) cannot hold the model."""
+        if self.membership is None:
+            return None
+        try:
+            self._partition()
+        except SwarmTooSmall as e:
+            live = len(self.membership.live())
+            return f"{e} ({live} live peer(s)); start more peers, or give them more memory"
+        return None
+
     def _lead(self) -> None:
         """As leader: repartition when membership requires it, and bring lagging peers up to date."""
         if not self.election.is_leader or self.membership is None:
             return
         live = self.membership.live()
-        candidates = [Candidate(m.peer_id, m.usable_bytes) for m in live]
         try:
-            shares = partition(candidates, self.model.profile, self.config.partition.kv_reserve_tokens)
+            shares = self._partition()
         except SwarmTooSmall as e:
             if self.partition_error != str(e):
                 log.error("cannot partition over %d peer(s): %s", len(live), e)
@@ -658,6 +741,7 @@ class Node:
         self.max_epoch = max(self.max_epoch, new.epoch)
         stages = " ".join(f"{self._name(s.peer_id)}[{s.start},{s.end})" for s in new.stages)
         log.info("layer map epoch %d (term %d): %s", new.epoch, new.term, stages)
+        self.service.drop_before(new.epoch)
         self._reconcile()
 
     def _reconcile(self) -> None:
@@ -670,9 +754,12 @@ class Node:
         epoch = self.layer_map.epoch
         if held == target:
             start, end = target or (0, 0)
+            news = self.membership.me.epoch != epoch or not self.membership.me.ready
             self.membership.update_me(epoch=epoch, start=start, end=end, ready=True)
             self.load_error, self._load_retry = None, None
             self._check_ready()
+            if news:
+                self._spread()  # entries waiting to replay learn at once that this stage is ready
             return
         self.membership.update_me(epoch=epoch, ready=False)
         if self._closed or (self._load_retry is not None and self.clock() < self._load_retry[0]):

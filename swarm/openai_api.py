@@ -203,9 +203,10 @@ async def _run(request: web.Request, chat: bool) -> web.StreamResponse:
         entry.check(req)
     except InvalidInput as e:
         raise ApiError(400, str(e), param="max_tokens") from e
-    if not node.ready():
-        raise ApiError(503, "the swarm is not ready: its layers are still being assigned or loaded", "server_error",
-                       code="swarm_not_ready")  # fmt: skip
+    try:
+        await entry.wait_ready()  # a repartition under way is a pause; a swarm too small, a 503 at once
+    except NotReady as e:
+        raise _failure(e) from e
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     timings = Timings()

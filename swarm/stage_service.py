@@ -18,7 +18,7 @@ from peer.errors import CacheFull, ExecutorError, SessionExists, UnknownSession
 from peer.executor import StageExecutor
 from peer.sampling import SamplingParams
 from peer.stage import StageModel
-from swarm.errors import MessageRejected
+from swarm.errors import MessageRejected, Relayed
 from swarm.layer_map import Stage
 from swarm.tensors import pack, unpack
 
@@ -77,6 +77,8 @@ class StageService:
         self.node = node
         self._executor: StageExecutor | None = None
         self._stage: StageModel | None = None
+        self._epoch_of: dict[str, int] = {}  # session -> the layer-map epoch it was opened on
+        self.dropped = 0  # sessions dropped because their epoch was abandoned
 
     def executor(self) -> StageExecutor | None:
         """The executor over the stage held now (a new one, with no sessions, after each load)."""
@@ -85,7 +87,24 @@ class StageService:
         if stage is not self._stage:
             self._stage = stage
             self._executor = StageExecutor(stage, self.node.config.peer.executor) if stage is not None else None
+            self._epoch_of.clear()
         return self._executor
+
+    def drop_before(self, epoch: int) -> None:
+        """Close every session opened on an older layer-map epoch: the map moved on, so their entry
+        peers replay them on the new pipeline and nothing will step them here again."""
+        executor = self._executor
+        if executor is None:
+            self._epoch_of.clear()
+            return
+        open_now = set(executor.session_ids())
+        stale = [sid for sid, e in self._epoch_of.items() if e < epoch and sid in open_now]
+        for sid in [sid for sid, e in self._epoch_of.items() if e < epoch or sid not in open_now]:
+            del self._epoch_of[sid]
+        dropped = sum(executor.close_session(sid) for sid in stale)
+        if dropped:
+            self.dropped += dropped
+            log.info("dropped %d session(s) of layer-map epochs before %d", dropped, epoch)
 
     def sessions(self) -> int:
         """Sessions open on this stage."""
@@ -146,6 +165,7 @@ class StageService:
                 raise MessageRejected("malformed", "open must be {max_length, sampling}")
             sampling = sampling_of(opening.get("sampling", {}))
             self._run(executor.open_session, session, opening["max_length"], sampling)
+            self._epoch_of[session] = body["epoch"]
         try:
             result = await asyncio.to_thread(self._run, executor.step, session, inputs, positions)
         except BaseException:
@@ -162,7 +182,12 @@ class StageService:
         forward = {"session": session, "epoch": body["epoch"], "start": start, "open": opening}
         forward.update(route=route_json(route[1:]), input=pack(result.hidden))
         t_out = time.perf_counter()
-        reply, sent = await self.node.data_request(route[1], "step", forward)
+        try:
+            reply, sent = await self.node.data_request(route[1], "step", forward)
+        except MessageRejected as e:
+            if e.reason == "unreachable" and not isinstance(e, Relayed):  # this hop: probe it now, not on gossip
+                self.node._spawn(self.node.check_peer(route[1].peer_id, str(e)))
+            raise
         hop_s = time.perf_counter() - t_out
         downstream = reply.get("elapsed_s")
         downstream_s = float(downstream) if isinstance(downstream, float) else 0.0

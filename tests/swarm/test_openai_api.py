@@ -341,7 +341,7 @@ def metrics_node(
         ready=lambda: ready,
         election=SimpleNamespace(term=term),
         layer_map=None if epoch is None else SimpleNamespace(epoch=epoch),
-        service=SimpleNamespace(sessions=lambda: sessions),
+        service=SimpleNamespace(sessions=lambda: sessions, dropped=5),
         drops=drops,
     )
 
@@ -415,6 +415,7 @@ def test_metrics_render_is_prometheus_text() -> None:
         "swarm_layer_map_epoch": "gauge",
         "swarm_peers": "gauge",
         "swarm_stage_sessions": "gauge",
+        "swarm_stage_sessions_dropped_total": "counter",
         "swarm_dropped_messages_total": "counter",
     }
     for name in declared:  # every sample comes after its own TYPE line
@@ -439,6 +440,7 @@ def test_metrics_render_is_prometheus_text() -> None:
         'swarm_peers{state="suspect"}': 1,
         'swarm_peers{state="dead"}': 3,
         "swarm_stage_sessions": 2,
+        "swarm_stage_sessions_dropped_total": 5,
         'swarm_dropped_messages_total{reason="bad_signature"}': 1,
         'swarm_dropped_messages_total{reason="replay"}': 4,
     }

@@ -1,0 +1,163 @@
+"""Run `swarm-peer` processes on this machine, for the tests, `scripts/chaos.py` and
+`scripts/bench.py`: start one with a config file and flags, learn its URL from its log, read its
+/swarm/status, signal, kill or restart it (a restart keeps its state directory, so it comes back
+as the same peer with a higher incarnation), and wait for a condition by polling, with a deadline."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from signal import SIGCONT, SIGKILL
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+POLL_S = 0.1
+
+
+def peer_command() -> list[str]:
+    """The installed `swarm-peer` console script (the module if the script is not installed)."""
+    script = Path(sys.executable).parent / "swarm-peer"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "swarm.daemon"]
+
+
+class PeerProcess:
+    """One `swarm-peer` process, its log file and its URL."""
+
+    def __init__(self, name: str, args: list[str], log_dir: Path, threads: int = 1) -> None:
+        self.name = name
+        self.args = args
+        self.threads = threads
+        self.log_path = log_dir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url: str | None = None
+        self._log_offset = 0
+
+    def start(self) -> PeerProcess:
+        """Launch it; its log starts a new section on every launch."""
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(self.threads),
+            "OMP_WAIT_POLICY": "PASSIVE",
+            "PYTHONUNBUFFERED": "1",
+        }
+        env.pop("SWARM_KEY", None)
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [*peer_command(), "--node-id", self.name, "--threads", str(self.threads), *self.args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        self.url = None
+        return self
+
+    def running(self) -> bool:
+        """Whether the process of the latest launch is still there (stopped counts as running)."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        """What this launch has logged so far."""
+        with self.log_path.open("rb") as f:
+            f.seek(self._log_offset)
+            return f.read().decode(errors="replace")
+
+    def full_log(self) -> str:
+        """What every launch of it has logged."""
+        return self.log_path.read_bytes().decode(errors="replace") if self.log_path.exists() else ""
+
+    def wait_url(self, timeout_s: float = 120.0) -> str:
+        """The URL it logs once it listens."""
+
+        def listening() -> str | None:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
+            match = re.search(r"listening on (http://\S+)", self.log())
+            return match.group(1) if match else None
+
+        self.url = wait_for(listening, timeout_s, f"{self.name} to listen")
+        return self.url
+
+    def status(self, timeout_s: float = 2.0) -> dict[str, Any] | None:
+        """Its /swarm/status, or None while it does not answer."""
+        if self.url is None:
+            return None
+        try:
+            with urllib.request.urlopen(self.url + "/swarm/status", timeout=timeout_s) as resp:
+                found: dict[str, Any] = json.loads(resp.read())
+                return found
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
+
+    def signal(self, sig: int) -> None:
+        """Send `sig` (SIGSTOP, SIGCONT, ...) if the process is there."""
+        if self.running():
+            assert self.proc is not None
+            self.proc.send_signal(sig)
+
+    def kill(self, sig: int = SIGKILL) -> None:
+        """Send `sig` and reap the process."""
+        if self.running():
+            assert self.proc is not None
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        """SIGTERM (after a SIGCONT, in case it is stopped), then SIGKILL if it lingers."""
+        if not self.running():
+            return
+        assert self.proc is not None
+        self.proc.send_signal(SIGCONT)
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=15)
+
+
+def wait_for(predicate: Callable[[], T | None], timeout_s: float, what: str, describe: Callable[[], str] = str) -> T:
+    """Poll `predicate` until it returns something truthy; fail after `timeout_s` naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}: {describe()}")
+        time.sleep(POLL_S)  # polling interval of a condition check, not synchronisation
+
+
+def start_seeded_swarm(
+    tmp: Path, config: Path, caps_mb: dict[str, int], peers: list[PeerProcess], threads: int = 1
+) -> dict[str, Any]:
+    """Start one peer per cap (the first a seed the others --join, no mDNS, key tmp/swarm.key, which
+    it writes) into `peers`, which the caller stops; the status once every peer holds a ready stage."""
+    from swarm.auth import write_new_swarm_key
+
+    write_new_swarm_key(tmp / "swarm.key")
+    for name, cap in caps_mb.items():
+        args = ["--config", str(config), "--port", "0", "--max-memory-mb", str(cap), "--no-mdns"]
+        args += ["--state-dir", str(tmp / name), "--swarm-key-file", str(tmp / "swarm.key")]
+        if peers:
+            args += ["--join", str(peers[0].url).removeprefix("http://")]
+        peers.append(PeerProcess(name, args, tmp, threads).start())
+        peers[-1].wait_url()
+
+    def ready() -> dict[str, Any] | None:
+        status = peers[0].status()
+        if status is None or not status["ready"] or status["layer_map"] is None:
+            return None
+        alive = sum(p["state"] == "alive" for p in status["peers"]) == len(peers)
+        return status if alive and len(status["layer_map"]["stages"]) == len(peers) else None
+
+    return wait_for(ready, 180, "the swarm to be ready", lambda: "\n".join(p.log()[-800:] for p in peers))
