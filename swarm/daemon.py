@@ -38,6 +38,8 @@ from swarm.stage_host import StageHost
 
 log = logging.getLogger("swarm")
 
+SHUTDOWN_GRACE_S = 3.0  # in-flight HTTP requests get this long to end when the peer stops
+
 
 def is_loopback(host: str) -> bool:
     """Whether `host` names only this machine."""
@@ -151,7 +153,9 @@ class PeerServer:
 
     async def start(self) -> str:
         """Bind, start the node and announce it; returns the peer's URL."""
-        self._runner = web.AppRunner(make_app(self.node), access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            make_app(self.node), access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.node.host, self.config.node.port)
         await site.start()
@@ -174,7 +178,9 @@ class PeerServer:
         return self.url
 
     async def close(self) -> None:
-        """Withdraw the announcement, stop serving, then stop the node; safe to call twice."""
+        """Withdraw the announcement, end this entry's generations with an error, stop serving,
+        then stop the node; safe to call twice."""
+        self.node.stopping = True
         if self._discovery is not None:
             discovery, self._discovery = self._discovery, None
             await discovery.close()

@@ -195,6 +195,7 @@ class Entry:
         node = self.node
         deadline = time.monotonic() + node.config.serving.recovery_timeout_s
         while True:
+            _check_running(node)
             if node.layer_map is not None and node.ready():
                 return node.layer_map
             too_small = node.capacity_error()
@@ -213,6 +214,7 @@ class Entry:
         sent, and the input and start actually used (the history from 0 after a replay)."""
         deadline = time.monotonic() + self.node.config.serving.recovery_timeout_s
         while True:
+            _check_running(self.node)
             body = {**pipe.base, "start": start, "input": pack(torch.tensor([ids], dtype=torch.int64))}
             if first:
                 body["open"] = opening
@@ -315,6 +317,7 @@ class _Pipeline:
         )
         same_epoch_after = time.monotonic() + max(wait, min(MAX_BACKOFF_S, RENEW_POLL_S * 2 ** (self.retries - 1)))
         while True:
+            _check_running(node)
             too_small = node.capacity_error()
             if too_small is not None:
                 raise NotReady(f"the swarm could not continue the generation ({failed}): {too_small}")
@@ -327,6 +330,11 @@ class _Pipeline:
                 missing = "; ".join(node.status()["errors"]) or "no layer map is ready"
                 raise NotReady(f"the swarm could not continue the generation ({failed}): {missing}")
             await asyncio.sleep(RENEW_POLL_S)
+
+
+def _check_running(node: Node) -> None:
+    if node.stopping:
+        raise NotReady("this peer is shutting down; send the request to another peer")
 
 
 def _sampling_json(request: Request) -> dict[str, Any]:

@@ -131,6 +131,7 @@ class Node:
         self._checks: dict[str, asyncio.Task[bool]] = {}  # peer id -> its probe in flight
         self._last_round: float | None = None  # when the gossip loop last ran
         self._closed = False
+        self.stopping = False  # set when the peer begins to shut down: its generations end at once
 
     # ---- lifetime -------------------------------------------------------------------------------
 
