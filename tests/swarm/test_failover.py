@@ -175,7 +175,6 @@ def test_a_paused_stage_past_the_dead_timeout_rejoins_cleanly(swarm: Swarm) -> N
         return found if whole and len(maps) == 1 else None  # type: ignore[return-value]
 
     found = wait_for(converged, 60, "all three peers to follow one ready map", swarm.logs)
-    assert found[0]["incarnation"] >= 1
     for s in found:
         ids = [p["peer_id"] for p in s["peers"]]
         assert len(ids) == len(set(ids)) == 3

@@ -1,6 +1,7 @@
 """Gossip membership as pure state, driven with explicit times: joins only from a peer's own
-account, suspicion and death when heartbeats stall, revival only by a higher incarnation,
-refutation of this peer's own reported death, the member cap, and the hostile-input parsers."""
+account, suspicion and death when heartbeats stall, death declared on direct evidence, forgiveness
+after this peer's own stall, revival only by a higher incarnation, refutation of this peer's own
+reported death, the member cap, and the hostile-input parsers."""
 
 from __future__ import annotations
 
@@ -346,3 +347,112 @@ def test_parse_digest_allows_the_member_limit_plus_the_sender() -> None:
     raw = [{"info": info(f"p{i}").to_dict(), "dead": i % 2 == 0} for i in range(CONFIG.max_members + 1)]
     assert len(parse_digest(raw, CONFIG.max_members)) == CONFIG.max_members + 1
     assert parse_digest([], CONFIG.max_members) == []
+
+
+# ---- direct failure detection ------------------------------------------------------------------------
+
+
+def test_declare_dead_kills_a_live_or_a_suspect_member_and_names_the_cause() -> None:
+    m = view(info("a"), info("b"))
+    assert m.merge([(info("b", heartbeat=1), False)], T0 + 0.2) == []
+    now = T0 + CONFIG.suspect_after_s + 0.01
+    assert m.tick(now) == events(("a", "suspect"))
+    assert m.declare_dead("a", now, "probe refused") == [Event("a", "dead", "probe refused")]
+    assert m.declare_dead("b", now + 0.01, "probe timeout") == [Event("b", "dead", "probe timeout")]
+    assert m.state_of("a") is State.DEAD and m.state_of("b") is State.DEAD
+    assert m.members["a"].died_at == now and m.members["b"].died_at == now + 0.01
+    assert [i.peer_id for i in m.live()] == ["me"]
+
+
+def test_declaring_a_dead_or_an_unknown_peer_dead_gives_no_events() -> None:
+    m = view(info("a"), info("b"))
+    assert m.declare_dead("a", T0 + 0.1, "probe refused") == [Event("a", "dead", "probe refused")]
+    assert m.declare_dead("a", T0 + 0.2, "probe refused again") == []
+    assert m.members["a"].died_at == T0 + 0.1  # the first death stands; its forget deadline does not move
+    assert m.declare_dead("stranger", T0 + 0.2, "probe refused") == []
+    assert m.declare_dead("me", T0 + 0.2, "probe refused") == []
+    assert m.state_of("stranger") is None and m.state_of("me") is State.ALIVE
+    assert m.tick(T0 + CONFIG.dead_after_s + 0.01) == events(("b", "dead"))  # by silence: no cause
+    assert m.declare_dead("b", T0 + 1, "probe refused") == []
+
+
+def test_a_declared_death_is_undone_only_by_a_higher_incarnation() -> None:
+    m = view(info("a", incarnation=2))
+    m.declare_dead("a", T0 + 0.1, "probe refused")
+    # Its own account, or hearsay of it alive, at the same incarnation: the death stands.
+    assert m.merge([(info("a", incarnation=2, heartbeat=9), False)], T0 + 0.2) == []
+    assert m.admit(info("a", incarnation=2, heartbeat=10), T0 + 0.3) == []
+    assert m.state_of("a") is State.DEAD and m.members["a"].info.heartbeat == 0
+    assert m.admit(info("a", incarnation=3), T0 + 0.4) == events(("a", "rejoined"))
+    assert m.state_of("a") is State.ALIVE and m.members["a"].died_at is None
+
+
+def test_a_declared_death_spreads_in_the_digest() -> None:
+    a, b = info("a"), info("b")
+    m = view(a, b)
+    m.declare_dead("a", T0 + 0.1, "probe refused")
+    assert parse_digest(m.digest(), CONFIG.max_members) == [(m.me, False), (a, True), (b, False)]
+    # A peer that hears the digest kills it too, though it never probed it.
+    other = Membership(info("other"), CONFIG)
+    other.admit(a, T0)
+    other.admit(m.me, T0)
+    assert other.merge(parse_digest(m.digest(), CONFIG.max_members), T0 + 0.2) == events(("a", "dead"))
+    assert other.state_of("a") is State.DEAD and other.state_of("me") is State.ALIVE
+
+
+def test_forgive_after_a_long_gap_restarts_every_deadline() -> None:
+    late = T0 + CONFIG.dead_after_s + 5  # this peer stood still for far longer than the dead timeout
+    unforgiving, forgiving = view(info("a"), info("b")), view(info("a"), info("b"))
+    assert unforgiving.tick(late) == events(("a", "dead"), ("b", "dead"))
+    forgiving.forgive(late)
+    assert forgiving.tick(late) == []
+    assert forgiving.state_of("a") is State.ALIVE and forgiving.state_of("b") is State.ALIVE
+    # The deadlines restart from the gap's end; they are not abolished.
+    assert forgiving.tick(late + CONFIG.suspect_after_s) == []
+    assert forgiving.tick(late + CONFIG.suspect_after_s + 0.01) == events(("a", "suspect"), ("b", "suspect"))
+    assert forgiving.tick(late + CONFIG.dead_after_s + 0.01) == events(("a", "dead"), ("b", "dead"))
+
+
+def test_forgive_spares_a_suspect_member_until_a_full_dead_timeout_later() -> None:
+    m = view(info("a"))
+    suspect_at = T0 + CONFIG.suspect_after_s + 0.01
+    assert m.tick(suspect_at) == events(("a", "suspect"))
+    late = T0 + CONFIG.dead_after_s + 5
+    m.forgive(late)
+    assert m.tick(late) == []
+    assert m.tick(late + CONFIG.dead_after_s) == []
+    assert m.tick(late + CONFIG.dead_after_s + 0.01) == events(("a", "dead"))
+
+
+def test_forgive_does_not_revive_the_dead_or_move_their_forget_deadline() -> None:
+    m = view(info("a"))
+    m.declare_dead("a", T0 + 0.1, "probe refused")
+    late = T0 + CONFIG.dead_after_s + 0.5  # before its forget deadline
+    m.forgive(late)
+    assert m.state_of("a") is State.DEAD and m.members["a"].advanced_at == T0
+    assert [i.peer_id for i in m.live()] == ["me"]
+    assert m.tick(late) == []
+    assert m.tick(T0 + 0.1 + CONFIG.forget_after_s) == []
+    assert m.tick(T0 + 0.1 + CONFIG.forget_after_s + 0.01) == events(("a", "forgotten"))
+
+
+def test_forgive_never_moves_a_deadline_back() -> None:
+    m = view(info("a"), now=T0 + 1)
+    m.forgive(T0)  # a clock reading older than the member's last heartbeat
+    assert m.members["a"].advanced_at == T0 + 1
+    assert m.tick(T0 + 1 + CONFIG.suspect_after_s) == []
+
+
+def test_quiet_for_counts_from_the_last_heartbeat_that_went_up() -> None:
+    m = view(info("a"))
+    assert m.quiet_for("a", T0 + 0.25) == pytest.approx(0.25)
+    m.merge([(info("a", heartbeat=1), False)], T0 + 0.2)
+    assert m.quiet_for("a", T0 + 0.5) == pytest.approx(0.3)
+    m.merge([(info("a", heartbeat=1), False)], T0 + 0.4)  # the same heartbeat again: still quiet
+    assert m.quiet_for("a", T0 + 0.5) == pytest.approx(0.3)
+    m.forgive(T0 + 1)
+    assert m.quiet_for("a", T0 + 1.5) == pytest.approx(0.5)
+    m.declare_dead("a", T0 + 1.2, "probe refused")  # a death is no heartbeat
+    assert m.quiet_for("a", T0 + 1.5) == pytest.approx(0.5)
+    assert m.quiet_for("me", T0 + 9) == 0.0
+    assert m.quiet_for("stranger", T0 + 9) == 0.0

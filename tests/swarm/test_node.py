@@ -1,16 +1,28 @@
 """Peers in one process on 127.0.0.1 (no mDNS): a restarted higher-ranked peer adopts the current
 layer map and takes over with a higher term; term and incarnation persist across restarts; a peer
-too small for one layer stands by; a swarm too small for the model says so with the bytes."""
+too small for one layer stands by; a swarm too small for the model says so with the bytes; a
+member that fails a direct probe is declared dead at once, one that answers is left alone, and a
+peer that was itself stalled restarts its members' deadlines instead of killing them."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
+import logging
 import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from swarm.identity import STATE_FILE
+from swarm.daemon import PeerServer
+from swarm.identity import STATE_FILE, Identity
+from swarm.membership import Event, MemberInfo, State
+from swarm.node import Node
 from tests.swarm.test_security import hostport, members, peer, until
 
 pytestmark = pytest.mark.timeout(120)
@@ -128,3 +140,174 @@ async def test_a_starting_peer_answers_status_with_503(tmp_path: Path, model_dir
         resp = await client.get("/healthz")
         assert resp.status == 200 and (await resp.json())["ready"] is False
     await node.close()
+
+
+# ---- direct failure detection ------------------------------------------------------------------------
+
+# No gossip round after the first, no election and no expiry of its own during a test: a member's
+# fate is decided by the checks under test alone.
+STILL: dict[str, Any] = {
+    "gossip": {"interval_s": 30.0, "suspect_after_s": 60.0, "dead_after_s": 120.0},
+    "election": {"startup_grace_s": 120.0},
+}
+
+
+async def first_round_done(server: PeerServer) -> None:
+    """Wait for the node's first gossip round, which runs at once at start; the next is long after."""
+    await until(lambda: server.node.membership is not None and server.node.membership.me.heartbeat > 0, "a round")
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound by the OS, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def admit_stranger(node: Node, url: str, *, quiet_s: float = 0.0) -> str:
+    """Admit a made-up member at `url` whose heartbeat last went up `quiet_s` ago; its peer id."""
+    assert node.membership is not None
+    info = dataclasses.replace(node.membership.me, peer_id=Identity.generate().peer_id, node_id="stranger", url=url)
+    assert node.membership.admit(info, node.clock() - quiet_s) == [Event(info.peer_id, "joined")]
+    return info.peer_id
+
+
+def count_probes(node: Node, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The peer ids `node` gossips with from now on, one entry per exchange."""
+    probed: list[str] = []
+    real = node._gossip_to
+
+    async def counted(info: MemberInfo) -> str | None:
+        probed.append(info.peer_id)
+        return await real(info)
+
+    monkeypatch.setattr(node, "_gossip_to", counted)
+    return probed
+
+
+@asynccontextmanager
+async def silent_server() -> AsyncIterator[str]:
+    """A listener on 127.0.0.1 that accepts connections and never answers; its URL."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        await reader.read()  # until the client gives up and hangs up
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+        await server.wait_closed()
+
+
+def dead_in_digest(node: Node) -> dict[str, bool]:
+    assert node.membership is not None
+    return {entry["info"]["peer_id"]: entry["dead"] for entry in node.membership.digest()}
+
+
+async def test_check_peer_declares_a_member_refusing_connections_dead_at_once(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="swarm")
+    async with peer(tmp_path, model_dir, "a", None, **STILL) as a:
+        await first_round_done(a)
+        node = a.node
+        assert node.membership is not None
+        # Its heartbeat is fresh: only the refused probe condemns it.
+        gone = admit_stranger(node, f"http://127.0.0.1:{closed_port()}")
+        probes = count_probes(node, monkeypatch)
+        assert await node.check_peer(gone, "step to stage 1: Connection refused") is True
+        assert probes == [gone]
+        assert node.membership.state_of(gone) is State.DEAD
+        assert dead_in_digest(node)[gone] is True  # the news goes out with the next digest
+        (line,) = [r.getMessage() for r in caplog.records if f"peer {gone} (stranger) dead:" in r.getMessage()]
+        assert "unreachable on the data path (step to stage 1: Connection refused)" in line
+        assert "probe refused" in line
+        # Asked again: already dead, and nobody is probed twice.
+        assert await node.check_peer(gone, "step to stage 1: Connection refused") is True
+        assert probes == [gone]
+
+
+async def test_check_peer_waits_for_a_quiet_heartbeat_before_a_timeout_kills(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with peer(tmp_path, model_dir, "a", None, **STILL) as a, silent_server() as url:
+        await first_round_done(a)
+        node = a.node
+        assert node.membership is not None
+        probes = count_probes(node, monkeypatch)
+        # A slow peer whose heartbeat still advances is not dead: it may be busy with a long step.
+        busy = admit_stranger(node, url)
+        assert await node.check_peer(busy, "no reply to a step") is False
+        assert probes == [busy] and node.membership.state_of(busy) is State.ALIVE
+        # Silent to the probe and quiet beyond the suspect timeout: dead. Two checks at once share one probe.
+        stuck = admit_stranger(node, url, quiet_s=node.config.gossip.suspect_after_s + 1)
+        first, second = await asyncio.gather(
+            node.check_peer(stuck, "no reply to a step"), node.check_peer(stuck, "no reply to a close")
+        )
+        assert first is True and second is True
+        assert probes.count(stuck) == 1  # then the news goes to the live: busy
+        assert node.membership.state_of(stuck) is State.DEAD and node.membership.state_of(busy) is State.ALIVE
+
+
+async def test_check_peer_leaves_a_member_that_answers_alive(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = os.urandom(32)
+    async with (
+        peer(tmp_path, model_dir, "a", key, **STILL) as a,
+        peer(tmp_path, model_dir, "b", key, [hostport(a)], **STILL) as b,
+    ):
+        a_id, b_id = a.node.peer_id, b.node.peer_id
+        await until(lambda: b_id in members(a) and a_id in members(b), "a and b to meet")
+        await first_round_done(a)
+        await first_round_done(b)
+        assert a.node.membership is not None
+        probes = count_probes(a.node, monkeypatch)
+        assert await a.node.check_peer(b_id, "no reply to a step") is False
+        assert probes == [b_id] and a.node.membership.state_of(b_id) is State.ALIVE
+        # Something answers at an impostor's address, but not as that peer: an answer all the same,
+        # so no proof of death.
+        misdirected = b.node.drops["misdirected"]
+        impostor = admit_stranger(a.node, b.url)
+        assert await a.node.check_peer(impostor, "no reply to a step") is False
+        assert b.node.drops["misdirected"] == misdirected + 1  # the probe did reach b
+        assert a.node.membership.state_of(impostor) is State.ALIVE
+
+
+async def test_check_peer_of_itself_or_an_unknown_peer_probes_nobody(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with peer(tmp_path, model_dir, "a", None, **STILL) as a:
+        await first_round_done(a)
+        node = a.node
+        probes = count_probes(node, monkeypatch)
+        assert await node.check_peer(node.peer_id, "no reply to a step") is False
+        assert await node.check_peer(Identity.generate().peer_id, "no reply to a step") is False
+        assert probes == []
+        assert node.membership is not None and node.membership.state_of(node.peer_id) is State.ALIVE
+
+
+async def test_a_gossip_round_after_this_peer_stalled_kills_nobody(tmp_path: Path, model_dir: Path) -> None:
+    async with peer(tmp_path, model_dir, "a", None, **STILL) as a:
+        await first_round_done(a)
+        node = a.node
+        assert node.membership is not None
+        long_ago = node.config.gossip.dead_after_s + 5
+        url = f"http://127.0.0.1:{closed_port()}"
+        # This peer's last round was long ago (it was stopped): the members' silence is its own.
+        spared = admit_stranger(node, url, quiet_s=long_ago)
+        node._last_round = node.clock() - long_ago
+        node._gossip_round()
+        assert node.membership.state_of(spared) is State.ALIVE
+        assert node.membership.quiet_for(spared, node.clock()) < node.config.gossip.suspect_after_s
+        # Without the stall, the same silence is fatal.
+        silent = admit_stranger(node, url, quiet_s=long_ago)
+        node._gossip_round()
+        assert node.membership.state_of(silent) is State.DEAD
+        assert node.membership.state_of(spared) is State.ALIVE
