@@ -323,8 +323,8 @@ def kill_mid_stream(
     replays = entry.log().count("replaying")  # the entry logs one per session it replays
     try:
         streamed = timed_stream(str(entry.url), body, kill_after, victim)
-    except SwarmError as e:
-        return {**row, "error": str(e)}
+    except (SwarmError, OSError, ValueError) as e:  # an error event, or the stream timed out or broke
+        return {**row, "error": f"{type(e).__name__}: {e}"}
     times = failover_times(streamed["arrivals"], streamed["killed_at"] or float("inf"))
     if times is None:
         return {**row, "error": "no chunk came after the kill"}

@@ -220,6 +220,7 @@ class Entry:
                 body["open"] = opening
             try:
                 reply, sent = await self._watched(pipe, body)
+                pipe.retries = 0
                 return reply, sent, ids, start
             except MessageRejected as e:
                 if e.reason not in RECOVERABLE:
@@ -242,13 +243,13 @@ class Entry:
         moving on to a new epoch that is ready, abandons the step as a recoverable failure."""
         node = self.node
         step = asyncio.ensure_future(node.data_request(pipe.route[0], "step", body))
+        check: asyncio.Future[tuple[str, str] | None] | None = None
         try:
             done, _ = await asyncio.wait({step}, timeout=node.config.serving.hop_check_after_s)
             while not done:
                 check = asyncio.ensure_future(self._check_route(pipe))
                 await asyncio.wait([step, check], return_when=asyncio.FIRST_COMPLETED)
                 if step.done():
-                    check.cancel()
                     break
                 problem = check.result()
                 if problem is not None:
@@ -256,8 +257,9 @@ class Entry:
                 done, _ = await asyncio.wait({step}, timeout=node.config.gossip.interval_s)
             return step.result()
         finally:
-            if not step.done():
-                step.cancel()
+            for task in (step, check):
+                if task is not None and not task.done():
+                    task.cancel()
 
     async def _check_route(self, pipe: _Pipeline) -> tuple[str, str] | None:
         """Why the pipeline of a step that is taking long cannot answer, if it cannot."""

@@ -505,9 +505,13 @@ class Node:
             return state is State.DEAD
         task = self._checks.get(peer_id)
         if task is None:
+            if self._closed:
+                return False
             task = asyncio.create_task(self._probe(peer_id, why))
             self._checks[peer_id] = task
+            self._tasks.add(task)  # cancelled by close() like every background task
             task.add_done_callback(lambda _: self._checks.pop(peer_id, None))
+            task.add_done_callback(self._tasks.discard)
         return await asyncio.shield(task)
 
     async def _probe(self, peer_id: str, why: str) -> bool:
@@ -516,6 +520,8 @@ class Node:
         if member is None:
             return False
         failure = await self._gossip_to(member.info)
+        if self._closed:
+            return False  # our own session closing under the probe says nothing about the peer
         now = self.clock()
         quiet = self.membership.quiet_for(peer_id, now)
         if failure is None or failure == "rejected":
@@ -576,6 +582,11 @@ class Node:
         if self.membership.me.incarnation != incarnation:
             self._persist()
         for info, dead in entries:
+            member = self.membership.members.get(info.peer_id)
+            if dead and member and member.state is not State.DEAD and member.info.incarnation == info.incarnation:
+                # A death rumour this peer did not take (it heard a later heartbeat): someone saw
+                # the member fail on the data path, perhaps. Probe it too rather than wait it out.
+                self._spawn(self.check_peer(info.peer_id, "another peer reports it dead"))
             self.max_epoch = max(self.max_epoch, info.epoch)
             if not dead and info.peer_id != self.peer_id and self.membership.state_of(info.peer_id) is None:
                 self._introduce(info.url)  # hearsay: meet it ourselves before it counts

@@ -203,10 +203,9 @@ async def _run(request: web.Request, chat: bool) -> web.StreamResponse:
         entry.check(req)
     except InvalidInput as e:
         raise ApiError(400, str(e), param="max_tokens") from e
-    try:
-        await entry.wait_ready()  # a repartition under way is a pause; a swarm too small, a 503 at once
-    except NotReady as e:
-        raise _failure(e) from e
+    too_small = None if node.ready() else node.capacity_error()
+    if too_small is not None:  # a 503 at once; a repartition under way is only a pause (in generate)
+        raise _failure(NotReady(too_small))
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     timings = Timings()

@@ -165,12 +165,15 @@ class StageService:
                 raise MessageRejected("malformed", "open must be {max_length, sampling}")
             sampling = sampling_of(opening.get("sampling", {}))
             self._run(executor.open_session, session, opening["max_length"], sampling)
+            open_now = set(executor.session_ids())  # forget sessions closed or evicted meanwhile
+            self._epoch_of = {sid: e for sid, e in self._epoch_of.items() if sid in open_now}
             self._epoch_of[session] = body["epoch"]
         try:
             result = await asyncio.to_thread(self._run, executor.step, session, inputs, positions)
         except BaseException:
             if opening is not None:
                 executor.close_session(session)
+                self._epoch_of.pop(session, None)
             raise
         me = {"peer_id": self.node.peer_id, "node_id": self.node.node_id, "compute_s": result.compute_s}
         if stage.is_last:
@@ -210,6 +213,7 @@ class StageService:
             raise MessageRejected("malformed", "session must be a string")
         executor = self._executor
         closed = executor.close_session(session) if executor is not None else False
+        self._epoch_of.pop(session, None)
         if len(route) > 1 and route[0].peer_id == self.node.peer_id:
             try:
                 forward = {"session": session, "epoch": body.get("epoch"), "route": route_json(route[1:])}
