@@ -3,7 +3,8 @@ reserved against the stage's byte budget, and refused with CacheFull beyond it),
 token ids (first stage) or hidden states and their positions, and closed; sessions idle past the
 timeout are evicted. The last stage samples the next token itself, so logits never leave it.
 Every input is validated before any state changes, so a bad request leaves other sessions, and its
-own session, as they were. Thread-safe: steps of different sessions may run in parallel threads."""
+own session, as they were. Steps of several sessions run as one forward pass (`step_many`), which
+is how a stage batches the sessions that are in step. Thread-safe: calls may come from several threads."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +31,7 @@ from peer.kv_cache import SessionKVCache
 from peer.profile import ModelProfile, head_dim
 from peer.resources import MIB
 from peer.sampling import SamplingParams, sample
-from peer.stage import StageModel
+from peer.stage import StageModel, Step
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,21 @@ class StepResult:
     compute_s: float = 0.0  # wall time of the forward pass and sampling
 
 
+@dataclass(frozen=True)
+class StepRequest:
+    """One session's step, as `step_many` takes it: see `StageExecutor.step` for the shapes."""
+
+    session_id: str
+    inputs: torch.Tensor
+    positions: torch.Tensor
+
+
 @dataclass
 class ExecutorStats:
     """Counters for metrics and logs."""
 
-    steps: int = 0
+    steps: int = 0  # session steps
+    batches: int = 0  # forward passes, each running one or more session steps
     tokens_in: int = 0
     compute_s: float = 0.0
     opened: int = 0
@@ -199,7 +210,6 @@ class StageExecutor:
 
     # -- steps -----------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def step(
         self,
         session_id: str,
@@ -214,44 +224,74 @@ class StageExecutor:
         start replays: the cache is cut back first). all_logits (last stage only) returns logits for
         every position as well as the sampled token; tests compare them with Hugging Face.
         """
+        result = self.step_many([StepRequest(session_id, inputs, positions)], all_logits=all_logits)[0]
+        if isinstance(result, ExecutorError):
+            raise result
+        return result
+
+    @torch.inference_mode()
+    def step_many(
+        self, requests: Sequence[StepRequest], *, all_logits: bool = False
+    ) -> list[StepResult | ExecutorError]:
+        """Run one step of each of several sessions in a single forward pass (see `step`).
+
+        Each request gets its result, or the error that refused it; a refused request changes
+        nothing and does not hold the others back. A session may appear once per call."""
+        outcomes: list[StepResult | ExecutorError] = []
+        accepted: list[tuple[int, Session, torch.Tensor, torch.Tensor]] = []
         with self._lock:
-            session = self._get(session_id)
-            if session.busy:
-                raise SessionBusy(f"session {session_id!r} already has a step in progress")
-            try:
-                inputs = self._check_inputs(session, inputs)
-                positions = self._check_positions(session, positions, inputs.shape[1])
-            except ExecutorError as e:
-                self._refuse(type(e).__name__)
-                raise
-            session.busy = True
+            for i, request in enumerate(requests):
+                try:
+                    session = self._get(request.session_id)
+                    if session.busy:
+                        raise SessionBusy(f"session {request.session_id!r} already has a step in progress")
+                    inputs = self._check_inputs(session, request.inputs)
+                    positions = self._check_positions(session, request.positions, inputs.shape[1])
+                except ExecutorError as e:
+                    if not isinstance(e, UnknownSession):  # _get counted that one
+                        self._refuse(type(e).__name__)
+                    outcomes.append(e)
+                    continue
+                session.busy = True
+                accepted.append((i, session, inputs, positions))
+                outcomes.append(StepResult())
+        if not accepted:
+            return outcomes
         try:
             t0 = time.perf_counter()
-            cache = session.cache
-            cache.begin_step(int(positions[0, 0]), inputs.shape[1])
-            out = self.stage(inputs, positions, cache, all_logits=all_logits)
-            cache.commit()
-            if self.stage.is_last:
-                # The draw for the token at position p depends on (seed, p, logits) only.
-                last = out[:, -1] if all_logits else out
-                tokens, logprobs = sample(last, session.sampling, step=int(positions[0, -1]) + 1)
-                result = StepResult(tokens=tokens, logprobs=logprobs, logits=out if all_logits else None)
-            else:
-                result = StepResult(hidden=out)
+            for _, session, inputs, positions in accepted:
+                session.cache.begin_step(int(positions[0, 0]), inputs.shape[1])
+            outs = self.stage.forward_batch(
+                [Step(inputs, positions, session.cache) for _, session, inputs, positions in accepted], all_logits
+            )
+            results = []
+            for (_, session, _, positions), out in zip(accepted, outs, strict=True):
+                session.cache.commit()
+                if self.stage.is_last:
+                    # The draw for the token at position p depends on (seed, p, logits) only.
+                    last = out[:, -1] if all_logits else out
+                    tokens, logprobs = sample(last, session.sampling, step=int(positions[0, -1]) + 1)
+                    results.append(StepResult(tokens=tokens, logprobs=logprobs, logits=out if all_logits else None))
+                else:
+                    results.append(StepResult(hidden=out))
             elapsed = time.perf_counter() - t0
             with self._lock:
-                session.steps += 1
-                session.compute_s += elapsed
-                self.stats.steps += 1
-                self.stats.tokens_in += inputs.shape[0] * inputs.shape[1]
+                self.stats.batches += 1
                 self.stats.compute_s += elapsed
+                for (i, session, inputs, _), result in zip(accepted, results, strict=True):
+                    session.steps += 1
+                    session.compute_s += elapsed
+                    self.stats.steps += 1
+                    self.stats.tokens_in += inputs.shape[0] * inputs.shape[1]
+                    outcomes[i] = dataclasses.replace(result, compute_s=elapsed)
         finally:
             with self._lock:
-                session.busy = False
-                session.last_used = self.clock()
-                if session.closing:  # closed mid-step: its reservation is released only now
-                    self._sessions.pop(session_id, None)
-        return dataclasses.replace(result, compute_s=elapsed)
+                for _, session, _, _ in accepted:
+                    session.busy = False
+                    session.last_used = self.clock()
+                    if session.closing:  # closed mid-step: its reservation is released only now
+                        self._sessions.pop(session.session_id, None)
+        return outcomes
 
     def _get(self, session_id: str) -> Session:
         try:

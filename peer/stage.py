@@ -1,20 +1,46 @@
 """One pipeline stage of a Llama-architecture model: the decoder layers [start, end), plus the
 token embeddings on the first stage and the final norm and LM head on the last. Plain torch.nn
-around transformers' own Llama layers, so a chain of stages computes exactly what the whole
-Hugging Face model computes. It knows nothing of sessions, budgets, files or networks."""
+around transformers' own Llama modules and weights, so a chain of stages computes what the whole
+Hugging Face model computes. A forward pass takes the steps of several sessions at once as one
+ragged batch: every token of every session is a row of the token-wise work (norms, projections,
+MLP), and only attention runs per session, against that session's own KV cache. It knows nothing
+of sessions' lifetimes, budgets, files or networks."""
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import (
+    LlamaDecoderLayer,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+)
 
 from peer.errors import LayerRangeError
 from peer.kv_cache import SessionKVCache
 from peer.profile import check_supported
+
+# Weights with at least this many elements go through oneDNN's inner product on CPU at float32:
+# on the CPUs measured it reads a large weight matrix up to 3x faster than the default BLAS path,
+# for one row and for sixteen, while for small matrices its fixed cost per call loses.
+ONEDNN_MIN_WEIGHT_ELEMENTS = 3 << 18
+
+
+@dataclass(frozen=True)
+class Step:
+    """One session's part of a forward pass; the caller has called cache.begin_step(positions[0, 0], T)."""
+
+    inputs: torch.Tensor  # token ids [B, T] (first stage) or hidden states [B, T, D]
+    positions: torch.Tensor  # [B, T]
+    cache: SessionKVCache
 
 
 class StageModel(nn.Module):
@@ -58,28 +84,92 @@ class StageModel(nn.Module):
         cache: SessionKVCache,
         all_logits: bool = False,
     ) -> torch.Tensor:
-        """Run the stage on one step of a session.
+        """Run the stage on one step of one session; see `forward_batch`."""
+        return self.forward_batch([Step(inputs, positions, cache)], all_logits)[0]
 
-        inputs: token ids [B, T] (first stage) or hidden states [B, T, D]; positions: [B, T].
-        Returns hidden states [B, T, D], or on the last stage logits [B, V] for the final position
-        ([B, T, V] with all_logits). The caller has called cache.begin_step(positions[0, 0], T).
+    def forward_batch(self, steps: Sequence[Step], all_logits: bool = False) -> list[torch.Tensor]:
+        """Run the stage on one step of each of several sessions, in one pass.
+
+        Returns per step hidden states [B, T, D], or on the last stage logits [B, V] for the final
+        position ([B, T, V] with all_logits).
         """
-        hidden = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs  # [B, T, D]
-        position_embeddings = self.rotary_emb(hidden, positions)
-        mask = causal_mask(cache.length, hidden.shape[1], hidden.device)
+        d = self.config.hidden_size
+        if self.embed_tokens is not None:
+            hidden = self.embed_tokens(torch.cat([s.inputs.reshape(-1) for s in steps]))  # [N, D]
+        else:
+            hidden = torch.cat([s.inputs.reshape(-1, d) for s in steps])  # [N, D]
+        positions = torch.cat([s.positions.reshape(-1) for s in steps])  # [N]
+        cos, sin = self.rotary_emb(hidden[None], positions[None])  # [1, N, head_dim] each
+        rope = cos[0], sin[0]  # [N, head_dim]: one row per token, broadcast over heads by apply_rotary_pos_emb
+        spans, at = [], 0
+        for s in steps:
+            n = s.positions.numel()
+            spans.append((at, at + n, *s.positions.shape))
+            at += n
+        masks = [causal_mask(s.cache.length, s.positions.shape[1], hidden.device) for s in steps]
         for layer in self.layers:
-            hidden = layer(
-                hidden,
-                attention_mask=mask,
-                position_ids=positions,
-                cache=cache,
-                position_embeddings=position_embeddings,
-            )
+            hidden = self._layer(cast(LlamaDecoderLayer, layer), hidden, rope, steps, spans, masks)
         if self.norm is None or self.lm_head is None:
-            return hidden
-        if not all_logits:
-            hidden = hidden[:, -1, :]  # only the next token's logits are needed: [B, D]
-        return self.lm_head(self.norm(hidden))
+            return [hidden[a:b].view(rows, t, d) for a, b, rows, t in spans]
+        if all_logits:
+            logits = linear(self.norm(hidden), self.lm_head)  # [N, V]
+            return [logits[a:b].view(rows, t, -1) for a, b, rows, t in spans]
+        # Only the next token's logits are needed: the last position of every row of every step.
+        last = torch.cat([torch.arange(a + t - 1, b, t, device=hidden.device) for a, b, _, t in spans])
+        logits = linear(self.norm(hidden[last]), self.lm_head)  # [rows in all, V]
+        return list(logits.split([rows for _, _, rows, _ in spans]))
+
+    def _layer(
+        self,
+        layer: LlamaDecoderLayer,
+        hidden: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        steps: Sequence[Step],
+        spans: list[tuple[int, int, int, int]],
+        masks: list[torch.Tensor | None],
+    ) -> torch.Tensor:
+        """One decoder layer over the ragged batch hidden [N, D]: the arithmetic of transformers'
+        LlamaDecoderLayer with SDPA attention, with attention split by session."""
+        attn, mlp = layer.self_attn, layer.mlp
+        n, head_dim = hidden.shape[0], attn.head_dim
+        x = layer.input_layernorm(hidden)
+        q = linear(x, attn.q_proj).view(n, -1, head_dim)  # [N, H, hd]
+        k = linear(x, attn.k_proj).view(n, -1, head_dim)  # [N, H_kv, hd]
+        v = linear(x, attn.v_proj).view(n, -1, head_dim)
+        q, k = apply_rotary_pos_emb(q, k, *rope, unsqueeze_dim=1)
+        outputs = []
+        for step, (a, b, rows, t), mask in zip(steps, spans, masks, strict=True):
+            qs, ks, vs = (y[a:b].view(rows, t, -1, head_dim).transpose(1, 2) for y in (q, k, v))  # [B, H, T, hd]
+            keys, values = step.cache.update(ks, vs, attn.layer_idx)  # [B, H_kv, past + T, hd]
+            out = F.scaled_dot_product_attention(
+                qs, keys, values, attn_mask=mask, is_causal=mask is None and t > 1, scale=attn.scaling, enable_gqa=True
+            )  # [B, H, T, hd]
+            outputs.append(out.transpose(1, 2).reshape(b - a, -1))
+        hidden = hidden + linear(torch.cat(outputs) if len(outputs) > 1 else outputs[0], attn.o_proj)
+        x = layer.post_attention_layernorm(hidden)
+        return hidden + linear(mlp.act_fn(linear(x, mlp.gate_proj)) * linear(x, mlp.up_proj), mlp.down_proj)
+
+
+def linear(x: torch.Tensor, module: nn.Linear) -> torch.Tensor:
+    """module(x), through oneDNN for large float32 weights on CPU where that is available."""
+    w = module.weight
+    if w.numel() >= ONEDNN_MIN_WEIGHT_ELEMENTS and w.dtype == torch.float32 and w.device.type == "cpu" and onednn():
+        return torch.ops.mkldnn._linear_pointwise(x, w, module.bias, "none", [], "")
+    return F.linear(x, w, module.bias)
+
+
+@functools.cache
+def onednn() -> bool:
+    """Whether this torch has oneDNN's CPU inner product and it agrees with F.linear here."""
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 64, generator=gen), torch.randn(32, 64, generator=gen)
+    try:
+        got = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    except RuntimeError:
+        return False
+    return bool(torch.allclose(got, F.linear(x, w), atol=1e-4))
 
 
 def causal_mask(past: int, new: int, device: torch.device) -> torch.Tensor | None:

@@ -460,9 +460,499 @@ def failover(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# -- performance: the Hugging Face baseline against the swarm ------------------------------------
+
+MODELS = ("smollm2", "tinyllama-float32", "tinyllama-bfloat16")
+DECODE_PROMPT = "The history of the printing press"
+PREFILL_TOKENS = 512
+KV_BUDGET_MIB = 512  # the shipped executor.kv_cache_budget_mb, reserved on every peer
+
+
+def bench_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A word-level tokenizer over the whole vocabulary, for a random checkpoint that has none: the
+    swarm's API needs one to take prompts and stream text, and every id must decode."""
+    if (directory / "tokenizer.json").exists():
+        return
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(str(directory))
+
+
+def resolve_model(name: str, out: Path) -> dict[str, Any]:
+    """What the baseline and the peers load for a bench model name: spec, dtype, files."""
+    if name == "smollm2":
+        return {"name": name, "spec": "smollm2-135m", "dtype": "float32", "cache_dir": None}
+    dtype = name.split("-", 1)[1]
+    directory = ensure_checkpoint(out.resolve() / "checkpoints" / f"tinyllama-shaped-{dtype}", dtype)
+    bench_tokenizer(directory, TINYLLAMA_SHAPE["vocab_size"])
+    return {"name": name, "spec": str(directory), "dtype": dtype, "cache_dir": str(out.resolve() / "store-cache")}
+
+
+def model_store(model: dict[str, Any]) -> Any:
+    from peer.config import StoreConfig
+    from peer.model_store import ModelStore
+
+    return ModelStore(StoreConfig(cache_dir=model["cache_dir"]), show_progress=False)
+
+
+def prompt_ids(model: dict[str, Any], tokens: int | None, seed: int = 0) -> list[int]:
+    """The decode prompt's ids, or `tokens` ids drawn at random (a long prompt of exact length)."""
+    files = model_store(model).resolve(model["spec"])
+    config = files.load_config()
+    if tokens is None:
+        from peer.tokenizer import Tokenizer
+
+        if model["name"] != "smollm2":
+            return [1, *range(100, 120)]
+        return Tokenizer.from_dir(files.meta_dir, config).encode(DECODE_PROMPT)
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(3, config.vocab_size) for _ in range(tokens)]
+
+
+def baseline_child(args: argparse.Namespace) -> int:
+    """In a fresh process: Hugging Face's own model, kept loaded; for each request read from stdin
+    (a JSON line of prompt ids and max_tokens) a greedy `generate`, its token arrivals on stdout."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    torch.set_num_threads(args.threads)
+    model_info = json.loads(args.model)
+    files = model_store(model_info).resolve(model_info["spec"])
+    dtype = getattr(torch, model_info["dtype"])
+    if files.format == "gguf":
+        hf = AutoModelForCausalLM.from_pretrained(
+            str(files.gguf_path.parent), gguf_file=files.gguf_path.name, dtype=dtype
+        )
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(str(files.meta_dir), dtype=dtype)
+    hf.eval()
+
+    class Clock(BaseStreamer):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value: Any) -> None:
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        ids = torch.tensor([request["ids"]])
+        clock = Clock()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=request["max_tokens"],
+                min_new_tokens=request["max_tokens"],  # past any end-of-sequence token, as ignore_eos
+                do_sample=False,
+                streamer=clock,
+                pad_token_id=0,
+            )
+        arrivals = [t - t0 for t in clock.times[1:]]  # the first put is the prompt itself
+        result = {"ttft_s": arrivals[0], "arrivals": arrivals, "tokens": out[0, ids.shape[1] :].tolist()}
+        print(json.dumps({**result, "rss_bytes": proc_status_bytes("VmRSS")["VmRSS"]}), flush=True)
+    return 0
+
+
+class Baseline:
+    """The Hugging Face baseline in a process of its own, with the peers' thread settings, kept
+    loaded so that its runs alternate with the swarm's: drifts in the machine's speed (other
+    tenants, clock boost) then touch both sides of each ratio alike."""
+
+    def __init__(self, model: dict[str, Any], threads: int) -> None:
+        self.model, self.threads = model, threads
+        self.proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> Baseline:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "_baseline-child", "--model", json.dumps(self.model)]
+        cmd += ["--threads", str(self.threads)]
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(self.threads)}
+        log(f"baseline: loading {self.model['name']} into Hugging Face transformers, {self.threads} thread(s) …")
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+        )
+        self._read()
+        return self
+
+    def run(self, ids: list[int], max_tokens: int) -> dict[str, Any]:
+        """One greedy generation: time to first token, token arrivals (seconds from the start)."""
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"ids": ids, "max_tokens": max_tokens}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:  # skips anything a library printed on stdout
+            if line.startswith("{"):
+                found: dict[str, Any] = json.loads(line)
+                return found
+        raise RuntimeError(f"the baseline process ended (exit {self.proc.wait()}); run it alone to see why")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.proc is not None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def decode_rate(arrivals: list[float]) -> float | None:
+    """Tokens per second after the first: how fast a stream decodes."""
+    if len(arrivals) < 2 or arrivals[-1] <= arrivals[0]:
+        return None
+    return (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+
+
+def even_caps(model: dict[str, Any], peers: int) -> dict[str, int]:
+    """Equal memory caps that split the model over `peers` stages (the partitioner goes by memory)."""
+    import torch
+
+    from peer.profile import ModelProfile
+
+    config = model_store(model).resolve(model["spec"]).load_config()
+    total = ModelProfile.from_config(config, getattr(torch, model["dtype"])).total_weight_bytes
+    cap = int(total / MIB / peers * 1.3 + total / MIB * 0.1 / peers) + KV_BUDGET_MIB + 64
+    return {f"peer-{i + 1}": cap for i in range(peers)}
+
+
+class Swarm:
+    """A local swarm of `peers` processes on one model; stopped on exit."""
+
+    def __init__(self, model: dict[str, Any], peers: int, threads: int, config: Path) -> None:
+        self.model, self.count, self.threads, self.config = model, peers, threads, config
+        self.tmp = Path(tempfile.mkdtemp(prefix="swarm-bench-"))
+        self.peers: list[PeerProcess] = []
+        self.status: dict[str, Any] = {}
+
+    def __enter__(self) -> Swarm:
+        from swarm.local import start_seeded_swarm
+
+        extra = ("--model", self.model["spec"], "--dtype", self.model["dtype"])
+        if self.model["cache_dir"]:
+            extra += ("--cache-dir", self.model["cache_dir"])
+        caps = even_caps(self.model, self.count)
+        log(f"swarm: {self.count} peer(s), caps {list(caps.values())} MiB, {self.threads} thread(s) each …")
+        try:
+            self.status = start_seeded_swarm(self.tmp, self.config, caps, self.peers, self.threads, extra, 900)
+        except BaseException:
+            self.__exit__()
+            raise
+        stages = [(s["start"], s["end"]) for s in self.status["layer_map"]["stages"]]
+        log(f"swarm ready: stages {stages}")
+        return self
+
+    @property
+    def url(self) -> str:
+        """The entry: the peer of the first stage."""
+        by_url = {p.url: p for p in self.peers}
+        return str(by_url[self.status["layer_map"]["stages"][0]["url"]].url)
+
+    def rss(self) -> list[dict[str, Any]]:
+        """Each peer's resident memory and its share of the weights."""
+        import torch
+
+        from peer.profile import ModelProfile
+
+        config = model_store(self.model).resolve(self.model["spec"]).load_config()
+        profile = ModelProfile.from_config(config, getattr(torch, self.model["dtype"]))
+        by_url = {p.url: p for p in self.peers}
+        rows = []
+        for s in self.status["layer_map"]["stages"]:
+            peer = by_url[s["url"]]
+            assert peer.proc is not None
+            status = Path(f"/proc/{peer.proc.pid}/status").read_text()
+            rss = next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:"))
+            share = profile.stage_weight_bytes(s["start"], s["end"])
+            rows.append({"peer": peer.name, "start": s["start"], "end": s["end"], "rss_bytes": rss,
+                         "share_bytes": share})  # fmt: skip
+        return rows
+
+    def __exit__(self, *exc: Any) -> None:
+        for p in self.peers:
+            p.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def swarm_stream(url: str, ids: list[int], max_tokens: int) -> dict[str, Any]:
+    """One greedy streamed completion: time to first token, arrivals, and the text."""
+    body = {"prompt": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    t0 = time.perf_counter()
+    streamed = timed_stream(url, body)
+    arrivals = [t - t0 for t in streamed["arrivals"]]
+    return {"ttft_s": arrivals[0] if arrivals else None, "arrivals": arrivals, "text": streamed["text"]}
+
+
+def complete(url: str, ids: list[int], max_tokens: int) -> dict[str, Any]:
+    """One greedy completion, whole."""
+    import urllib.request
+
+    body = {"prompt": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    req = urllib.request.Request(
+        url + "/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=STREAM_TIMEOUT_S) as resp:
+        found: dict[str, Any] = json.loads(resp.read())
+    return found
+
+
+def perf_models(args: argparse.Namespace) -> list[dict[str, Any]]:
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not names or any(n not in MODELS for n in names):
+        raise SystemExit(f"--models takes a comma list of {', '.join(MODELS)}")
+    return [resolve_model(n, Path(args.out)) for n in names]
+
+
+def swarm_config(args: argparse.Namespace) -> Path:
+    from peer.config import default_config_path
+
+    return Path(args.config) if args.config else default_config_path()
+
+
+def median(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return statistics.median(kept) if kept else None
+
+
+def paired_runs(args: argparse.Namespace, measure: str, ids: list[int], max_tokens: int) -> list[dict[str, Any]]:
+    """For each model and swarm size, runs of the baseline and of the swarm, alternating; the
+    medians of each side and their ratio. `measure` is "decode" (tokens/s) or "ttft" (seconds)."""
+
+    def value(run: dict[str, Any]) -> float | None:
+        return decode_rate(run["arrivals"]) if measure == "decode" else run["ttft_s"]
+
+    rows = []
+    for model in perf_models(args):
+        prompt = ids or prompt_ids(model, None)
+        with Baseline(model, args.threads) as base:
+            base.run(prompt, min(max_tokens, 4))  # warm-up
+            for n in [int(k) for k in args.peers.split(",")]:
+                with Swarm(model, n, args.threads, swarm_config(args)) as swarm:
+                    swarm_stream(swarm.url, prompt, min(max_tokens, 4))  # warm-up
+                    pairs = []
+                    for run in range(args.runs):
+                        pairs.append(
+                            (value(base.run(prompt, max_tokens)), value(swarm_stream(swarm.url, prompt, max_tokens)))
+                        )
+                        log(f"{model['name']}, {n} peer(s), run {run + 1}: baseline {pairs[-1][0] or 0:.3f}, "
+                            f"swarm {pairs[-1][1] or 0:.3f}")  # fmt: skip
+                    memory = swarm.rss()
+                b, w = median([p[0] for p in pairs]), median([p[1] for p in pairs])
+                ratio = w / b if w and b else None
+                rows.append({"model": model["name"], "peers": n, "baseline": b, "swarm": w, "ratio": ratio,
+                             "runs": pairs, "memory": memory})  # fmt: skip
+    return rows
+
+
+def print_pairs(rows: list[dict[str, Any]], unit: str, digits: int) -> None:
+    print(f"{'model':>20} {'peers':>5} {'baseline':>9} {'swarm':>9} {'ratio':>6}   ({unit}; ratio: swarm / baseline)")
+    for r in rows:
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
+        b, w = (f"{v:.{digits}f}" if v is not None else "-" for v in (r["baseline"], r["swarm"]))
+        print(f"{r['model']:>20} {r['peers']:>5} {b:>9} {w:>9} {ratio:>6}")
+
+
+def decode(args: argparse.Namespace) -> int:
+    """Single-stream decode tokens/s: swarms of each size against the baseline, runs alternating."""
+    rows = paired_runs(args, "decode", [], args.max_tokens)
+    print(f"decode: one greedy stream of {args.max_tokens} tokens, medians of {args.runs} alternating runs, "
+          f"{args.threads} thread(s) for the baseline and for each peer")  # fmt: skip
+    print_pairs(rows, "tokens/s", 2)
+    write_report(args, "decode", rows)
+    plot_pairs(rows, Path(args.out) / "decode.png", "decode tokens/s, one stream")
+    return 0
+
+
+def prefill(args: argparse.Namespace) -> int:
+    """Time to first token of a long prompt: swarms against the baseline, runs alternating."""
+    rows = []
+    for model in perf_models(args):
+        sub = argparse.Namespace(**{**vars(args), "models": model["name"]})
+        rows += paired_runs(sub, "ttft", prompt_ids(model, args.prompt_tokens), 1)
+    print(f"prefill: time to first token of a {args.prompt_tokens}-token prompt, medians of {args.runs} "
+          f"alternating runs, {args.threads} thread(s) for the baseline and for each peer")  # fmt: skip
+    print_pairs(rows, "seconds", 3)
+    write_report(args, "prefill", rows)
+    plot_pairs(rows, Path(args.out) / "prefill.png", f"time to first token, {args.prompt_tokens} tokens (s)")
+    return 0
+
+
+def concurrency(args: argparse.Namespace) -> int:
+    """Aggregate tokens/s of N concurrent greedy sessions through one swarm; each output must equal
+    the same prompt's output when it runs alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    levels = sorted({int(n) for n in args.sessions.split(",")})
+    rows: list[dict[str, Any]] = []
+    ok = True
+    for model in perf_models(args):
+        prompts = [prompt_ids(model, args.prompt_tokens, seed=i) for i in range(max(levels))]
+        with Swarm(model, args.num_peers, args.threads, swarm_config(args)) as swarm:
+            complete(swarm.url, prompts[0], 2)  # warm-up
+            log(f"sequential reference: {len(prompts)} prompts one at a time …")
+            alone = []
+            for p in prompts:
+                t0 = time.perf_counter()
+                alone.append((complete(swarm.url, p, args.max_tokens), time.perf_counter() - t0))
+            single = statistics.median(args.max_tokens / s for _, s in alone)
+            for n in levels:
+                log(f"{n} concurrent session(s) …")
+                with ThreadPoolExecutor(n) as pool:
+                    t0 = time.perf_counter()
+                    results = list(pool.map(lambda p: complete(swarm.url, p, args.max_tokens), prompts[:n]))
+                    wall = time.perf_counter() - t0
+                tokens = sum(r["usage"]["completion_tokens"] for r in results)
+                texts = [a["choices"][0]["text"] for a, _ in alone]
+                same = sum(r["choices"][0]["text"] == text for r, text in zip(results, texts, strict=False))
+                rate = tokens / wall
+                rows.append({"model": model["name"], "sessions": n, "tokens": tokens, "wall_s": wall,
+                             "tokens_per_s": rate, "speedup": rate / single, "identical": same, "of": n})  # fmt: skip
+                ok = ok and same == n
+                log(f"  {rate:.2f} tokens/s, {rate / single:.2f} x one session alone; {same}/{n} identical")
+            memory = swarm.rss()
+        rows.append({"model": model["name"], "sessions": 1, "alone_tokens_per_s": single, "memory": memory})
+    print(f"concurrency: {args.num_peers} peers, {args.max_tokens} tokens per session, {args.threads} thread(s) each")
+    print(f"{'model':>20} {'sessions':>8} {'tokens/s':>9} {'x single':>8} identical")
+    for r in rows:
+        if "speedup" in r:
+            print(f"{r['model']:>20} {r['sessions']:>8} {r['tokens_per_s']:9.2f} {r['speedup']:8.2f} "
+                  f"{r['identical']}/{r['of']}")  # fmt: skip
+    write_report(args, "concurrency", rows)
+    plot_bars([r for r in rows if "speedup" in r], Path(args.out) / "concurrency.png", "tokens_per_s",
+              "aggregate tokens/s", key="sessions")  # fmt: skip
+    return 0 if ok else 1
+
+
+def overhead(args: argparse.Namespace) -> int:
+    """Per-hop wire time and the communication share of a decode step, from the swarm's own timings."""
+    rows = []
+    for model in perf_models(args):
+        ids = prompt_ids(model, None)
+        with Swarm(model, args.num_peers, args.threads, swarm_config(args)) as swarm:
+            complete(swarm.url, ids, 4)  # warm-up
+            for run in range(args.runs):
+                t = complete(swarm.url, ids, args.max_tokens)["timings"]
+                steps = t["tokens"]
+                rows.append({
+                    "model": model["name"], "run": run + 1, "tokens": steps,
+                    "wire_ms_per_hop": {k: 1000 * v / steps for k, v in t["wire_s_per_hop"].items()},
+                    "compute_ms_per_stage": {k: 1000 * v / steps for k, v in t["compute_s_per_stage"].items()},
+                    "bytes_per_step": t["bytes_sent"] / steps,
+                    "communication_overhead": t["communication_overhead"],
+                    "step_ms": 1000 * t["total_s"] / steps,
+                })  # fmt: skip
+    print(f"overhead: {args.num_peers} peers, {args.max_tokens} tokens per run; milliseconds per decode step")
+    for r in rows:
+        hops = ", ".join(f"{k} {v:.2f}" for k, v in r["wire_ms_per_hop"].items())
+        compute = sum(r["compute_ms_per_stage"].values())
+        share = 100 * (r["communication_overhead"] or 0)
+        print(f"{r['model']:>20} run {r['run']}: step {r['step_ms']:.1f}, compute {compute:.1f}, "
+              f"wire per hop: {hops}; {r['bytes_per_step']:.0f} bytes; overhead {share:.1f} %")  # fmt: skip
+    write_report(args, "overhead", rows)
+    return 0
+
+
+def write_report(args: argparse.Namespace, mode: str, rows: list[dict[str, Any]]) -> None:
+    import torch
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    options = {k: v for k, v in vars(args).items() if k != "func"}
+    report = {"mode": mode, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch_version": torch.__version__,
+              "cpus": os.cpu_count(), "options": options, "rows": rows}  # fmt: skip
+    (out / f"{mode}.json").write_text(json.dumps(report, indent=2))
+    print(f"wrote {out / f'{mode}.json'}")
+
+
+def plot_pairs(rows: list[dict[str, Any]], path: Path, label: str) -> None:
+    """For each model the baseline, then the swarm of each size."""
+    flat = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        flat.append({"model": model, "peers": 0, "value": median([r["baseline"] for r in mine])})
+        flat += [{"model": model, "peers": r["peers"], "value": r["swarm"]} for r in mine]
+    plot_bars(flat, path, "value", label)
+
+
+def plot_bars(rows: list[dict[str, Any]], path: Path, value: str, label: str, key: str = "peers") -> None:
+    """One bar group per model, if matplotlib is installed (pip install -e '.[bench]')."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'); skipped the plot")
+        return
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.5), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        mine = [r for r in rows if r["model"] == model]
+        names = ["HF" if key == "peers" and r[key] == 0 else str(r[key]) for r in mine]
+        ax.bar(names, [r[value] or 0 for r in mine])
+        ax.set_title(model)
+        ax.set_xlabel("peers (HF: single-process baseline)" if key == "peers" else key)
+        ax.set_ylabel(label)
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"wrote {path}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    modes = parser.add_subparsers(dest="mode", required=True, metavar="{memory,failover}")
+    modes = parser.add_subparsers(
+        dest="mode", required=True, metavar="{decode,prefill,concurrency,overhead,memory,failover}"
+    )
+
+    def perf(name: str, help_: str, func: Any, runs: int, max_tokens: int) -> argparse.ArgumentParser:
+        mode = modes.add_parser(name, help=help_)
+        mode.add_argument("--models", default="smollm2,tinyllama-float32",
+                          help=f"comma list of {', '.join(MODELS)} (default %(default)s)")  # fmt: skip
+        mode.add_argument("--runs", type=int, default=runs, help="measured runs, after a warm-up (default %(default)s)")
+        mode.add_argument("--max-tokens", type=int, default=max_tokens, help="tokens per stream (default %(default)s)")
+        mode.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                          help="torch threads of the baseline and of each peer (default: every core)")  # fmt: skip
+        mode.add_argument("--config", help="the peers' config (default: the shipped configs/default.yaml)")
+        mode.add_argument("--out", default="results", help="directory for JSON, plots and generated checkpoints")
+        mode.set_defaults(func=func)
+        return mode
+
+    dec = perf("decode", "single-stream decode tokens/s, baseline against swarms of 1, 2, 3 peers", decode, 3, 32)
+    dec.add_argument("--peers", default="1,2,3", help="swarm sizes, a comma list (default %(default)s)")
+    pre = perf("prefill", "time to first token of a long prompt, baseline against swarms", prefill, 3, 1)
+    pre.add_argument("--peers", default="3", help="swarm sizes, a comma list (default %(default)s)")
+    pre.add_argument("--prompt-tokens", type=int, default=PREFILL_TOKENS, help="prompt length (default %(default)s)")
+    con = perf("concurrency", "aggregate tokens/s of concurrent sessions through one swarm", concurrency, 1, 32)
+    con.add_argument("--sessions", default="1,4,16", help="concurrent sessions, a comma list (default %(default)s)")
+    con.add_argument("--num-peers", type=int, default=3, help="peers in the swarm (default %(default)s)")
+    con.add_argument("--prompt-tokens", type=int, default=16, help="prompt length (default %(default)s)")
+    con.set_defaults(models="tinyllama-float32")
+    ovh = perf("overhead", "per-hop wire time and communication share of a decode step", overhead, 3, 32)
+    ovh.add_argument("--num-peers", type=int, default=3, help="peers in the swarm (default %(default)s)")
+
+    base = modes.add_parser("_baseline-child")  # internal: the Hugging Face baseline, run by the modes above
+    base.add_argument("--model", required=True)
+    base.add_argument("--prompt-file", required=True)
+    base.add_argument("--max-tokens", type=int, required=True)
+    base.add_argument("--runs", type=int, required=True)
+    base.add_argument("--threads", type=int, required=True)
+    base.set_defaults(func=baseline_child)
 
     mem = modes.add_parser("memory", help="per-stage resident memory against the stage's share")
     mem.add_argument("--model-dir", help="a Hugging Face safetensors directory (default: TinyLlama-shaped)")

@@ -183,14 +183,29 @@ class ServingConfig:
     recovery_timeout_s: float = 60.0
     # A step with no reply for this long makes the entry peer probe its stages directly, in seconds.
     hop_check_after_s: float = 2.0
+    # Most tokens one forward pass at a stage takes from the steps queued there (a decode step is one
+    # token per sequence, a prompt all of its tokens); a longer prompt runs alone.
+    max_batch_tokens: int = 2048
+    # A forward pass at a stage waits at most this long, in seconds, for the sessions whose next step is
+    # due, so that sessions sharing the pipeline run in one pass (0: never wait). A lone session never
+    # waits; a wait this long only ever happens for sessions whose own steps are this far apart.
+    batch_wait_s: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("max_activation_bytes", "max_request_bytes", "default_max_tokens", "max_concurrent_requests"):
+        for name in (
+            "max_activation_bytes",
+            "max_request_bytes",
+            "default_max_tokens",
+            "max_concurrent_requests",
+            "max_batch_tokens",
+        ):
             if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
                 raise ConfigError(f"serving.{name} must be a positive integer, not {getattr(self, name)!r}")
         for name in ("step_timeout_s", "recovery_timeout_s", "hop_check_after_s"):
             if not _is_number(getattr(self, name)) or getattr(self, name) <= 0:
                 raise ConfigError(f"serving.{name} must be positive, not {getattr(self, name)!r}")
+        if not _is_number(self.batch_wait_s) or not 0 <= self.batch_wait_s <= 10:
+            raise ConfigError(f"serving.batch_wait_s must be between 0 and 10 seconds, not {self.batch_wait_s!r}")
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ class Request:
     max_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # generate max_tokens whatever comes (for benchmarks)
 
 
 @dataclass
@@ -164,7 +165,7 @@ class Entry:
                     start += len(ids)
                     ids = [token]
                     history.append(token)
-                    if token in tokenizer.eos_token_ids:
+                    if token in tokenizer.eos_token_ids and not request.ignore_eos:
                         timings.total_s = time.perf_counter() - timings.started
                         yield Event(text[emitted:] + decoder.flush(), token, logprob, "stop")
                         return

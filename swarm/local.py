@@ -138,16 +138,23 @@ def wait_for(predicate: Callable[[], T | None], timeout_s: float, what: str, des
 
 
 def start_seeded_swarm(
-    tmp: Path, config: Path, caps_mb: dict[str, int], peers: list[PeerProcess], threads: int = 1
+    tmp: Path,
+    config: Path,
+    caps_mb: dict[str, int],
+    peers: list[PeerProcess],
+    threads: int = 1,
+    extra_args: tuple[str, ...] = (),
+    timeout_s: float = 180.0,
 ) -> dict[str, Any]:
     """Start one peer per cap (the first a seed the others --join, no mDNS, key tmp/swarm.key, which
-    it writes) into `peers`, which the caller stops; the status once every peer holds a ready stage."""
+    it writes, and `extra_args` such as --model) into `peers`, which the caller stops; the status once
+    every peer holds a ready stage."""
     from swarm.auth import write_new_swarm_key
 
     write_new_swarm_key(tmp / "swarm.key")
     for name, cap in caps_mb.items():
         args = ["--config", str(config), "--port", "0", "--max-memory-mb", str(cap), "--no-mdns"]
-        args += ["--state-dir", str(tmp / name), "--swarm-key-file", str(tmp / "swarm.key")]
+        args += ["--state-dir", str(tmp / name), "--swarm-key-file", str(tmp / "swarm.key"), *extra_args]
         if peers:
             args += ["--join", str(peers[0].url).removeprefix("http://")]
         peers.append(PeerProcess(name, args, tmp, threads).start())
@@ -160,4 +167,4 @@ def start_seeded_swarm(
         alive = sum(p["state"] == "alive" for p in status["peers"]) == len(peers)
         return status if alive and len(status["layer_map"]["stages"]) == len(peers) else None
 
-    return wait_for(ready, 180, "the swarm to be ready", lambda: "\n".join(p.log()[-800:] for p in peers))
+    return wait_for(ready, timeout_s, "the swarm to be ready", lambda: "\n".join(p.log()[-800:] for p in peers))

@@ -80,6 +80,10 @@ class Metrics:
         metric("stage_sessions", "gauge", "Sessions open on this peer's stage.", [("", node.service.sessions())])
         metric("stage_sessions_dropped_total", "counter", "Sessions dropped with an abandoned layer-map epoch.",
                [("", node.service.dropped)])  # fmt: skip
+        metric("stage_forward_passes_total", "counter", "Forward passes this peer's stage ran, each over one or "
+               "more sessions' steps.", [("", node.service.batches.passes)])  # fmt: skip
+        metric("stage_steps_total", "counter", "Session steps this peer's stage ran (over forward passes: the "
+               "mean batch).", [("", node.service.batches.steps)])  # fmt: skip
         metric("dropped_messages_total", "counter", "Peer messages dropped, by reason.",
                [(f'{{reason="{_label(k)}"}}', v) for k, v in sorted(node.drops.items())])  # fmt: skip
         return "\n".join(lines) + "\n"

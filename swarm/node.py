@@ -179,6 +179,7 @@ class Node:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        self.service.stop()
         if self._session is not None:
             await self._session.close()
         self._persist()

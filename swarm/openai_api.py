@@ -143,12 +143,18 @@ def parse_common(body: dict[str, Any], node: Node) -> tuple[int, SamplingParams,
 
 
 def completion_prompt(body: dict[str, Any], node: Node) -> list[int]:
-    """Token ids of a completions prompt: a string, or a list holding one string."""
+    """Token ids of a completions prompt: a string, a list holding one string, or token ids (a list of
+    integers, or a list holding one such list), as OpenAI's API takes them."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
+        vocab = node.model.profile.vocab_size
+        if not all(0 <= t < vocab for t in prompt):
+            raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+        return list(prompt)
     if not isinstance(prompt, str) or not prompt:
-        raise ApiError(400, "prompt must be a non-empty string", param="prompt")
+        raise ApiError(400, "prompt must be a non-empty string or a list of token ids", param="prompt")
     assert node.tokenizer is not None
     try:
         return node.tokenizer.encode(prompt)
@@ -198,7 +204,10 @@ async def _run(request: web.Request, chat: bool) -> web.StreamResponse:
     if node.tokenizer is None:
         raise ApiError(503, "this peer has no tokenizer loaded", "server_error")
     prompt_ids = chat_prompt(body, node) if chat else completion_prompt(body, node)
-    req = Request(prompt_ids, max_tokens, sampling, stops)
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise ApiError(400, "ignore_eos must be true or false", param="ignore_eos")
+    req = Request(prompt_ids, max_tokens, sampling, stops, ignore_eos)
     try:
         entry.check(req)
     except InvalidInput as e:

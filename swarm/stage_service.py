@@ -1,13 +1,13 @@
 """This peer's stage in the data plane. A `step` message names a session, the layer-map epoch, the
 route of stages still to run (this peer first) and the input: token ids on the first stage,
-hidden states after. The stage checks all of it, runs its layers in a worker thread, and sends
-its hidden states straight to the next stage; the last stage samples and the token travels back
+hidden states after. The stage checks all of it, runs its layers in a worker thread (batched with
+other sessions' steps that arrive while the stage is busy, see `swarm.batcher`), and sends its
+hidden states straight to the next stage; the last stage samples and the token travels back
 along the chain of replies, each stage adding its compute time, the wire time of its hop and the
 bytes it sent. `close` walks the same route. Every message is a sealed envelope of the swarm."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from peer.errors import CacheFull, ExecutorError, SessionExists, UnknownSession
-from peer.executor import StageExecutor
+from peer.executor import StageExecutor, StepRequest
 from peer.sampling import SamplingParams
 from peer.stage import StageModel
+from swarm.batcher import Batcher, BatchStats
 from swarm.errors import MessageRejected, Relayed
 from swarm.layer_map import Stage
 from swarm.tensors import pack, unpack
@@ -76,6 +77,8 @@ class StageService:
     def __init__(self, node: Node) -> None:
         self.node = node
         self._executor: StageExecutor | None = None
+        self._batcher: Batcher | None = None
+        self.batches = BatchStats()  # over every executor this stage has had
         self._stage: StageModel | None = None
         self._epoch_of: dict[str, int] = {}  # session -> the layer-map epoch it was opened on
         self.dropped = 0  # sessions dropped because their epoch was abandoned
@@ -86,9 +89,22 @@ class StageService:
         stage = host.stage if host is not None else None
         if stage is not self._stage:
             self._stage = stage
+            if self._batcher is not None:
+                self._batcher.close()
             self._executor = StageExecutor(stage, self.node.config.peer.executor) if stage is not None else None
+            serving = self.node.config.serving
+            self._batcher = (
+                Batcher(self._executor, serving.max_batch_tokens, serving.batch_wait_s, self.batches)
+                if self._executor is not None
+                else None
+            )
             self._epoch_of.clear()
         return self._executor
+
+    def stop(self) -> None:
+        """Stop the stage's forward passes (the node is closing); safe to call twice."""
+        if self._batcher is not None:
+            self._batcher.close()
 
     def drop_before(self, epoch: int) -> None:
         """Close every session opened on an older layer-map epoch: the map moved on, so their entry
@@ -102,6 +118,9 @@ class StageService:
         for sid in [sid for sid, e in self._epoch_of.items() if e < epoch or sid not in open_now]:
             del self._epoch_of[sid]
         dropped = sum(executor.close_session(sid) for sid in stale)
+        if self._batcher is not None:
+            for sid in stale:
+                self._batcher.forget(sid)
         if dropped:
             self.dropped += dropped
             log.info("dropped %d session(s) of layer-map epochs before %d", dropped, epoch)
@@ -142,6 +161,8 @@ class StageService:
         t_in = time.perf_counter()
         body = checked.msg.body
         route, executor = self._my_stage(checked)
+        batcher = self._batcher
+        assert batcher is not None and batcher.executor is executor
         session, start, opening = body.get("session"), body.get("start"), body.get("open")
         stage = executor.stage
         context = stage.config.max_position_embeddings
@@ -169,7 +190,12 @@ class StageService:
             self._epoch_of = {sid: e for sid, e in self._epoch_of.items() if sid in open_now}
             self._epoch_of[session] = body["epoch"]
         try:
-            result = await asyncio.to_thread(self._run, executor.step, session, inputs, positions)
+            result = await batcher.step(StepRequest(session, inputs, positions))
+        except ExecutorError as e:
+            if opening is not None:
+                executor.close_session(session)
+                self._epoch_of.pop(session, None)
+            raise _rejection(e) from e
         except BaseException:
             if opening is not None:
                 executor.close_session(session)
@@ -213,6 +239,8 @@ class StageService:
             raise MessageRejected("malformed", "session must be a string")
         executor = self._executor
         closed = executor.close_session(session) if executor is not None else False
+        if self._batcher is not None:
+            self._batcher.forget(session)
         self._epoch_of.pop(session, None)
         if len(route) > 1 and route[0].peer_id == self.node.peer_id:
             try:
@@ -227,11 +255,16 @@ class StageService:
         """Call an executor method, turning its refusals into message rejections."""
         try:
             return fn(*args)
-        except CacheFull as e:
-            raise MessageRejected("cache_full", str(e)) from e
-        except UnknownSession as e:
-            raise MessageRejected("unknown_session", str(e)) from e
-        except SessionExists as e:
-            raise MessageRejected("session_exists", str(e)) from e
         except ExecutorError as e:
-            raise MessageRejected("mismatch", str(e)) from e
+            raise _rejection(e) from e
+
+
+def _rejection(error: ExecutorError) -> MessageRejected:
+    """The message rejection that reports an executor's refusal."""
+    if isinstance(error, CacheFull):
+        return MessageRejected("cache_full", str(error))
+    if isinstance(error, UnknownSession):
+        return MessageRejected("unknown_session", str(error))
+    if isinstance(error, SessionExists):
+        return MessageRejected("session_exists", str(error))
+    return MessageRejected("mismatch", str(error))

@@ -11,7 +11,7 @@ import torch
 
 from peer.config import ExecutorConfig, StoreConfig
 from peer.errors import CacheFull, InvalidInput, PositionError, SessionBusy, SessionExists, UnknownSession
-from peer.executor import StageExecutor
+from peer.executor import StageExecutor, StepRequest, StepResult
 from peer.model_store import ModelStore
 from peer.pipeline import load_stages
 from peer.profile import ModelProfile
@@ -234,14 +234,14 @@ def test_busy_session_and_close_during_a_step(stages, monkeypatch) -> None:
     ex.open_session("s", 8)
     reserved = ex.reserved_bytes
     entered, release = threading.Event(), threading.Event()
-    forward = stages[0].forward
+    forward = stages[0].forward_batch
 
     def slow_forward(*args, **kwargs):
         entered.set()
         assert release.wait(timeout=30)
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(stages[0], "forward", slow_forward)
+    monkeypatch.setattr(stages[0], "forward_batch", slow_forward)
     errors: list[BaseException] = []
 
     def run() -> None:
@@ -291,3 +291,83 @@ def test_steps_of_different_sessions_run_in_parallel_threads(stages) -> None:
     for sid in prompts:
         assert torch.equal(results[sid], alone[sid])
     assert ex.stats.steps == 12
+
+
+# ---- several sessions in one forward pass ----------------------------------------------------------
+
+# Each session: its priming steps (run alone, before), then the step measured alone or together.
+BATCH_CASES: dict[str, tuple[int, list[tuple[list[list[int]], int]], tuple[list[list[int]], int]]] = {
+    # name: (batch size, [(ids, start) primed], (ids, start) measured)
+    "prefill": (1, [], ([[5, 6, 7, 8]], 0)),
+    "decode-short": (1, [([[1, 2, 3]], 0)], ([[9]], 3)),
+    "decode-long": (1, [([[4, 5, 6, 7, 8, 9]], 0)], ([[10]], 6)),
+    "replay-mid-cache": (1, [([[1, 2, 3, 4, 5]], 0)], ([[7, 8, 9]], 2)),
+    "two-rows": (2, [([[1, 2], [3, 4]], 0)], ([[5], [6]], 2)),
+}
+
+
+def run_cases(stages, together: bool) -> dict[str, StepResult]:
+    """Every case through a first and a last stage; the measured steps in one pass each, or one by one."""
+    first, last = StageExecutor(stages[0]), StageExecutor(stages[1])
+    for name, (rows, primes, _) in BATCH_CASES.items():
+        for ex in (first, last):
+            ex.open_session(name, 16, batch_size=rows)
+        for tokens, start in primes:
+            t = torch.tensor(tokens)
+            hidden = first.step(name, t, pos(start, t.shape[1])).hidden
+            last.step(name, hidden, pos(start, t.shape[1]))
+    requests = [
+        StepRequest(name, torch.tensor(tokens), pos(start, len(tokens[0])))
+        for name, (_, _, (tokens, start)) in BATCH_CASES.items()
+    ]
+    if together:
+        hidden = first.step_many(requests)
+        assert first.stats.batches == 1 + sum(len(p) for _, p, _ in BATCH_CASES.values())
+    else:
+        hidden = [first.step(r.session_id, r.inputs, r.positions) for r in requests]
+    inner = [StepRequest(r.session_id, h.hidden, r.positions) for r, h in zip(requests, hidden, strict=True)]  # type: ignore[union-attr]
+    if together:
+        out = last.step_many(inner, all_logits=True)
+    else:
+        out = [last.step(r.session_id, r.inputs, r.positions, all_logits=True) for r in inner]
+    results = {}
+    for r, h, o in zip(requests, hidden, out, strict=True):
+        assert isinstance(h, StepResult) and isinstance(o, StepResult)
+        results[r.session_id] = StepResult(hidden=h.hidden, tokens=o.tokens, logits=o.logits)
+        assert first.session_length(r.session_id) == int(r.positions[-1]) + 1
+    return results
+
+
+def test_sessions_stepped_together_get_what_each_gets_alone(stages) -> None:
+    """A prefill, decode steps over caches of different lengths, a replay from inside the cache and a
+    two-row session, run as one forward pass per stage: the same hidden states, logits and tokens."""
+    alone, together = run_cases(stages, together=False), run_cases(stages, together=True)
+    for name in BATCH_CASES:
+        a, t = alone[name], together[name]
+        assert a.hidden is not None and t.hidden is not None and a.logits is not None and t.logits is not None
+        assert a.hidden.shape == t.hidden.shape and a.logits.shape == t.logits.shape, name
+        assert torch.allclose(a.hidden, t.hidden, atol=1e-5, rtol=0), name
+        assert torch.allclose(a.logits, t.logits, atol=1e-5, rtol=0), name
+        assert torch.equal(a.tokens, t.tokens), name
+
+
+def test_a_refused_step_in_a_pass_changes_nothing_and_holds_no_one_back(stages) -> None:
+    ex = StageExecutor(stages[0])
+    ex.open_session("a", 8)
+    ex.open_session("b", 8)
+    out = ex.step_many(
+        [
+            StepRequest("a", ids(1, 2), pos(0, 2)),
+            StepRequest("nope", ids(1), pos(0, 1)),
+            StepRequest("b", ids(1), pos(3, 1)),  # past the cached length
+            StepRequest("a", ids(3), pos(2, 1)),  # "a" already steps in this pass
+            StepRequest("b", torch.ones((1, 2, 3)), pos(0, 2)),  # hidden states to a first stage
+        ]
+    )
+    assert isinstance(out[0], StepResult) and out[0].hidden is not None
+    assert tuple(out[0].hidden.shape) == (1, 2, stages[0].config.hidden_size)
+    assert [type(e) for e in out[1:]] == [UnknownSession, PositionError, SessionBusy, InvalidInput]
+    assert ex.session_length("a") == 2 and ex.session_length("b") == 0
+    assert ex.stats.batches == 1 and ex.stats.steps == 1
+    assert ex.step_many([StepRequest("nope", ids(1), pos(0, 1))])[0].__class__ is UnknownSession
+    assert ex.stats.batches == 1  # a pass with nothing accepted runs nothing

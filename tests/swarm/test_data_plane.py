@@ -83,7 +83,7 @@ def post(url: str, path: str, body: Any, raw: bytes | None = None) -> tuple[int,
         return e.code, json.loads(e.read())
 
 
-def complete(url: str, prompt: str, **extra: Any) -> dict[str, Any]:
+def complete(url: str, prompt: str | list[int], **extra: Any) -> dict[str, Any]:
     status, body = post(url, "/v1/completions", {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
                                                   "logprobs": 1, **extra})  # fmt: skip
     assert status == 200, body
@@ -123,6 +123,23 @@ def test_the_openai_client_works(swarm) -> None:
     assert timings and timings["time_to_first_token_s"] > 0 and len(timings["compute_s_per_stage"]) == 3
 
 
+def test_token_id_prompts_and_ignore_eos(swarm) -> None:
+    """A prompt given as token ids is the same prompt; ignore_eos generates max_tokens past the end."""
+    from peer.tokenizer import Tokenizer
+
+    files, entry = swarm["files"], swarm["stages"][0]
+    ids = Tokenizer.from_dir(files.meta_dir, files.load_config()).encode(PROMPTS[2])
+    assert complete(entry, ids)["choices"][0]["text"] == complete(entry, PROMPTS[2])["choices"][0]["text"]
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    chat = {"messages": question, "max_tokens": 30, "temperature": 0}
+    status, short = post(entry, "/v1/chat/completions", chat)
+    assert status == 200 and short["choices"][0]["finish_reason"] == "stop"
+    assert short["usage"]["completion_tokens"] < 30
+    status, long = post(entry, "/v1/chat/completions", {**chat, "ignore_eos": True})
+    assert status == 200 and long["choices"][0]["finish_reason"] == "length"
+    assert long["usage"]["completion_tokens"] == 30
+
+
 def test_every_stage_s_peer_gives_the_same_answer(swarm) -> None:
     answers = [complete(url, PROMPTS[2])["choices"][0]["text"] for url in swarm["stages"]]
     assert answers[0] and answers.count(answers[0]) == len(answers), answers
@@ -151,6 +168,8 @@ def test_eight_concurrent_requests_each_match_their_lone_run(swarm) -> None:
         ("/v1/completions", {"prompt": "hi", "n": 2}, 400),
         ("/v1/completions", {"prompt": "hi", "stop": [1]}, 400),
         ("/v1/completions", {"prompt": "hi", "logprobs": 99}, 400),
+        ("/v1/completions", {"prompt": [1, 70000]}, 400),
+        ("/v1/completions", {"prompt": "hi", "ignore_eos": "yes"}, 400),
         ("/v1/completions", b"x" * (2 * 1024 * 1024), 413),
         ("/v1/completions", {"prompt": "\ud800 a lone surrogate"}, 400),
         ("/v1/chat/completions", {"messages": "hello"}, 400),

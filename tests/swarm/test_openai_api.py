@@ -55,9 +55,12 @@ def fold(t: Timings, stages: list[dict[str, Any]], entry_wire_s: float, entry_by
     t.add_step(stages, [str(s.get("node_id")) for s in stages], entry_wire_s=entry_wire_s, entry_bytes=entry_bytes)
 
 
+VOCAB = 100
+
+
 def fake_node() -> Any:
     return SimpleNamespace(
-        model=SimpleNamespace(spec=SPEC),
+        model=SimpleNamespace(spec=SPEC, profile=SimpleNamespace(vocab_size=VOCAB)),
         config=SimpleNamespace(serving=SimpleNamespace(default_max_tokens=DEFAULT_MAX_TOKENS)),
         tokenizer=FakeTokenizer(),
     )
@@ -234,7 +237,19 @@ def test_completion_prompt_encodes_a_string_or_a_list_of_one() -> None:
     assert node.tokenizer.encoded == ["Once upon", "a time"]
 
 
-@pytest.mark.parametrize("prompt", [None, "", [""], [], ["a", "b"], [1, 2, 3], [[1, 2]], 5, {"text": "a"}], ids=repr)
+def test_completion_prompt_takes_token_ids_as_they_are() -> None:
+    node = fake_node()
+    assert completion_prompt({"prompt": [1, 2, 3]}, node) == [1, 2, 3]
+    assert completion_prompt({"prompt": [[0, VOCAB - 1]]}, node) == [0, VOCAB - 1]
+    assert node.tokenizer.encoded == []
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [None, "", [""], [], [[]], ["a", "b"], [[1], [2]], [1, "a"], [True, 2], [1.0], [-1], [VOCAB], [[VOCAB]], 5,
+     {"text": "a"}],
+    ids=repr,
+)  # fmt: skip
 def test_completion_prompt_refuses_anything_else(prompt: Any) -> None:
     body = {} if prompt is None else {"prompt": prompt}
     refused(completion_prompt, body, param="prompt")
@@ -341,7 +356,7 @@ def metrics_node(
         ready=lambda: ready,
         election=SimpleNamespace(term=term),
         layer_map=None if epoch is None else SimpleNamespace(epoch=epoch),
-        service=SimpleNamespace(sessions=lambda: sessions, dropped=5),
+        service=SimpleNamespace(sessions=lambda: sessions, dropped=5, batches=SimpleNamespace(passes=6, steps=9)),
         drops=drops,
     )
 
@@ -416,6 +431,8 @@ def test_metrics_render_is_prometheus_text() -> None:
         "swarm_peers": "gauge",
         "swarm_stage_sessions": "gauge",
         "swarm_stage_sessions_dropped_total": "counter",
+        "swarm_stage_forward_passes_total": "counter",
+        "swarm_stage_steps_total": "counter",
         "swarm_dropped_messages_total": "counter",
     }
     for name in declared:  # every sample comes after its own TYPE line
@@ -441,6 +458,8 @@ def test_metrics_render_is_prometheus_text() -> None:
         'swarm_peers{state="dead"}': 3,
         "swarm_stage_sessions": 2,
         "swarm_stage_sessions_dropped_total": 5,
+        "swarm_stage_forward_passes_total": 6,
+        "swarm_stage_steps_total": 9,
         'swarm_dropped_messages_total{reason="bad_signature"}': 1,
         'swarm_dropped_messages_total{reason="replay"}': 4,
     }

@@ -1,0 +1,187 @@
+"""Batching at a stage: the steps that reach this peer's stage while it is busy run together, as one
+forward pass, when the current one ends. A pass also waits, briefly, for the sessions that are due:
+those that stepped here lately and whose next step is expected within `batch_wait_s` (each
+session's pace is the time between its last two steps here). Sessions that share the pipeline thus
+fall into step and stay there, instead of running in fragments that contend for the same cores,
+while a lone session never waits. It knows executors and asyncio; what the steps mean and where
+their results go is the stage service's business."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from peer.errors import ExecutorError
+from peer.executor import StageExecutor, StepRequest, StepResult
+
+log = logging.getLogger(__name__)
+
+LATE_ROUNDS = 0.5  # a due session is waited for until this many of its rounds past its expected arrival
+STALE_ROUNDS = 4.0  # a session not seen for this many rounds is forgotten
+
+
+@dataclass
+class BatchStats:
+    """Counters across the batchers of a stage's successive executors, for metrics."""
+
+    passes: int = 0  # forward passes run
+    steps: int = 0  # session steps they ran (steps / passes: the mean batch)
+
+
+@dataclass
+class _Pace:
+    last_s: float  # when its latest step arrived (the batcher's clock)
+    round_s: float | None = None  # the time between its last two steps
+
+
+@dataclass
+class _Queued:
+    request: StepRequest
+    future: asyncio.Future[StepResult]
+    arrived_s: float
+
+
+class Batcher:
+    """One forward pass at a time over an executor, each taking every step queued since the last."""
+
+    def __init__(
+        self,
+        executor: StageExecutor,
+        max_batch_tokens: int,
+        batch_wait_s: float = 0.0,
+        stats: BatchStats | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.executor = executor
+        self.max_batch_tokens = max_batch_tokens
+        self.batch_wait_s = batch_wait_s
+        self.stats = stats or BatchStats()
+        self.clock = clock  # paces the sessions; the waits themselves run on the event loop
+        self.gathering = asyncio.Event()  # set while a pass waits for sessions that are due
+        self._queue: list[_Queued] = []
+        self._worker: asyncio.Task[None] | None = None
+        self._pace: dict[str, _Pace] = {}  # sessions that ran here, bounded by the executor's sessions
+        self._arrival: asyncio.Future[None] | None = None  # resolved by the next submit, while gathering
+
+    def close(self) -> None:
+        """Stop taking steps: queued ones and the pass under way are cancelled; safe to call twice."""
+        if self._worker is not None and not self._worker.done():
+            self._worker.cancel()
+        for q in self._queue:
+            q.future.cancel()
+        self._queue.clear()
+
+    async def step(self, request: StepRequest) -> StepResult:
+        """The step's result once a forward pass has run it; its ExecutorError if it was refused."""
+        return await self.submit(request)
+
+    def submit(self, request: StepRequest) -> asyncio.Future[StepResult]:
+        """Queue a step (a pass starts at once if none is running); cancel the future to withdraw it."""
+        future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Queued(request, future, self.clock()))
+        if self._arrival is not None and not self._arrival.done():
+            self._arrival.set_result(None)
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._drain())
+        return future
+
+    def forget(self, session_id: str) -> None:
+        """A session closed: no pass waits for it any more."""
+        self._pace.pop(session_id, None)
+
+    def _take(self) -> list[_Queued]:
+        """The oldest queued steps up to max_batch_tokens (at least one), dropping abandoned ones."""
+        self._queue = [q for q in self._queue if not q.future.done()]
+        batch: list[_Queued] = []
+        tokens = 0
+        while self._queue:
+            n = _tokens(self._queue[0].request)
+            if batch and tokens + n > self.max_batch_tokens:
+                break
+            batch.append(self._queue.pop(0))
+            tokens += n
+        return batch
+
+    def _due_until(self, now: float) -> float | None:
+        """Until when to wait for the sessions that are due and not queued (None: none is due)."""
+        live = [q for q in self._queue if not q.future.done()]
+        if sum(_tokens(q.request) for q in live) >= self.max_batch_tokens:
+            return None
+        queued = {q.request.session_id for q in live}
+        until = None
+        for sid, pace in list(self._pace.items()):
+            if pace.round_s is None or sid in queued:
+                continue
+            expected = pace.last_s + pace.round_s
+            if now > pace.last_s + STALE_ROUNDS * pace.round_s:
+                del self._pace[sid]  # gone quiet without closing here
+            elif expected <= now + self.batch_wait_s and now < expected + LATE_ROUNDS * pace.round_s:
+                until = max(until or now, expected + LATE_ROUNDS * pace.round_s)
+        return None if until is None else min(until, now + self.batch_wait_s)
+
+    async def _gather(self) -> None:
+        """Wait for the sessions that are due, at most batch_wait_s, or until the queue holds a full pass."""
+        while (until := self._due_until(self.clock())) is not None:
+            self._arrival = asyncio.get_running_loop().create_future()
+            self.gathering.set()
+            try:
+                await asyncio.wait_for(self._arrival, until - self.clock())
+            except TimeoutError:
+                return
+            finally:
+                self.gathering.clear()
+                self._arrival = None
+
+    async def _drain(self) -> None:
+        while True:
+            waited = time.monotonic()
+            if self.batch_wait_s > 0:
+                await self._gather()
+            started = time.monotonic()
+            batch = self._take()
+            if not batch:
+                return
+            try:
+                self.stats.passes += 1
+                self.stats.steps += len(batch)
+                outcomes = await asyncio.to_thread(self.executor.step_many, [q.request for q in batch])
+            except asyncio.CancelledError:
+                for q in batch:
+                    q.future.cancel()
+                raise
+            except Exception as e:  # a fault in the forward pass itself: every step in it fails
+                log.exception("forward pass of %d step(s) failed", len(batch))
+                for q in batch:
+                    if not q.future.done():
+                        q.future.set_exception(e)
+                continue
+            ran_ms, waited_ms = 1000 * (time.monotonic() - started), 1000 * (started - waited)
+            tokens = sum(_tokens(q.request) for q in batch)
+            log.debug(
+                "pass of %d step(s), %d token(s): waited %.1f ms, ran %.1f ms", len(batch), tokens, waited_ms, ran_ms
+            )
+            for q, outcome in zip(batch, outcomes, strict=True):
+                if isinstance(outcome, StepResult):
+                    self._paced(q)
+                if q.future.done():  # its caller went away meanwhile
+                    continue
+                if isinstance(outcome, ExecutorError):
+                    q.future.set_exception(outcome)
+                else:
+                    q.future.set_result(outcome)
+
+    def _paced(self, q: _Queued) -> None:
+        """Note a session's step (only steps the executor took: the table stays bounded by its sessions)."""
+        sid = q.request.session_id
+        pace = self._pace.get(sid)
+        if pace is None:
+            self._pace[sid] = _Pace(q.arrived_s)
+        else:
+            pace.round_s, pace.last_s = q.arrived_s - pace.last_s, q.arrived_s
+
+
+def _tokens(request: StepRequest) -> int:
+    return int(request.inputs.shape[0] * request.inputs.shape[1])

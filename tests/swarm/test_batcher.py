@@ -1,0 +1,239 @@
+"""Batching at a stage: a step that finds the stage idle runs at once; the steps that arrive while a
+forward pass runs go together into the next one, up to the token limit; each caller gets its own
+result or refusal, and a caller that gave up is skipped. The executor here is a stand-in that
+records each pass and can be held inside one, so the test decides what is queued when."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator, Sequence
+
+import pytest
+import torch
+
+from peer.errors import ExecutorError, UnknownSession
+from peer.executor import StepRequest, StepResult
+from swarm.batcher import Batcher, BatchStats
+
+
+class Recorder:
+    """step_many that records the sessions of each pass; the first pass can be held until released."""
+
+    def __init__(self, hold_first: bool = False) -> None:
+        self.passes: list[list[str]] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        if not hold_first:
+            self.release.set()
+        self.fail_next = False
+
+    def step_many(self, requests: Sequence[StepRequest]) -> list[StepResult | ExecutorError]:
+        self.passes.append([r.session_id for r in requests])
+        self.entered.set()
+        assert self.release.wait(timeout=30)
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("the forward pass broke")
+        return [
+            UnknownSession(f"{r.session_id} is not open") if r.session_id.startswith("gone")
+            else StepResult(tokens=torch.tensor([len(self.passes)]))
+            for r in requests
+        ]  # fmt: skip
+
+
+CREATED: list[Batcher] = []  # closed after each test
+
+
+@pytest.fixture(autouse=True)
+def close_batchers() -> Iterator[None]:
+    yield
+    while CREATED:
+        CREATED.pop().close()
+
+
+def request(session: str, tokens: int = 1) -> StepRequest:
+    return StepRequest(session, torch.zeros((1, tokens), dtype=torch.int64), torch.arange(tokens))
+
+
+def batcher(recorder: Recorder, max_batch_tokens: int = 64) -> Batcher:
+    CREATED.append(Batcher(recorder, max_batch_tokens, 0.0, BatchStats()))  # type: ignore[arg-type]
+    return CREATED[-1]
+
+
+async def hold_first_pass(b: Batcher, recorder: Recorder, session: str) -> asyncio.Task[StepResult]:
+    """Start a pass with `session` and return once the executor is inside it."""
+    first = asyncio.ensure_future(b.step(request(session)))
+    await asyncio.to_thread(recorder.entered.wait, 30)
+    return first
+
+
+def test_a_lone_step_runs_at_once_in_a_pass_of_its_own() -> None:
+    recorder = Recorder()
+
+    async def main() -> None:
+        b = batcher(recorder)
+        result = await b.step(request("a"))
+        assert result.tokens is not None and int(result.tokens[0]) == 1
+        await b.step(request("b"))
+        assert b.stats.passes == 2 and b.stats.steps == 2
+
+    asyncio.run(main())
+    assert recorder.passes == [["a"], ["b"]]
+
+
+def test_steps_queued_during_a_pass_run_together_in_the_next() -> None:
+    recorder = Recorder(hold_first=True)
+
+    async def main() -> None:
+        b = batcher(recorder)
+        first = await hold_first_pass(b, recorder, "a")
+        later = [b.submit(request(s)) for s in ("b", "c", "d")]
+        recorder.release.set()
+        results = await asyncio.gather(first, *later)
+        assert [int(r.tokens[0]) for r in results] == [1, 2, 2, 2]  # the pass each ran in
+        assert b.stats.passes == 2 and b.stats.steps == 4
+
+    asyncio.run(main())
+    assert recorder.passes == [["a"], ["b", "c", "d"]]
+
+
+def test_a_pass_takes_queued_steps_up_to_the_token_limit_in_order() -> None:
+    recorder = Recorder(hold_first=True)
+
+    async def main() -> None:
+        b = batcher(recorder, max_batch_tokens=8)
+        first = await hold_first_pass(b, recorder, "a")
+        sizes = {"p5": 5, "q3": 3, "r1": 1, "s9": 9, "t1": 1}
+        later = [b.submit(request(s, n)) for s, n in sizes.items()]
+        recorder.release.set()
+        await asyncio.gather(first, *later)
+
+    asyncio.run(main())
+    # 5 + 3 fill a pass; 1 + 9 would pass the limit; a step over the limit on its own runs alone.
+    assert recorder.passes == [["a"], ["p5", "q3"], ["r1"], ["s9"], ["t1"]]
+
+
+def test_a_refused_step_fails_alone_and_a_broken_pass_fails_only_its_steps() -> None:
+    recorder = Recorder(hold_first=True)
+
+    async def main() -> None:
+        b = batcher(recorder)
+        first = await hold_first_pass(b, recorder, "a")
+        ok, gone = b.submit(request("b")), b.submit(request("gone"))
+        recorder.release.set()
+        assert int((await first).tokens[0]) == 1
+        assert int((await ok).tokens[0]) == 2
+        with pytest.raises(UnknownSession):
+            await gone
+        recorder.fail_next = True
+        with pytest.raises(RuntimeError, match="broke"):
+            await b.step(request("c"))
+        assert int((await b.step(request("d"))).tokens[0]) == 4  # the stage carries on
+
+    asyncio.run(main())
+    assert recorder.passes == [["a"], ["b", "gone"], ["c"], ["d"]]
+
+
+def test_a_caller_that_gave_up_is_left_out_of_the_next_pass() -> None:
+    recorder = Recorder(hold_first=True)
+
+    async def main() -> None:
+        b = batcher(recorder)
+        first = await hold_first_pass(b, recorder, "a")
+        quitter, stayer = b.submit(request("quitter")), b.submit(request("stayer"))
+        quitter.cancel()
+        recorder.release.set()
+        await asyncio.gather(first, stayer)
+        assert quitter.cancelled()
+
+    asyncio.run(main())
+    assert recorder.passes == [["a"], ["stayer"]]
+
+
+# ---- waiting for the sessions that are due --------------------------------------------------------
+
+ROUND_S = 10.0  # each session's pace here, on the fake clock
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def paced(sessions: list[str], recorder: Recorder, clock: FakeClock, wait_s: float = 30.0) -> Batcher:
+    """A batcher that has run `sessions` together twice, ROUND_S apart; the clock is at their next round."""
+    b = Batcher(recorder, 64, wait_s, BatchStats(), clock=clock)  # type: ignore[arg-type]
+    CREATED.append(b)
+    for _ in range(2):
+        await asyncio.gather(*(b.submit(request(s)) for s in sessions))
+        clock.now += ROUND_S
+    return b
+
+
+def test_a_pass_waits_for_the_sessions_that_are_due_and_runs_them_together() -> None:
+    recorder, clock = Recorder(), FakeClock()
+
+    async def main() -> None:
+        b = await paced(["a", "b", "c"], recorder, clock)
+        first = b.submit(request("a"))
+        await asyncio.wait_for(b.gathering.wait(), 10)  # the pass is holding for b and c
+        assert recorder.passes[-1] == ["a", "b", "c"]  # a has not run alone
+        rest = [b.submit(request("b")), b.submit(request("c"))]
+        await asyncio.wait_for(asyncio.gather(first, *rest), 10)
+
+    asyncio.run(main())
+    assert recorder.passes == [["a", "b", "c"]] * 3
+
+
+def test_a_lone_session_and_a_closed_companion_cost_no_wait() -> None:
+    recorder, clock = Recorder(), FakeClock()
+
+    async def main() -> None:
+        b = await paced(["a"], recorder, clock)
+        await asyncio.wait_for(b.step(request("a")), 10)  # due is only itself: no wait (the wait is 30 s)
+        b2 = await paced(["x", "y"], recorder, clock)
+        b2.forget("y")  # closed here
+        await asyncio.wait_for(b2.step(request("x")), 10)
+
+    asyncio.run(main())
+    assert recorder.passes[-1] == ["x"]
+
+
+def test_sessions_far_from_due_or_long_overdue_are_not_waited_for() -> None:
+    recorder, clock = Recorder(), FakeClock()
+
+    async def main() -> None:
+        b = await paced(["a", "b"], recorder, clock, wait_s=1.0)
+        clock.now -= ROUND_S / 2  # b is due in 5 s: beyond the 1 s a pass may wait
+        await asyncio.wait_for(b.step(request("a")), 10)
+        b2 = await paced(["c", "d"], recorder, clock)
+        clock.now += ROUND_S  # d is a whole round late: it went elsewhere
+        await asyncio.wait_for(b2.step(request("c")), 10)
+        clock.now += 4 * ROUND_S  # and after four rounds of silence it is forgotten
+        await asyncio.wait_for(b2.step(request("c")), 10)
+        assert "d" not in b2._pace
+
+    asyncio.run(main())
+    assert recorder.passes == [["a", "b"], ["a", "b"], ["a"], ["c", "d"], ["c", "d"], ["c"], ["c"]]
+
+
+def test_close_cancels_what_is_queued() -> None:
+    recorder = Recorder(hold_first=True)
+
+    async def main() -> None:
+        b = batcher(recorder)
+        first = await hold_first_pass(b, recorder, "a")
+        queued = b.submit(request("b"))
+        b.close()
+        recorder.release.set()
+        assert queued.cancelled()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        b.close()  # twice is fine
+
+    asyncio.run(main())
+    assert recorder.passes == [["a"]]
