@@ -1,4 +1,16 @@
-"""Benchmarks, one subcommand per measurement. `memory` loads stages of growing size, each in a
+"""Benchmarks, one subcommand per measurement, each writing `<out>/<mode>.json` (and a plot).
+
+`decode`, `prefill`, `concurrency` and `overhead` run local swarms (`swarm-peer` processes on
+127.0.0.1) on SmolLM2-135M (the embedded model) or a TinyLlama-shaped checkpoint with random
+weights (written once, float32 or bfloat16, with a word-level tokenizer over its vocabulary).
+`decode` and `prefill` keep Hugging Face's own model loaded in a separate process with the same
+thread count as each peer, and alternate its runs with the swarm's, so that the ratios compare
+runs made under the same conditions: single-stream decode tokens/s for swarms of 1, 2 and 3 peers,
+and time to first token of a 512-token prompt. `concurrency` runs N greedy sessions at once
+through one swarm and checks each output against the same prompt run alone. `overhead` reports
+the swarm's own per-hop wire time and communication share of a decode step.
+
+`memory` loads stages of growing size, each in a
 fresh process, reads every weight once (as a first forward pass would) and checks that the process's
 resident memory grows with its share: RSS <= 1.2 x share + the runtime's base. By default it
 measures a TinyLlama-shaped checkpoint with random weights, written once into the results
@@ -483,14 +495,19 @@ def bench_tokenizer(directory: Path, vocab_size: int) -> None:
     fast.save_pretrained(str(directory))
 
 
-def resolve_model(name: str, out: Path) -> dict[str, Any]:
+def resolve_model(name: str, checkpoints: Path) -> dict[str, Any]:
     """What the baseline and the peers load for a bench model name: spec, dtype, files."""
     if name == "smollm2":
         return {"name": name, "spec": "smollm2-135m", "dtype": "float32", "cache_dir": None}
     dtype = name.split("-", 1)[1]
-    directory = ensure_checkpoint(out.resolve() / "checkpoints" / f"tinyllama-shaped-{dtype}", dtype)
+    directory = ensure_checkpoint(checkpoints.resolve() / f"tinyllama-shaped-{dtype}", dtype)
     bench_tokenizer(directory, TINYLLAMA_SHAPE["vocab_size"])
-    return {"name": name, "spec": str(directory), "dtype": dtype, "cache_dir": str(out.resolve() / "store-cache")}
+    return {
+        "name": name,
+        "spec": str(directory),
+        "dtype": dtype,
+        "cache_dir": str(checkpoints.resolve() / "store-cache"),
+    }
 
 
 def model_store(model: dict[str, Any]) -> Any:
@@ -716,7 +733,7 @@ def perf_models(args: argparse.Namespace) -> list[dict[str, Any]]:
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     if not names or any(n not in MODELS for n in names):
         raise SystemExit(f"--models takes a comma list of {', '.join(MODELS)}")
-    return [resolve_model(n, Path(args.out)) for n in names]
+    return [resolve_model(n, Path(args.checkpoints)) for n in names]
 
 
 def swarm_config(args: argparse.Namespace) -> Path:
@@ -929,7 +946,9 @@ def main() -> int:
         mode.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                           help="torch threads of the baseline and of each peer (default: every core)")  # fmt: skip
         mode.add_argument("--config", help="the peers' config (default: the shipped configs/default.yaml)")
-        mode.add_argument("--out", default="results", help="directory for JSON, plots and generated checkpoints")
+        mode.add_argument("--out", default="results", help="directory for JSON and plots (default %(default)s)")
+        mode.add_argument("--checkpoints", default="results/checkpoints",
+                          help="where TinyLlama-shaped checkpoints are written once (default %(default)s)")  # fmt: skip
         mode.set_defaults(func=func)
         return mode
 

@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--model", help="model spec (default from the config: smollm2-135m)")
     p.add_argument("--config", default=str(default_config_path()), help="YAML config for the peers")
-    p.add_argument("--threads", type=int, help="torch threads per peer (default: cores / peers, at least 1)")
+    p.add_argument("--threads", type=int, help="torch threads per peer (default: every core)")
     p.add_argument("--keep-logs", action="store_true", help="keep the peers' logs and state after the run")
     return p.parse_args(argv)
 
@@ -157,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         caps = memory_caps_mb(config, spec, args.num_peers)
         key = workdir / "swarm.key"
         write_new_swarm_key(key)
-        threads = args.threads or max(1, (os.cpu_count() or 1) // args.num_peers)
+        # Every peer may use every core: the stages of a generation take turns, and idle peers' threads
+        # sleep (OMP_WAIT_POLICY=PASSIVE) instead of spinning.
+        threads = args.threads or os.cpu_count() or 1
         print(f"starting {args.num_peers} peers (memory caps {', '.join(f'{c} MiB' for c in caps)}), "
               f"logs in {workdir}", file=sys.stderr)  # fmt: skip
         first = ""
