@@ -98,9 +98,10 @@ class StageModel(nn.Module):
             hidden = self.embed_tokens(torch.cat([s.inputs.reshape(-1) for s in steps]))  # [N, D]
         else:
             hidden = torch.cat([s.inputs.reshape(-1, d) for s in steps])  # [N, D]
-        positions = torch.cat([s.positions.reshape(-1) for s in steps])  # [N]
-        cos, sin = self.rotary_emb(hidden[None], positions[None])  # [1, N, head_dim] each
-        rope = cos[0], sin[0]  # [N, head_dim]: one row per token, broadcast over heads by apply_rotary_pos_emb
+        # Rotary tables per step: a dynamic RoPE scales by the largest position of the call it is given.
+        tables = [self.rotary_emb(hidden[None, :1], s.positions.reshape(1, -1)) for s in steps]  # [1, n, hd]
+        cos, sin = (torch.cat([t[i][0] for t in tables]) for i in (0, 1))
+        rope = cos, sin  # [N, head_dim]: one row per token, broadcast over heads by apply_rotary_pos_emb
         spans, at = [], 0
         for s in steps:
             n = s.positions.numel()
@@ -141,9 +142,13 @@ class StageModel(nn.Module):
         for step, (a, b, rows, t), mask in zip(steps, spans, masks, strict=True):
             qs, ks, vs = (y[a:b].view(rows, t, -1, head_dim).transpose(1, 2) for y in (q, k, v))  # [B, H, T, hd]
             keys, values = step.cache.update(ks, vs, attn.layer_idx)  # [B, H_kv, past + T, hd]
+            if mask is not None:  # SDPA's fused kernels take grouped heads only without a mask
+                groups = qs.shape[1] // keys.shape[1]
+                keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
             out = F.scaled_dot_product_attention(
-                qs, keys, values, attn_mask=mask, is_causal=mask is None and t > 1, scale=attn.scaling, enable_gqa=True
-            )  # [B, H, T, hd]
+                qs, keys, values, attn_mask=mask, is_causal=mask is None and t > 1, scale=attn.scaling,
+                enable_gqa=mask is None,
+            )  # [B, H, T, hd]  # fmt: skip
             outputs.append(out.transpose(1, 2).reshape(b - a, -1))
         hidden = hidden + linear(torch.cat(outputs) if len(outputs) > 1 else outputs[0], attn.o_proj)
         x = layer.post_attention_layernorm(hidden)

@@ -552,7 +552,7 @@ def baseline_child(args: argparse.Namespace) -> int:
         hf = AutoModelForCausalLM.from_pretrained(str(files.meta_dir), dtype=dtype)
     hf.eval()
 
-    class Clock(BaseStreamer):  # type: ignore[misc]
+    class Clock(BaseStreamer):
         def __init__(self) -> None:
             self.times: list[float] = []
 
@@ -598,8 +598,9 @@ class Baseline:
         cmd += ["--threads", str(self.threads)]
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(self.threads)}
         log(f"baseline: loading {self.model['name']} into Hugging Face transformers, {self.threads} thread(s) …")
+        self.errors = tempfile.TemporaryFile("w+")  # its stderr, shown if it fails
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True, env=env
         )
         self._read()
         return self
@@ -617,7 +618,8 @@ class Baseline:
             if line.startswith("{"):
                 found: dict[str, Any] = json.loads(line)
                 return found
-        raise RuntimeError(f"the baseline process ended (exit {self.proc.wait()}); run it alone to see why")
+        self.errors.seek(0)
+        raise RuntimeError(f"the baseline process ended (exit {self.proc.wait()}):\n{self.errors.read()[-3000:]}")
 
     def __exit__(self, *exc: Any) -> None:
         if self.proc is not None:
@@ -628,6 +630,7 @@ class Baseline:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.errors.close()
 
 
 def decode_rate(arrivals: list[float]) -> float | None:
@@ -661,7 +664,7 @@ class Swarm:
     def __enter__(self) -> Swarm:
         from swarm.local import start_seeded_swarm
 
-        extra = ("--model", self.model["spec"], "--dtype", self.model["dtype"])
+        extra: tuple[str, ...] = ("--model", self.model["spec"], "--dtype", self.model["dtype"])
         if self.model["cache_dir"]:
             extra += ("--cache-dir", self.model["cache_dir"])
         caps = even_caps(self.model, self.count)
@@ -681,8 +684,9 @@ class Swarm:
         by_url = {p.url: p for p in self.peers}
         return str(by_url[self.status["layer_map"]["stages"][0]["url"]].url)
 
-    def rss(self) -> list[dict[str, Any]]:
-        """Each peer's resident memory and its share of the weights."""
+    def rss(self, base: int) -> list[dict[str, Any]]:
+        """Each peer's resident memory against its share of the weights: at most MEMORY_SLACK x
+        share + `base` (a peer's RSS with no layers)."""
         import torch
 
         from peer.profile import ModelProfile
@@ -694,17 +698,42 @@ class Swarm:
         for s in self.status["layer_map"]["stages"]:
             peer = by_url[s["url"]]
             assert peer.proc is not None
-            status = Path(f"/proc/{peer.proc.pid}/status").read_text()
-            rss = next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:"))
-            share = profile.stage_weight_bytes(s["start"], s["end"])
+            rss, share = process_rss(peer.proc.pid), profile.stage_weight_bytes(s["start"], s["end"])
+            limit = int(MEMORY_SLACK * share + base)
             rows.append({"peer": peer.name, "start": s["start"], "end": s["end"], "rss_bytes": rss,
-                         "share_bytes": share})  # fmt: skip
+                         "share_bytes": share, "base_bytes": base, "limit_bytes": limit,
+                         "ok": rss <= limit})  # fmt: skip
         return rows
 
     def __exit__(self, *exc: Any) -> None:
         for p in self.peers:
             p.stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def process_rss(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:"))
+
+
+def standby_rss(model: dict[str, Any], threads: int, config: Path) -> int:
+    """The resident memory of a `swarm-peer` that holds no layer (its cap is below one layer's): the
+    runtime's base, to which a serving peer adds its share of the weights."""
+    from swarm.local import PeerProcess, wait_for
+
+    tmp = Path(tempfile.mkdtemp(prefix="swarm-standby-"))
+    args = ["--config", str(config), "--port", "0", "--max-memory-mb", "16", "--no-mdns", "--state-dir", str(tmp / "s")]
+    args += ["--model", model["spec"], "--dtype", model["dtype"]]
+    args += ["--cache-dir", model["cache_dir"]] if model["cache_dir"] else []
+    peer = PeerProcess("standby", args, tmp, threads).start()
+    try:
+        peer.wait_url()
+        wait_for(peer.status, 60, "the standby peer to answer")
+        assert peer.proc is not None
+        return process_rss(peer.proc.pid)
+    finally:
+        peer.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def swarm_stream(url: str, ids: list[int], max_tokens: int) -> dict[str, Any]:
@@ -757,6 +786,7 @@ def paired_runs(args: argparse.Namespace, measure: str, ids: list[int], max_toke
     rows = []
     for model in perf_models(args):
         prompt = ids or prompt_ids(model, None)
+        standby = standby_rss(model, args.threads, swarm_config(args))
         with Baseline(model, args.threads) as base:
             base.run(prompt, min(max_tokens, 4))  # warm-up
             for n in [int(k) for k in args.peers.split(",")]:
@@ -769,7 +799,7 @@ def paired_runs(args: argparse.Namespace, measure: str, ids: list[int], max_toke
                         )
                         log(f"{model['name']}, {n} peer(s), run {run + 1}: baseline {pairs[-1][0] or 0:.3f}, "
                             f"swarm {pairs[-1][1] or 0:.3f}")  # fmt: skip
-                    memory = swarm.rss()
+                    memory = swarm.rss(standby)
                 b, w = median([p[0] for p in pairs]), median([p[1] for p in pairs])
                 ratio = w / b if w and b else None
                 rows.append({"model": model["name"], "peers": n, "baseline": b, "swarm": w, "ratio": ratio,
@@ -785,12 +815,26 @@ def print_pairs(rows: list[dict[str, Any]], unit: str, digits: int) -> None:
         print(f"{r['model']:>20} {r['peers']:>5} {b:>9} {w:>9} {ratio:>6}")
 
 
+def print_peer_memory(rows: list[dict[str, Any]]) -> None:
+    """Each peer's RSS against MEMORY_SLACK x its share + the base (a peer holding no layer); MiB."""
+    print(f"peer memory (MiB): RSS <= {MEMORY_SLACK} x share + base, base = a swarm-peer holding no layer")
+    print(f"{'model':>20} {'peers':>5} {'layers':>9} {'share':>6} {'RSS':>6} {'base':>5} {'limit':>6}  ok")
+    for r in rows:
+        for m in r.get("memory") or []:
+            layers = f"[{m['start']},{m['end']})"
+            cells = (m[k] / MIB for k in ("share_bytes", "rss_bytes", "base_bytes", "limit_bytes"))
+            share, rss, base, limit = cells
+            print(f"{r['model']:>20} {r['peers']:>5} {layers:>9} {share:6.0f} {rss:6.0f} {base:5.0f} {limit:6.0f}  "
+                  f"{'yes' if m['ok'] else 'NO'}")  # fmt: skip
+
+
 def decode(args: argparse.Namespace) -> int:
     """Single-stream decode tokens/s: swarms of each size against the baseline, runs alternating."""
     rows = paired_runs(args, "decode", [], args.max_tokens)
     print(f"decode: one greedy stream of {args.max_tokens} tokens, medians of {args.runs} alternating runs, "
           f"{args.threads} thread(s) for the baseline and for each peer")  # fmt: skip
     print_pairs(rows, "tokens/s", 2)
+    print_peer_memory(rows)
     write_report(args, "decode", rows)
     plot_pairs(rows, Path(args.out) / "decode.png", "decode tokens/s, one stream")
     return 0
@@ -820,6 +864,7 @@ def concurrency(args: argparse.Namespace) -> int:
     ok = True
     for model in perf_models(args):
         prompts = [prompt_ids(model, args.prompt_tokens, seed=i) for i in range(max(levels))]
+        standby = standby_rss(model, args.threads, swarm_config(args))
         with Swarm(model, args.num_peers, args.threads, swarm_config(args)) as swarm:
             complete(swarm.url, prompts[0], 2)  # warm-up
             log(f"sequential reference: {len(prompts)} prompts one at a time …")
@@ -842,7 +887,7 @@ def concurrency(args: argparse.Namespace) -> int:
                              "tokens_per_s": rate, "speedup": rate / single, "identical": same, "of": n})  # fmt: skip
                 ok = ok and same == n
                 log(f"  {rate:.2f} tokens/s, {rate / single:.2f} x one session alone; {same}/{n} identical")
-            memory = swarm.rss()
+            memory = swarm.rss(standby)
         rows.append({"model": model["name"], "sessions": 1, "alone_tokens_per_s": single, "memory": memory})
     print(f"concurrency: {args.num_peers} peers, {args.max_tokens} tokens per session, {args.threads} thread(s) each")
     print(f"{'model':>20} {'sessions':>8} {'tokens/s':>9} {'x single':>8} identical")
@@ -967,9 +1012,6 @@ def main() -> int:
 
     base = modes.add_parser("_baseline-child")  # internal: the Hugging Face baseline, run by the modes above
     base.add_argument("--model", required=True)
-    base.add_argument("--prompt-file", required=True)
-    base.add_argument("--max-tokens", type=int, required=True)
-    base.add_argument("--runs", type=int, required=True)
     base.add_argument("--threads", type=int, required=True)
     base.set_defaults(func=baseline_child)
 
@@ -1002,7 +1044,12 @@ def main() -> int:
     child.set_defaults(func=load_child)
 
     args = parser.parse_args()
-    return int(args.func(args))
+    signal.signal(signal.SIGTERM, _interrupt)  # a plain `kill` of this script stops its peers too
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        log("interrupted; the peers were stopped")
+        return 130
 
 
 if __name__ == "__main__":

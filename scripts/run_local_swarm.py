@@ -73,7 +73,7 @@ class Peers:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": "PASSIVE"}
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "swarm.daemon", "--node-id", name, *args],
+                [sys.executable, "-m", "swarm.launcher", "--node-id", name, *args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,

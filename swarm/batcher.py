@@ -3,8 +3,9 @@ forward pass, when the current one ends. A pass also waits, briefly, for the ses
 those that stepped here lately and whose next step is expected within `batch_wait_s` (each
 session's pace is the time between its last two steps here). Sessions that share the pipeline thus
 fall into step and stay there, instead of running in fragments that contend for the same cores,
-while a lone session never waits. It knows executors and asyncio; what the steps mean and where
-their results go is the stage service's business."""
+while a lone session never waits. The queue is bounded; a step beyond it is refused at once. It
+knows executors and asyncio; what the steps mean and where their results go is the stage
+service's business."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from dataclasses import dataclass
 
 from peer.errors import ExecutorError
 from peer.executor import StageExecutor, StepRequest, StepResult
+from swarm.errors import MessageRejected
 
 log = logging.getLogger(__name__)
 
 LATE_ROUNDS = 0.5  # a due session is waited for until this many of its rounds past its expected arrival
-STALE_ROUNDS = 4.0  # a session not seen for this many rounds is forgotten
+STALE_ROUNDS = 4.0  # a session not seen for this many rounds is no longer waited for
 
 
 @dataclass
@@ -60,37 +62,56 @@ class Batcher:
         self.batch_wait_s = batch_wait_s
         self.stats = stats or BatchStats()
         self.clock = clock  # paces the sessions; the waits themselves run on the event loop
+        # Steps that may wait here at once: one per session the executor can hold (an entry sends
+        # a session's next step only after the last one's reply).
+        self.max_queued = executor.config.max_sessions
         self.gathering = asyncio.Event()  # set while a pass waits for sessions that are due
+        self.closed = False
         self._queue: list[_Queued] = []
         self._worker: asyncio.Task[None] | None = None
-        self._pace: dict[str, _Pace] = {}  # sessions that ran here, bounded by the executor's sessions
+        self._pace: dict[str, _Pace] = {}  # open sessions that ran here (pruned after every pass)
         self._arrival: asyncio.Future[None] | None = None  # resolved by the next submit, while gathering
 
     def close(self) -> None:
-        """Stop taking steps: queued ones and the pass under way are cancelled; safe to call twice."""
-        if self._worker is not None and not self._worker.done():
-            self._worker.cancel()
+        """Take no more steps: queued ones, and any sent later, are refused as `not_ready` (the entry
+        sends them again on the current layer map); a pass under way still delivers its results.
+        Safe to call twice."""
+        self.closed = True
         for q in self._queue:
-            q.future.cancel()
+            if not q.future.done():
+                q.future.set_exception(_closed())
         self._queue.clear()
+        self._wake()
 
     async def step(self, request: StepRequest) -> StepResult:
         """The step's result once a forward pass has run it; its ExecutorError if it was refused."""
         return await self.submit(request)
 
     def submit(self, request: StepRequest) -> asyncio.Future[StepResult]:
-        """Queue a step (a pass starts at once if none is running); cancel the future to withdraw it."""
+        """Queue a step (a pass starts at once if none is running); cancel the future to withdraw it.
+        Refused at once (MessageRejected) when the batcher is closed or its queue is full."""
         future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Queued(request, future, self.clock()))
-        if self._arrival is not None and not self._arrival.done():
-            self._arrival.set_result(None)
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.create_task(self._drain())
+        self._queue = [q for q in self._queue if not q.future.done()]
+        if self.closed:
+            future.set_exception(_closed())
+        elif len(self._queue) >= self.max_queued:
+            future.set_exception(
+                MessageRejected("cache_full", f"this stage is overloaded: {len(self._queue)} steps are queued")
+            )
+        else:
+            self._queue.append(_Queued(request, future, self.clock()))
+            self._wake()
+            if self._worker is None or self._worker.done():
+                self._worker = asyncio.create_task(self._drain())
         return future
 
     def forget(self, session_id: str) -> None:
         """A session closed: no pass waits for it any more."""
         self._pace.pop(session_id, None)
+
+    def _wake(self) -> None:
+        if self._arrival is not None and not self._arrival.done():
+            self._arrival.set_result(None)
 
     def _take(self) -> list[_Queued]:
         """The oldest queued steps up to max_batch_tokens (at least one), dropping abandoned ones."""
@@ -108,64 +129,65 @@ class Batcher:
     def _due_until(self, now: float) -> float | None:
         """Until when to wait for the sessions that are due and not queued (None: none is due)."""
         live = [q for q in self._queue if not q.future.done()]
-        if sum(_tokens(q.request) for q in live) >= self.max_batch_tokens:
+        if self.closed or sum(_tokens(q.request) for q in live) >= self.max_batch_tokens:
             return None
-        queued = {q.request.session_id for q in live}
+        queued, open_now = {q.request.session_id for q in live}, set(self.executor.session_ids())
         until = None
-        for sid, pace in list(self._pace.items()):
-            if pace.round_s is None or sid in queued:
+        for sid, pace in self._pace.items():
+            if pace.round_s is None or sid in queued or sid not in open_now:
+                continue
+            if now > pace.last_s + STALE_ROUNDS * pace.round_s:
                 continue
             expected = pace.last_s + pace.round_s
-            if now > pace.last_s + STALE_ROUNDS * pace.round_s:
-                del self._pace[sid]  # gone quiet without closing here
-            elif expected <= now + self.batch_wait_s and now < expected + LATE_ROUNDS * pace.round_s:
+            if expected <= now + self.batch_wait_s and now < expected + LATE_ROUNDS * pace.round_s:
                 until = max(until or now, expected + LATE_ROUNDS * pace.round_s)
-        return None if until is None else min(until, now + self.batch_wait_s)
+        return until
 
     async def _gather(self) -> None:
-        """Wait for the sessions that are due, at most batch_wait_s, or until the queue holds a full pass."""
-        while (until := self._due_until(self.clock())) is not None:
+        """Wait for the sessions that are due until the queue holds a full pass, at most batch_wait_s."""
+        deadline = self.clock() + self.batch_wait_s
+        while (until := self._due_until(self.clock())) is not None and (
+            remaining := min(until, deadline) - self.clock()
+        ) > 0:
             self._arrival = asyncio.get_running_loop().create_future()
             self.gathering.set()
             try:
-                await asyncio.wait_for(self._arrival, until - self.clock())
-            except TimeoutError:
+                await asyncio.wait_for(self._arrival, remaining)
+            except asyncio.TimeoutError:  # builtin TimeoutError only from Python 3.11
                 return
             finally:
                 self.gathering.clear()
                 self._arrival = None
 
     async def _drain(self) -> None:
-        while True:
+        while not self.closed:
             waited = time.monotonic()
             if self.batch_wait_s > 0:
                 await self._gather()
             started = time.monotonic()
-            batch = self._take()
+            batch = [] if self.closed else self._take()
             if not batch:
                 return
             try:
-                self.stats.passes += 1
-                self.stats.steps += len(batch)
                 outcomes = await asyncio.to_thread(self.executor.step_many, [q.request for q in batch])
             except asyncio.CancelledError:
                 for q in batch:
                     q.future.cancel()
                 raise
-            except Exception as e:  # a fault in the forward pass itself: every step in it fails
+            except Exception as e:  # a fault in the forward pass itself (out of memory?): every step in it fails
                 log.exception("forward pass of %d step(s) failed", len(batch))
                 for q in batch:
                     if not q.future.done():
-                        q.future.set_exception(e)
+                        q.future.set_exception(MessageRejected("stage_failed", f"the forward pass failed: {e}"))
                 continue
             ran_ms, waited_ms = 1000 * (time.monotonic() - started), 1000 * (started - waited)
-            tokens = sum(_tokens(q.request) for q in batch)
-            log.debug(
-                "pass of %d step(s), %d token(s): waited %.1f ms, ran %.1f ms", len(batch), tokens, waited_ms, ran_ms
-            )
+            ran = [q for q, outcome in zip(batch, outcomes, strict=True) if isinstance(outcome, StepResult)]
+            self.stats.passes += bool(ran)
+            self.stats.steps += len(ran)
+            log.debug("pass of %d step(s), %d token(s): waited %.1f ms, ran %.1f ms",
+                      len(ran), sum(_tokens(q.request) for q in ran), waited_ms, ran_ms)  # fmt: skip
+            self._paced(ran)
             for q, outcome in zip(batch, outcomes, strict=True):
-                if isinstance(outcome, StepResult):
-                    self._paced(q)
                 if q.future.done():  # its caller went away meanwhile
                     continue
                 if isinstance(outcome, ExecutorError):
@@ -173,14 +195,22 @@ class Batcher:
                 else:
                     q.future.set_result(outcome)
 
-    def _paced(self, q: _Queued) -> None:
-        """Note a session's step (only steps the executor took: the table stays bounded by its sessions)."""
-        sid = q.request.session_id
-        pace = self._pace.get(sid)
-        if pace is None:
-            self._pace[sid] = _Pace(q.arrived_s)
-        else:
-            pace.round_s, pace.last_s = q.arrived_s - pace.last_s, q.arrived_s
+    def _paced(self, ran: list[_Queued]) -> None:
+        """Note the sessions that stepped; forget those the executor no longer holds (closed,
+        evicted), so the table never outgrows its open sessions."""
+        for q in ran:
+            sid = q.request.session_id
+            pace = self._pace.get(sid)
+            if pace is None:
+                self._pace[sid] = _Pace(q.arrived_s)
+            else:
+                pace.round_s, pace.last_s = q.arrived_s - pace.last_s, q.arrived_s
+        open_now = set(self.executor.session_ids())
+        self._pace = {sid: p for sid, p in self._pace.items() if sid in open_now}
+
+
+def _closed() -> MessageRejected:
+    return MessageRejected("not_ready", "this stage's layers changed or it is stopping; send the step again")
 
 
 def _tokens(request: StepRequest) -> int:

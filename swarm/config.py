@@ -188,7 +188,7 @@ class ServingConfig:
     max_batch_tokens: int = 2048
     # A forward pass at a stage waits at most this long, in seconds, for the sessions whose next step is
     # due, so that sessions sharing the pipeline run in one pass (0: never wait). A lone session never
-    # waits; a wait this long only ever happens for sessions whose own steps are this far apart.
+    # waits; others wait for each other at most about half of their own time between steps.
     batch_wait_s: float = 1.0
 
     def __post_init__(self) -> None:

@@ -14,3 +14,7 @@ def main() -> int:
     from swarm.daemon import main as daemon_main
 
     return daemon_main()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

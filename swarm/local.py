@@ -25,7 +25,7 @@ POLL_S = 0.1
 def peer_command() -> list[str]:
     """The installed `swarm-peer` console script (the module if the script is not installed)."""
     script = Path(sys.executable).parent / "swarm-peer"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "swarm.daemon"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "swarm.launcher"]
 
 
 class PeerProcess:

@@ -38,6 +38,7 @@ STATUS = {
     "not_ready": 503,
     "cache_full": 503,
     "unreachable": 502,
+    "stage_failed": 500,
 }
 
 

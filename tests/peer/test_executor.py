@@ -303,6 +303,7 @@ BATCH_CASES: dict[str, tuple[int, list[tuple[list[list[int]], int]], tuple[list[
     "decode-long": (1, [([[4, 5, 6, 7, 8, 9]], 0)], ([[10]], 6)),
     "replay-mid-cache": (1, [([[1, 2, 3, 4, 5]], 0)], ([[7, 8, 9]], 2)),
     "two-rows": (2, [([[1, 2], [3, 4]], 0)], ([[5], [6]], 2)),
+    "two-rows-replay": (2, [([[1, 2, 3], [4, 5, 6]], 0)], ([[7, 8], [9, 10]], 1)),
 }
 
 
@@ -371,3 +372,29 @@ def test_a_refused_step_in_a_pass_changes_nothing_and_holds_no_one_back(stages) 
     assert ex.stats.batches == 1 and ex.stats.steps == 1
     assert ex.step_many([StepRequest("nope", ids(1), pos(0, 1))])[0].__class__ is UnknownSession
     assert ex.stats.batches == 1  # a pass with nothing accepted runs nothing
+
+
+def test_projections_through_onednn_compute_what_f_linear_computes(stages, monkeypatch) -> None:
+    """The oneDNN path (taken by large float32 weights) agrees with F.linear, bias included, and a
+    whole stage gives the same hidden states through either path."""
+    import torch.nn.functional as F
+
+    import peer.stage as stage_module
+
+    if not stage_module.onednn():
+        pytest.skip("this torch build has no oneDNN inner product")
+    layer = torch.nn.Linear(64, 48, bias=True)
+    x = torch.randn(5, 64)
+    monkeypatch.setattr(stage_module, "ONEDNN_MIN_WEIGHT_ELEMENTS", 0)
+    assert torch.allclose(stage_module.linear(x, layer), F.linear(x, layer.weight, layer.bias), atol=1e-5)
+
+    def hidden() -> torch.Tensor:
+        ex = StageExecutor(stages[0])
+        ex.open_session("s", 8)
+        out = ex.step("s", ids(1, 2, 3), pos(0, 3)).hidden
+        assert out is not None
+        return out
+
+    through_onednn = hidden()
+    monkeypatch.setattr(stage_module, "ONEDNN_MIN_WEIGHT_ELEMENTS", 1 << 62)
+    assert torch.allclose(through_onednn, hidden(), atol=1e-5)

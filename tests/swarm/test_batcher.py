@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator, Sequence
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,18 +16,24 @@ import torch
 from peer.errors import ExecutorError, UnknownSession
 from peer.executor import StepRequest, StepResult
 from swarm.batcher import Batcher, BatchStats
+from swarm.errors import MessageRejected
 
 
 class Recorder:
     """step_many that records the sessions of each pass; the first pass can be held until released."""
 
-    def __init__(self, hold_first: bool = False) -> None:
+    def __init__(self, hold_first: bool = False, max_sessions: int = 64) -> None:
+        self.config = SimpleNamespace(max_sessions=max_sessions)
+        self.open: set[str] | None = None  # the sessions it holds; None: every session it has seen
         self.passes: list[list[str]] = []
         self.entered = threading.Event()
         self.release = threading.Event()
         if not hold_first:
             self.release.set()
         self.fail_next = False
+
+    def session_ids(self) -> list[str]:
+        return sorted(self.open if self.open is not None else {s for p in self.passes for s in p})
 
     def step_many(self, requests: Sequence[StepRequest]) -> list[StepResult | ExecutorError]:
         self.passes.append([r.session_id for r in requests])
@@ -127,12 +134,33 @@ def test_a_refused_step_fails_alone_and_a_broken_pass_fails_only_its_steps() -> 
         with pytest.raises(UnknownSession):
             await gone
         recorder.fail_next = True
-        with pytest.raises(RuntimeError, match="broke"):
+        with pytest.raises(MessageRejected) as broken:
             await b.step(request("c"))
+        assert broken.value.reason == "stage_failed" and "broke" in str(broken.value)
         assert int((await b.step(request("d"))).tokens[0]) == 4  # the stage carries on
+        assert b.stats.passes == 3 and b.stats.steps == 3  # passes that ran a step, and the steps they ran
 
     asyncio.run(main())
     assert recorder.passes == [["a"], ["b", "gone"], ["c"], ["d"]]
+
+
+def test_a_full_queue_refuses_at_once_and_others_carry_on() -> None:
+    recorder = Recorder(hold_first=True, max_sessions=2)
+
+    async def main() -> None:
+        b = batcher(recorder)
+        first = await hold_first_pass(b, recorder, "a")
+        queued = [b.submit(request("b")), b.submit(request("c"))]
+        extra = b.submit(request("d"))
+        assert extra.done()
+        with pytest.raises(MessageRejected) as full:
+            await extra
+        assert full.value.reason == "cache_full" and "2 steps are queued" in str(full.value)
+        recorder.release.set()
+        await asyncio.gather(first, *queued)
+
+    asyncio.run(main())
+    assert recorder.passes == [["a"], ["b", "c"]]
 
 
 def test_a_caller_that_gave_up_is_left_out_of_the_next_pass() -> None:
@@ -213,15 +241,14 @@ def test_sessions_far_from_due_or_long_overdue_are_not_waited_for() -> None:
         b2 = await paced(["c", "d"], recorder, clock)
         clock.now += ROUND_S  # d is a whole round late: it went elsewhere
         await asyncio.wait_for(b2.step(request("c")), 10)
-        clock.now += 4 * ROUND_S  # and after four rounds of silence it is forgotten
+        clock.now += 4 * ROUND_S  # and after four rounds of silence it is not waited for again
         await asyncio.wait_for(b2.step(request("c")), 10)
-        assert "d" not in b2._pace
 
     asyncio.run(main())
     assert recorder.passes == [["a", "b"], ["a", "b"], ["a"], ["c", "d"], ["c", "d"], ["c"], ["c"]]
 
 
-def test_close_cancels_what_is_queued() -> None:
+def test_a_closed_batcher_refuses_steps_as_not_ready_and_the_pass_under_way_delivers() -> None:
     recorder = Recorder(hold_first=True)
 
     async def main() -> None:
@@ -229,11 +256,38 @@ def test_close_cancels_what_is_queued() -> None:
         first = await hold_first_pass(b, recorder, "a")
         queued = b.submit(request("b"))
         b.close()
-        recorder.release.set()
-        assert queued.cancelled()
-        with pytest.raises(asyncio.CancelledError):
-            await first
         b.close()  # twice is fine
+        later = b.submit(request("c"))
+        recorder.release.set()
+        assert int((await first).tokens[0]) == 1
+        for refused in (queued, later):
+            with pytest.raises(MessageRejected) as info:
+                await refused
+            assert info.value.reason == "not_ready"  # recoverable: the entry sends it again
 
     asyncio.run(main())
     assert recorder.passes == [["a"]]
+
+
+def test_a_due_session_that_does_not_come_is_waited_for_at_most_batch_wait_s() -> None:
+    recorder, clock = Recorder(), FakeClock()
+
+    async def main() -> None:
+        b = await paced(["a", "b"], recorder, clock, wait_s=0.05)  # b is due now and never comes
+        await asyncio.wait_for(b.step(request("a")), 10)
+
+    asyncio.run(main())
+    assert recorder.passes[-1] == ["a"]
+
+
+def test_sessions_the_executor_no_longer_holds_are_not_waited_for() -> None:
+    recorder, clock = Recorder(), FakeClock()
+
+    async def main() -> None:
+        b = await paced(["a", "b"], recorder, clock)
+        recorder.open = {"a"}  # b was evicted, or closed without a close message reaching here
+        await asyncio.wait_for(b.step(request("a")), 10)  # no wait for b (the wait would be 30 s)
+        assert set(b._pace) == {"a"}  # and the table keeps only what the executor holds
+
+    asyncio.run(main())
+    assert recorder.passes[-1] == ["a"]

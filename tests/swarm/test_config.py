@@ -104,6 +104,11 @@ def test_section_that_is_not_a_mapping_is_a_config_error() -> None:
         ("security", {"max_message_bytes": 1.5}, "security.max_message_bytes"),
         ("security", {"swarm_key_file": 5}, "security.swarm_key_file"),
         ("partition", {"kv_reserve_tokens": -1}, "partition.kv_reserve_tokens"),
+        ("serving", {"max_batch_tokens": 0}, "serving.max_batch_tokens must be a positive integer"),
+        ("serving", {"max_batch_tokens": 1.5}, "serving.max_batch_tokens"),
+        ("serving", {"batch_wait_s": -0.1}, "serving.batch_wait_s must be between 0 and 10"),
+        ("serving", {"batch_wait_s": 11}, "serving.batch_wait_s"),
+        ("serving", {"batch_wait_s": "1"}, "serving.batch_wait_s"),
     ],
 )
 def test_bad_values_are_config_errors(section: str, values: dict[str, Any], match: str) -> None:
