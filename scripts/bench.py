@@ -100,10 +100,10 @@ def ensure_checkpoint(directory: Path, dtype_name: str) -> Path:
     return directory
 
 
-def proc_status_bytes(*fields: str) -> dict[str, int]:
-    """Fields of /proc/self/status given in kB, in bytes."""
+def proc_status_bytes(*fields: str, pid: int | str = "self") -> dict[str, int]:
+    """Fields of a process's /proc/<pid>/status given in kB (this process's by default), in bytes."""
     values = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, rest = line.partition(":")
         if key in fields:
             values[key] = int(rest.split()[0]) * 1024
@@ -640,15 +640,19 @@ def decode_rate(arrivals: list[float]) -> float | None:
     return (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
 
 
-def even_caps(model: dict[str, Any], peers: int) -> dict[str, int]:
-    """Equal memory caps that split the model over `peers` stages (the partitioner goes by memory)."""
+def model_profile(model: dict[str, Any]) -> Any:
+    """The ModelProfile (bytes of each part) of a bench model at its dtype."""
     import torch
 
     from peer.profile import ModelProfile
 
     config = model_store(model).resolve(model["spec"]).load_config()
-    total = ModelProfile.from_config(config, getattr(torch, model["dtype"])).total_weight_bytes
-    cap = int(total / MIB / peers * 1.3 + total / MIB * 0.1 / peers) + KV_BUDGET_MIB + 64
+    return ModelProfile.from_config(config, getattr(torch, model["dtype"]))
+
+
+def even_caps(model: dict[str, Any], peers: int) -> dict[str, int]:
+    """Equal memory caps that split the model over `peers` stages (the partitioner goes by memory)."""
+    cap = int(model_profile(model).total_weight_bytes / MIB / peers * 1.4) + KV_BUDGET_MIB + 64
     return {f"peer-{i + 1}": cap for i in range(peers)}
 
 
@@ -681,24 +685,19 @@ class Swarm:
     @property
     def url(self) -> str:
         """The entry: the peer of the first stage."""
-        by_url = {p.url: p for p in self.peers}
-        return str(by_url[self.status["layer_map"]["stages"][0]["url"]].url)
+        return str(self.status["layer_map"]["stages"][0]["url"])
 
     def rss(self, base: int) -> list[dict[str, Any]]:
         """Each peer's resident memory against its share of the weights: at most MEMORY_SLACK x
         share + `base` (a peer's RSS with no layers)."""
-        import torch
-
-        from peer.profile import ModelProfile
-
-        config = model_store(self.model).resolve(self.model["spec"]).load_config()
-        profile = ModelProfile.from_config(config, getattr(torch, self.model["dtype"]))
+        profile = model_profile(self.model)
         by_url = {p.url: p for p in self.peers}
         rows = []
         for s in self.status["layer_map"]["stages"]:
             peer = by_url[s["url"]]
             assert peer.proc is not None
-            rss, share = process_rss(peer.proc.pid), profile.stage_weight_bytes(s["start"], s["end"])
+            rss = proc_status_bytes("VmRSS", pid=peer.proc.pid)["VmRSS"]
+            share = profile.stage_weight_bytes(s["start"], s["end"])
             limit = int(MEMORY_SLACK * share + base)
             rows.append({"peer": peer.name, "start": s["start"], "end": s["end"], "rss_bytes": rss,
                          "share_bytes": share, "base_bytes": base, "limit_bytes": limit,
@@ -709,11 +708,6 @@ class Swarm:
         for p in self.peers:
             p.stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def process_rss(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:"))
 
 
 def standby_rss(model: dict[str, Any], threads: int, config: Path) -> int:
@@ -730,7 +724,7 @@ def standby_rss(model: dict[str, Any], threads: int, config: Path) -> int:
         peer.wait_url()
         wait_for(peer.status, 60, "the standby peer to answer")
         assert peer.proc is not None
-        return process_rss(peer.proc.pid)
+        return proc_status_bytes("VmRSS", pid=peer.proc.pid)["VmRSS"]
     finally:
         peer.stop()
         shutil.rmtree(tmp, ignore_errors=True)
