@@ -550,7 +550,7 @@ def baseline_child(args: argparse.Namespace) -> int:
         )
     else:
         hf = AutoModelForCausalLM.from_pretrained(str(files.meta_dir), dtype=dtype)
-    hf.eval()
+    hf.to(args.device).eval()
 
     class Clock(BaseStreamer):
         def __init__(self) -> None:
@@ -565,7 +565,7 @@ def baseline_child(args: argparse.Namespace) -> int:
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
-        ids = torch.tensor([request["ids"]])
+        ids = torch.tensor([request["ids"]], device=args.device)
         clock = Clock()
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -589,15 +589,16 @@ class Baseline:
     loaded so that its runs alternate with the swarm's: drifts in the machine's speed (other
     tenants, clock boost) then touch both sides of each ratio alike."""
 
-    def __init__(self, model: dict[str, Any], threads: int) -> None:
-        self.model, self.threads = model, threads
+    def __init__(self, model: dict[str, Any], threads: int, device: str = "cpu") -> None:
+        self.model, self.threads, self.device = model, threads, device
         self.proc: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> Baseline:
         cmd = [sys.executable, str(Path(__file__).resolve()), "_baseline-child", "--model", json.dumps(self.model)]
-        cmd += ["--threads", str(self.threads)]
+        cmd += ["--threads", str(self.threads), "--device", self.device]
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(self.threads)}
-        log(f"baseline: loading {self.model['name']} into Hugging Face transformers, {self.threads} thread(s) …")
+        log(f"baseline: loading {self.model['name']} into Hugging Face transformers on {self.device}, "
+            f"{self.threads} thread(s) …")  # fmt: skip
         self.errors = tempfile.TemporaryFile("w+")  # its stderr, shown if it fails
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True, env=env
@@ -659,8 +660,8 @@ def even_caps(model: dict[str, Any], peers: int) -> dict[str, int]:
 class Swarm:
     """A local swarm of `peers` processes on one model; stopped on exit."""
 
-    def __init__(self, model: dict[str, Any], peers: int, threads: int, config: Path) -> None:
-        self.model, self.count, self.threads, self.config = model, peers, threads, config
+    def __init__(self, model: dict[str, Any], peers: int, threads: int, config: Path, device: str = "cpu") -> None:
+        self.model, self.count, self.threads, self.config, self.device = model, peers, threads, config, device
         self.tmp = Path(tempfile.mkdtemp(prefix="swarm-bench-"))
         self.peers: list[PeerProcess] = []
         self.status: dict[str, Any] = {}
@@ -669,10 +670,12 @@ class Swarm:
         from swarm.local import start_seeded_swarm
 
         extra: tuple[str, ...] = ("--model", self.model["spec"], "--dtype", self.model["dtype"])
+        extra += ("--device", self.device)
         if self.model["cache_dir"]:
             extra += ("--cache-dir", self.model["cache_dir"])
         caps = even_caps(self.model, self.count)
-        log(f"swarm: {self.count} peer(s), caps {list(caps.values())} MiB, {self.threads} thread(s) each …")
+        log(f"swarm: {self.count} peer(s) on {self.device}, caps {list(caps.values())} MiB, "
+            f"{self.threads} thread(s) each …")  # fmt: skip
         try:
             self.status = start_seeded_swarm(self.tmp, self.config, caps, self.peers, self.threads, extra, 900)
         except BaseException:
@@ -710,14 +713,14 @@ class Swarm:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def standby_rss(model: dict[str, Any], threads: int, config: Path) -> int:
+def standby_rss(model: dict[str, Any], threads: int, config: Path, device: str = "cpu") -> int:
     """The resident memory of a `swarm-peer` that holds no layer (its cap is below one layer's): the
     runtime's base, to which a serving peer adds its share of the weights."""
     from swarm.local import PeerProcess, wait_for
 
     tmp = Path(tempfile.mkdtemp(prefix="swarm-standby-"))
     args = ["--config", str(config), "--port", "0", "--max-memory-mb", "16", "--no-mdns", "--state-dir", str(tmp / "s")]
-    args += ["--model", model["spec"], "--dtype", model["dtype"]]
+    args += ["--model", model["spec"], "--dtype", model["dtype"], "--device", device]
     args += ["--cache-dir", model["cache_dir"]] if model["cache_dir"] else []
     peer = PeerProcess("standby", args, tmp, threads).start()
     try:
@@ -772,7 +775,8 @@ def median(values: list[float | None]) -> float | None:
 
 def paired_runs(args: argparse.Namespace, measure: str, ids: list[int], max_tokens: int) -> list[dict[str, Any]]:
     """For each model and swarm size, runs of the baseline and of the swarm, alternating; the
-    medians of each side and their ratio. `measure` is "decode" (tokens/s) or "ttft" (seconds)."""
+    medians of each side, and the median of the ratios of each run to its pair. `measure` is
+    "decode" (tokens/s) or "ttft" (seconds)."""
 
     def value(run: dict[str, Any]) -> float | None:
         return decode_rate(run["arrivals"]) if measure == "decode" else run["ttft_s"]
@@ -780,11 +784,11 @@ def paired_runs(args: argparse.Namespace, measure: str, ids: list[int], max_toke
     rows = []
     for model in perf_models(args):
         prompt = ids or prompt_ids(model, None)
-        standby = standby_rss(model, args.threads, swarm_config(args))
-        with Baseline(model, args.threads) as base:
+        standby = standby_rss(model, args.threads, swarm_config(args), args.device)
+        with Baseline(model, args.threads, args.device) as base:
             base.run(prompt, min(max_tokens, 4))  # warm-up
             for n in [int(k) for k in args.peers.split(",")]:
-                with Swarm(model, n, args.threads, swarm_config(args)) as swarm:
+                with Swarm(model, n, args.threads, swarm_config(args), args.device) as swarm:
                     swarm_stream(swarm.url, prompt, min(max_tokens, 4))  # warm-up
                     pairs = []
                     for run in range(args.runs):
@@ -795,14 +799,15 @@ def paired_runs(args: argparse.Namespace, measure: str, ids: list[int], max_toke
                             f"swarm {pairs[-1][1] or 0:.3f}")  # fmt: skip
                     memory = swarm.rss(standby)
                 b, w = median([p[0] for p in pairs]), median([p[1] for p in pairs])
-                ratio = w / b if w and b else None
+                ratio = median([sw / sb if sw and sb else None for sb, sw in pairs])  # each run against its pair
                 rows.append({"model": model["name"], "peers": n, "baseline": b, "swarm": w, "ratio": ratio,
                              "runs": pairs, "memory": memory})  # fmt: skip
     return rows
 
 
 def print_pairs(rows: list[dict[str, Any]], unit: str, digits: int) -> None:
-    print(f"{'model':>20} {'peers':>5} {'baseline':>9} {'swarm':>9} {'ratio':>6}   ({unit}; ratio: swarm / baseline)")
+    print(f"{'model':>20} {'peers':>5} {'baseline':>9} {'swarm':>9} {'ratio':>6}   "
+          f"({unit}, medians; ratio: median of swarm / baseline over the pairs of runs)")  # fmt: skip
     for r in rows:
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
         b, w = (f"{v:.{digits}f}" if v is not None else "-" for v in (r["baseline"], r["swarm"]))
@@ -858,8 +863,8 @@ def concurrency(args: argparse.Namespace) -> int:
     ok = True
     for model in perf_models(args):
         prompts = [prompt_ids(model, args.prompt_tokens, seed=i) for i in range(max(levels))]
-        standby = standby_rss(model, args.threads, swarm_config(args))
-        with Swarm(model, args.num_peers, args.threads, swarm_config(args)) as swarm:
+        standby = standby_rss(model, args.threads, swarm_config(args), args.device)
+        with Swarm(model, args.num_peers, args.threads, swarm_config(args), args.device) as swarm:
             complete(swarm.url, prompts[0], 2)  # warm-up
             log(f"sequential reference: {len(prompts)} prompts one at a time …")
             alone = []
@@ -900,7 +905,7 @@ def overhead(args: argparse.Namespace) -> int:
     rows = []
     for model in perf_models(args):
         ids = prompt_ids(model, None)
-        with Swarm(model, args.num_peers, args.threads, swarm_config(args)) as swarm:
+        with Swarm(model, args.num_peers, args.threads, swarm_config(args), args.device) as swarm:
             complete(swarm.url, ids, 4)  # warm-up
             for run in range(args.runs):
                 t = complete(swarm.url, ids, args.max_tokens)["timings"]
@@ -978,24 +983,27 @@ def main() -> int:
 
     def perf(name: str, help_: str, func: Any, runs: int, max_tokens: int) -> argparse.ArgumentParser:
         mode = modes.add_parser(name, help=help_)
-        mode.add_argument("--models", default="smollm2,tinyllama-float32",
+        mode.add_argument("--models", default=",".join(MODELS),
                           help=f"comma list of {', '.join(MODELS)} (default %(default)s)")  # fmt: skip
         mode.add_argument("--runs", type=int, default=runs, help="measured runs, after a warm-up (default %(default)s)")
         mode.add_argument("--max-tokens", type=int, default=max_tokens, help="tokens per stream (default %(default)s)")
         mode.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                           help="torch threads of the baseline and of each peer (default: every core)")  # fmt: skip
         mode.add_argument("--config", help="the peers' config (default: the shipped configs/default.yaml)")
+        mode.add_argument("--device", default="cpu",
+                          help="where the baseline and peers run: cpu, cuda, cuda:N (default %(default)s)")  # fmt: skip
         mode.add_argument("--out", default="results", help="directory for JSON and plots (default %(default)s)")
         mode.add_argument("--checkpoints", default="results/checkpoints",
                           help="where TinyLlama-shaped checkpoints are written once (default %(default)s)")  # fmt: skip
         mode.set_defaults(func=func)
         return mode
 
-    dec = perf("decode", "single-stream decode tokens/s, baseline against swarms of 1, 2, 3 peers", decode, 3, 32)
+    dec = perf("decode", "single-stream decode tokens/s, baseline against swarms of 1, 2, 3 peers", decode, 5, 32)
     dec.add_argument("--peers", default="1,2,3", help="swarm sizes, a comma list (default %(default)s)")
     pre = perf("prefill", "time to first token of a long prompt, baseline against swarms", prefill, 3, 1)
     pre.add_argument("--peers", default="3", help="swarm sizes, a comma list (default %(default)s)")
     pre.add_argument("--prompt-tokens", type=int, default=PREFILL_TOKENS, help="prompt length (default %(default)s)")
+    pre.set_defaults(models="smollm2,tinyllama-float32")  # a long bfloat16 prompt is slow on CPUs without bf16 units
     con = perf("concurrency", "aggregate tokens/s of concurrent sessions through one swarm", concurrency, 1, 32)
     con.add_argument("--sessions", default="1,4,16", help="concurrent sessions, a comma list (default %(default)s)")
     con.add_argument("--num-peers", type=int, default=3, help="peers in the swarm (default %(default)s)")
@@ -1007,6 +1015,7 @@ def main() -> int:
     base = modes.add_parser("_baseline-child")  # internal: the Hugging Face baseline, run by the modes above
     base.add_argument("--model", required=True)
     base.add_argument("--threads", type=int, required=True)
+    base.add_argument("--device", default="cpu")
     base.set_defaults(func=baseline_child)
 
     mem = modes.add_parser("memory", help="per-stage resident memory against the stage's share")

@@ -10,6 +10,7 @@ service's business."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from collections.abc import Callable
@@ -56,8 +57,10 @@ class Batcher:
         batch_wait_s: float = 0.0,
         stats: BatchStats | None = None,
         clock: Callable[[], float] = time.monotonic,
+        threads: concurrent.futures.Executor | None = None,
     ) -> None:
         self.executor = executor
+        self.threads = threads  # where forward passes run; None: asyncio's default thread pool
         self.max_batch_tokens = max_batch_tokens
         self.batch_wait_s = batch_wait_s
         self.stats = stats or BatchStats()
@@ -169,7 +172,9 @@ class Batcher:
             if not batch:
                 return
             try:
-                outcomes = await asyncio.to_thread(self.executor.step_many, [q.request for q in batch])
+                requests = [q.request for q in batch]
+                loop = asyncio.get_running_loop()
+                outcomes = await loop.run_in_executor(self.threads, self.executor.step_many, requests)
             except asyncio.CancelledError:
                 for q in batch:
                     q.future.cancel()

@@ -190,6 +190,9 @@ class ServingConfig:
     # due, so that sessions sharing the pipeline run in one pass (0: never wait). A lone session never
     # waits; others wait for each other at most about half of their own time between steps.
     batch_wait_s: float = 1.0
+    # Niceness added to a `swarm-peer`'s event-loop thread (0-19; 0: none), above its forward passes:
+    # peers sharing cores then do not preempt each other's forward passes with their messages.
+    loop_nice: int = 10
 
     def __post_init__(self) -> None:
         for name in (
@@ -204,6 +207,8 @@ class ServingConfig:
         for name in ("step_timeout_s", "recovery_timeout_s", "hop_check_after_s"):
             if not _is_number(getattr(self, name)) or getattr(self, name) <= 0:
                 raise ConfigError(f"serving.{name} must be positive, not {getattr(self, name)!r}")
+        if not _is_int(self.loop_nice) or not 0 <= self.loop_nice <= 19:
+            raise ConfigError(f"serving.loop_nice must be an integer from 0 to 19, not {self.loop_nice!r}")
         if not _is_number(self.batch_wait_s) or not 0 <= self.batch_wait_s <= 10:
             raise ConfigError(f"serving.batch_wait_s must be between 0 and 10 seconds, not {self.batch_wait_s!r}")
 

@@ -38,7 +38,10 @@ log = logging.getLogger("swarm")
 
 MSG_PATH = "/swarm/msg"
 MSGPACK = "application/msgpack"
-ELECTION_TICK_S = 0.05  # how often election deadlines are checked
+# The election loop sleeps until its next deadline (at most this long; woken at once when a message
+# changes the election): no timer fires while nothing is due, so an idle peer does not interrupt
+# the peers that compute on the same cores.
+ELECTION_IDLE_S = 1.0
 MAX_INTRODUCTIONS = 256  # addresses waiting for a hello (seeds, mDNS finds, hearsay)
 HELLO_BACKOFF_MAX_S = 30.0
 MAX_HELLO_FAILURES = 8  # an address (not a seed) that fails this many hellos in a row is forgotten
@@ -130,6 +133,7 @@ class Node:
         self._loading: asyncio.Task[None] | None = None
         self._checks: dict[str, asyncio.Task[bool]] = {}  # peer id -> its probe in flight
         self._last_round: float | None = None  # when the gossip loop last ran
+        self._election_wake = asyncio.Event()  # set when the election's state (and deadline) changed
         self._closed = False
         self.stopping = False  # set when the peer begins to shut down: its generations end at once
 
@@ -663,7 +667,11 @@ class Node:
                 self._act(self.election.tick(self.clock(), self._higher()))
             except Exception:
                 log.exception("election tick failed")
-            await asyncio.sleep(ELECTION_TICK_S)
+            self._election_wake.clear()
+            deadline = self.election.deadline
+            wait = ELECTION_IDLE_S if deadline is None else min(ELECTION_IDLE_S, max(0.01, deadline - self.clock()))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._election_wake.wait(), wait)
 
     def _act(self, actions: list[Elect | Announce]) -> None:
         for action in actions:
@@ -675,6 +683,7 @@ class Node:
         self._after_election()
 
     def _after_election(self) -> None:
+        self._election_wake.set()  # the loop recomputes its next deadline
         term, leader = self.election.term, self.election.leader
         if term != self.persisted.term:
             self._persist()

@@ -8,6 +8,7 @@ bytes it sent. `close` walks the same route. Every message is a sealed envelope 
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -83,6 +84,9 @@ class StageService:
         self._stage: StageModel | None = None
         self._epoch_of: dict[str, int] = {}  # session -> the layer-map epoch it was opened on
         self.dropped = 0  # sessions dropped because their epoch was abandoned
+        # Where forward passes run (set by the daemon to a thread of normal priority, see
+        # `swarm.daemon.compute_thread`); None: asyncio's default thread pool.
+        self.compute_threads: concurrent.futures.Executor | None = None
 
     def executor(self) -> StageExecutor | None:
         """The executor over the stage held now (a new one, with no sessions, after each load)."""
@@ -95,7 +99,13 @@ class StageService:
             self._executor = StageExecutor(stage, self.node.config.peer.executor) if stage is not None else None
             serving = self.node.config.serving
             self._batcher = (
-                Batcher(self._executor, serving.max_batch_tokens, serving.batch_wait_s, self.batches)
+                Batcher(
+                    self._executor,
+                    serving.max_batch_tokens,
+                    serving.batch_wait_s,
+                    self.batches,
+                    threads=self.compute_threads,
+                )
                 if self._executor is not None
                 else None
             )

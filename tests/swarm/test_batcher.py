@@ -291,3 +291,30 @@ def test_sessions_the_executor_no_longer_holds_are_not_waited_for() -> None:
 
     asyncio.run(main())
     assert recorder.passes[-1] == ["a"]
+
+
+def test_passes_run_on_the_thread_pool_given_to_the_batcher() -> None:
+    """The daemon gives each stage a compute thread of normal priority (its event loop runs niced)."""
+    import concurrent.futures
+
+    recorder, names = Recorder(), []
+    step_many = recorder.step_many
+
+    def recording(requests: Sequence[StepRequest]) -> list[StepResult | ExecutorError]:
+        names.append(threading.current_thread().name)
+        return step_many(requests)
+
+    recorder.step_many = recording  # type: ignore[method-assign]
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stage-compute")
+
+    async def main() -> None:
+        b = Batcher(recorder, 64, 0.0, BatchStats(), threads=pool)  # type: ignore[arg-type]
+        CREATED.append(b)
+        await b.step(request("a"))
+        await b.step(request("b"))
+
+    try:
+        asyncio.run(main())
+    finally:
+        pool.shutdown(wait=True)
+    assert names == ["stage-compute_0", "stage-compute_0"]

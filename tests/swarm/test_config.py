@@ -109,6 +109,9 @@ def test_section_that_is_not_a_mapping_is_a_config_error() -> None:
         ("serving", {"batch_wait_s": -0.1}, "serving.batch_wait_s must be between 0 and 10"),
         ("serving", {"batch_wait_s": 11}, "serving.batch_wait_s"),
         ("serving", {"batch_wait_s": "1"}, "serving.batch_wait_s"),
+        ("serving", {"loop_nice": 20}, "serving.loop_nice must be an integer from 0 to 19"),
+        ("serving", {"loop_nice": -1}, "serving.loop_nice"),
+        ("serving", {"loop_nice": 1.5}, "serving.loop_nice"),
     ],
 )
 def test_bad_values_are_config_errors(section: str, values: dict[str, Any], match: str) -> None:
@@ -289,3 +292,29 @@ def test_swarm_peer_on_a_public_address_without_a_key_refuses_to_start(
     assert code == 2
     err = capsys.readouterr().err
     assert "refusing to listen on 0.0.0.0 without a swarm key" in err and "--insecure" in err
+
+
+def test_the_event_loop_runs_niced_above_its_compute_thread() -> None:
+    """Run in a thread of its own: niceness is per thread on Linux, and the test runner's must not change."""
+    import os
+    import threading
+
+    from swarm.daemon import lower_loop_priority
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    seen: dict[str, int] = {}
+
+    def loop_thread() -> None:
+        seen["base"] = nice()
+        compute = lower_loop_priority(7)
+        try:
+            seen["loop"], seen["compute"] = nice(), compute.submit(nice).result()
+        finally:
+            compute.shutdown(wait=True)
+
+    thread = threading.Thread(target=loop_thread, name="niced-loop")
+    thread.start()
+    thread.join(timeout=30)
+    assert seen["loop"] == min(seen["base"] + 7, 19) and seen["compute"] == seen["base"]
