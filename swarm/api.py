@@ -1,16 +1,22 @@
 """The peer's HTTP server: an aiohttp application factory with thin handlers. It serves the
 control-plane message endpoint and the data-plane stage endpoint (sealed msgpack envelopes in and
-out), `GET /swarm/status`, `GET /healthz`, and mounts the OpenAI-compatible API. Handlers only
-translate between HTTP and the node: errors become JSON bodies with the right status code."""
+out), `GET /swarm/status`, `GET /healthz`, and mounts the OpenAI-compatible API. With API keys
+configured, everything but liveness and the sealed peer endpoints needs a Bearer key. Handlers
+only translate between HTTP and the node: errors become JSON bodies with the right status code,
+and refusals are counted and logged once per kind (`Node.flood`), never line by line."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from swarm.errors import MessageRejected, Relayed
+from swarm.guard import API_KEYS, ApiKeys
 from swarm.node import MSG_PATH, MSGPACK, Node
 from swarm.openai_api import add_routes
 from swarm.stage_service import STAGE_PATH
@@ -19,11 +25,16 @@ from swarm.stage_service import STATUS as STAGE_STATUS
 log = logging.getLogger(__name__)
 
 NODE = web.AppKey("node", Node)
+API_KEY_RECHECK_S = 1.0  # the API key file is checked for changes at most this often
+# Paths anyone may reach without an API key: liveness, and the sealed peer endpoints (every message
+# there is authenticated with the swarm key instead).
+OPEN_PATHS = ("/healthz", MSG_PATH, STAGE_PATH)
 
 # HTTP status for each reason a peer message is dropped.
 REJECT_STATUS = {
     "malformed": 400,
     "forged": 401,
+    "unknown_key": 401,
     "oversized": 413,
     "not_ready": 503,
 }
@@ -35,14 +46,28 @@ def error_response(status: int, kind: str, message: str) -> web.Response:
 
 
 async def read_sealed(request: web.Request, limit: int) -> bytes | web.Response:
-    """The body of a sealed message, or a 413 (counted) when it is over `limit` bytes."""
+    """The body of a sealed message: a 413 (counted) once it is over `limit` bytes, and a 503 while
+    the bodies being read, not yet authenticated, hold more than `Node.inbound_limit` bytes."""
     node = request.app[NODE]
-    if request.content_length is None or request.content_length <= limit:
-        with contextlib.suppress(web.HTTPRequestEntityTooLarge):
-            data = await request.read()
-            if len(data) <= limit:
-                return data
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        if request.content_length is None or request.content_length <= limit:
+            async for chunk in request.content.iter_chunked(64 * 1024):
+                size += len(chunk)
+                node.inbound_bytes += len(chunk)
+                if size > limit:
+                    break
+                if node.inbound_bytes > node.inbound_limit:
+                    node.flood.refused("busy", f"unauthenticated bodies in flight exceed {node.inbound_limit} bytes")
+                    return error_response(503, "not_ready", "this peer is reading too much at once; try again")
+                chunks.append(chunk)
+            else:
+                return b"".join(chunks)
+    finally:
+        node.inbound_bytes -= size
     node.drops["oversized"] += 1
+    node.flood.refused("oversized", f"a {request.content_length or 'streamed'}-byte body from {request.remote}")
     return error_response(413, "oversized", f"body exceeds {limit} bytes")
 
 
@@ -55,6 +80,7 @@ async def post_stage(request: web.Request) -> web.Response:
     try:
         checked = node.check_data(data)  # counts what it drops
     except MessageRejected as e:
+        node.flood.refused(e.reason, f"a stage message from {request.remote}: {e}")
         return error_response(STAGE_STATUS.get(e.reason, 409), e.reason, str(e))
     try:
         if checked.msg.kind == "step":
@@ -65,7 +91,7 @@ async def post_stage(request: web.Request) -> web.Response:
         return error_response(e.status, e.reason, str(e))
     except MessageRejected as e:
         node.drops[e.reason] += 1
-        log.debug("refused %s from %s: %s", checked.msg.kind, checked.msg.sender, e)
+        log.debug("refused %s from %s: %s", checked.msg.kind, checked.msg.sender, e)  # a peer's honest miss
         return error_response(STAGE_STATUS.get(e.reason, 409), e.reason, str(e))
     return web.Response(body=node.seal_reply(f"{checked.msg.kind}_result", body, checked.msg.sender),
                         content_type=MSGPACK)  # fmt: skip
@@ -80,7 +106,7 @@ async def post_message(request: web.Request) -> web.Response:
     try:
         reply = node.handle(data)
     except MessageRejected as e:
-        log.debug("dropped message from %s: %s", request.remote, e)
+        node.flood.refused(e.reason, f"a peer message from {request.remote}: {e}")
         return error_response(REJECT_STATUS.get(e.reason, 409), e.reason, str(e))
     return web.Response(body=reply, content_type=MSGPACK)
 
@@ -99,10 +125,39 @@ async def get_healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "peer_id": node.peer_id, "ready": node.ready()})
 
 
+def require_api_key(keys: ApiKeys, node: Node) -> Callable[..., Any]:
+    """Middleware: without a valid `Authorization: Bearer <key>`, a 401 for every path but OPEN_PATHS."""
+    last_check = time.monotonic()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
+        nonlocal last_check
+        if request.path in OPEN_PATHS:
+            return await handler(request)
+        now = time.monotonic()
+        if now - last_check >= API_KEY_RECHECK_S:
+            last_check = now
+            keys.reload()
+        if keys.client_of(request.headers.get("Authorization")) is None:
+            node.flood.refused("unauthorized", f"{request.method} {request.path[:100]} from {request.remote}")
+            body = {"error": {"message": "this swarm needs an API key: send Authorization: Bearer <key>",
+                              "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}  # fmt: skip
+            return web.json_response(body, status=401, headers={"WWW-Authenticate": "Bearer"})
+        return await handler(request)
+
+    return check
+
+
 def make_app(node: Node) -> web.Application:
-    """The peer's aiohttp application: peer messages, the data plane, status and the OpenAI API."""
+    """The peer's aiohttp application: peer messages, the data plane, status and the OpenAI API.
+    Raises SwarmKeyError when the configured API key file cannot be read."""
     limit = max(node.config.security.max_message_bytes, node.data_limit)
+    key_file = node.config.security.api_key_file
+    keys = ApiKeys(Path(key_file).expanduser() if key_file else None)
     app = web.Application(client_max_size=limit)  # each route checks its own, smaller limit
+    if keys.required:
+        app.middlewares.append(require_api_key(keys, node))
+    app[API_KEYS] = keys
     app[NODE] = node
     app.router.add_post(MSG_PATH, post_message)
     app.router.add_post(STAGE_PATH, post_stage)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import urllib.error
@@ -16,10 +17,31 @@ from pathlib import Path
 from typing import Any
 
 from peer.errors import SwarmError
-from swarm.auth import key_fingerprint, write_new_swarm_key
+from swarm.auth import (
+    Keyring,
+    key_fingerprint,
+    load_keyring,
+    load_swarm_key,
+    write_keyring,
+    write_new_swarm_key,
+)
 from swarm.discovery import SERVICE_TYPE
+from swarm.guard import parse_api_keys
 
 MDNS_WAIT_S = 3.0
+
+
+def auth_headers(args: argparse.Namespace) -> dict[str, str]:
+    """The Authorization header for the API key of --api-key-file (its first key), else of
+    SWARM_API_KEY; none without either."""
+    key = os.environ.get("SWARM_API_KEY") or None
+    if getattr(args, "api_key_file", None):
+        path = Path(args.api_key_file)
+        try:
+            key = parse_api_keys(path.read_text(), f"API key file {path}")[0].decode()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SwarmError(f"cannot read API key file {path}: {e}") from e
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def find_peer_url(interface: str | None, wait_s: float = MDNS_WAIT_S) -> str | None:
@@ -49,10 +71,10 @@ def find_peer_url(interface: str | None, wait_s: float = MDNS_WAIT_S) -> str | N
         zc.close()
 
 
-def fetch_json(url: str, timeout_s: float = 5.0) -> Any:
+def fetch_json(url: str, timeout_s: float = 5.0, headers: dict[str, str] | None = None) -> Any:
     """GET a peer's JSON endpoint, with a clear error when it cannot be reached."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout_s) as resp:
             return json.loads(resp.read())
     except urllib.error.HTTPError as e:
         raise SwarmError(f"{url} answered HTTP {e.code}: {e.read()[:200].decode(errors='replace')}") from e
@@ -101,15 +123,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     url = args.url or find_peer_url(args.mdns_interface)
     if url is None:
         raise SwarmError("no peer found over mDNS; pass --url http://HOST:PORT")
-    status = fetch_json(url.rstrip("/") + "/swarm/status")
+    status = fetch_json(url.rstrip("/") + "/swarm/status", headers=auth_headers(args))
     print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0
 
 
-def stream_events(url: str, path: str, body: dict[str, Any], timeout_s: float = 600.0) -> Iterator[dict[str, Any]]:
+def stream_events(
+    url: str, path: str, body: dict[str, Any], timeout_s: float = 600.0, headers: dict[str, str] | None = None
+) -> Iterator[dict[str, Any]]:
     """POST a streaming OpenAI request and yield each server-sent event's JSON object."""
     data = json.dumps({**body, "stream": True}).encode()
-    req = urllib.request.Request(url.rstrip("/") + path, data=data, headers={"Content-Type": "application/json"})
+    headers = {**(headers or {}), "Content-Type": "application/json"}
+    req = urllib.request.Request(url.rstrip("/") + path, data=data, headers=headers)
     try:
         resp = urllib.request.urlopen(req, timeout=timeout_s)
     except urllib.error.HTTPError as e:
@@ -136,9 +161,11 @@ def _error_message(raw: bytes) -> str:
         return raw[:200].decode(errors="replace")
 
 
-def stream_text(url: str, body: dict[str, Any], chat: bool) -> Iterator[str | dict[str, Any]]:
+def stream_text(
+    url: str, body: dict[str, Any], chat: bool, headers: dict[str, str] | None = None
+) -> Iterator[str | dict[str, Any]]:
     """Yield the text pieces of a streamed completion, then the final usage-and-timings object."""
-    for event in stream_events(url, "/v1/chat/completions" if chat else "/v1/completions", body):
+    for event in stream_events(url, "/v1/chat/completions" if chat else "/v1/completions", body, headers=headers):
         if event.get("timings"):
             yield event
         for choice in event.get("choices", []):
@@ -183,7 +210,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         body["prompt"] = args.prompt
     final: dict[str, Any] = {}
-    for piece in stream_text(url, body, args.chat):
+    for piece in stream_text(url, body, args.chat, auth_headers(args)):
         if isinstance(piece, dict):
             final = piece
         else:
@@ -210,7 +237,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             return 0
         messages.append({"role": "user", "content": line})
         reply = ""
-        for piece in stream_text(url, {**_sampling(args), "messages": messages}, chat=True):
+        for piece in stream_text(url, {**_sampling(args), "messages": messages}, True, auth_headers(args)):
             if isinstance(piece, str):
                 reply += piece
                 print(piece, end="", flush=True)
@@ -226,6 +253,60 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+API_KEY_HELP = "file whose first key is sent as the API key (default: SWARM_API_KEY, if set)"
+
+
+RELOAD_NOTE = "running peers that use this file reload it within a gossip interval (or at once on SIGHUP)"
+
+
+def _show_keyring(keyring: Keyring) -> None:
+    for key in keyring.keys:
+        role = "primary (seals and opens)" if key == keyring.primary else "accepted (opens)"
+        print(f"  {key_fingerprint(key)}  {role}")
+
+
+def _key_of(keyring: Keyring, fingerprint: str, path: Path) -> bytes:
+    for key in keyring.keys:
+        if key_fingerprint(key) == fingerprint:
+            return key
+    known = ", ".join(key_fingerprint(k) for k in keyring.keys)
+    raise SwarmError(f"{path} holds no key with fingerprint {fingerprint!r} (it holds {known})")
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """`swarm keys list|install|use|remove`: edit a keyring file that running peers reload."""
+    path = Path(args.keyring)
+    if args.action == "install":
+        key = load_swarm_key(Path(args.key_file))
+        if path.exists():
+            keyring = load_keyring(path)
+            if key in keyring.keys:
+                raise SwarmError(f"{path} already holds key {key_fingerprint(key)}")
+            keyring = Keyring([*keyring.keys, key], keyring.primary)
+        else:
+            keyring = Keyring([key])
+        write_keyring(path, keyring)
+        print(f"installed key {key_fingerprint(key)} in {path}" + (" as its primary" if keyring.primary == key else ""))
+    elif args.action != "list":
+        keyring = load_keyring(path)
+        key = _key_of(keyring, args.fingerprint, path)
+        if args.action == "use":
+            keyring = Keyring(keyring.keys, key)
+            print(f"key {args.fingerprint} is now the primary of {path}")
+        else:
+            if key == keyring.primary:
+                raise SwarmError(f"key {args.fingerprint} is the primary of {path}; make another key primary first")
+            keyring = Keyring([k for k in keyring.keys if k != key], keyring.primary)
+            print(f"removed key {args.fingerprint} from {path}")
+        write_keyring(path, keyring)
+    keyring = load_keyring(path)
+    print(f"{path}:")
+    _show_keyring(keyring)
+    if args.action != "list":
+        print(RELOAD_NOTE)
+    return 0
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="swarm", description="Client for an inference swarm.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -233,6 +314,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     status.add_argument("--url", help="a peer's base URL, e.g. http://127.0.0.1:50051 (default: find one by mDNS)")
     status.add_argument("--mdns-interface", help="address of the interface to browse on")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
+    status.add_argument("--api-key-file", help=API_KEY_HELP)
     status.set_defaults(func=cmd_status)
     for name, helps in (("generate", "stream a completion of a prompt"), ("chat", "chat with the swarm's model")):
         cmd = sub.add_parser(name, help=helps)
@@ -244,6 +326,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             cmd.add_argument("--system", help="a system message to start the conversation with")
         cmd.add_argument("--url", help="a peer's base URL (default: find one by mDNS)")
         cmd.add_argument("--mdns-interface", help="address of the interface to browse on")
+        cmd.add_argument("--api-key-file", help=API_KEY_HELP)
         cmd.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
         cmd.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
         cmd.add_argument("--seed", type=int, default=0)
@@ -252,6 +335,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     keygen.add_argument("--out", default="swarm.key", help="file to write (default: %(default)s)")
     keygen.add_argument("--force", action="store_true", help="replace an existing file")
     keygen.set_defaults(func=cmd_keygen)
+    keys = sub.add_parser(
+        "keys",
+        help="list or change a keyring file (rotate swarm keys on running peers)",
+        description="A keyring holds one primary key, which seals every message, and other keys that are "
+        "still accepted. To rotate: `install` the new key on every peer, then `use` it on every peer, "
+        f"then `remove` the old one; {RELOAD_NOTE}.",
+    )
+    actions = keys.add_subparsers(dest="action", required=True)
+    for name, helps in (
+        ("list", "show the keys' fingerprints and which is primary"),
+        ("install", "add a key, accepted but not yet primary (primary if the file is new)"),
+        ("use", "make the key with this fingerprint the primary"),
+        ("remove", "remove the key with this fingerprint (not the primary)"),
+    ):
+        action = actions.add_parser(name, help=helps)
+        action.add_argument("--keyring", default="swarm.key", help="the keyring file (default: %(default)s)")
+        if name in ("use", "remove"):
+            action.add_argument("fingerprint", help="the key's 12-digit fingerprint (swarm keys list)")
+        if name == "install":
+            action.add_argument("--key-file", required=True, help="a file holding the new key (swarm keygen --out)")
+        action.set_defaults(func=cmd_keys)
     return p.parse_args(argv)
 
 

@@ -53,8 +53,14 @@ class NodeConfig:
 class SecurityConfig:
     """How peer messages are authenticated."""
 
-    # File holding the 32-byte swarm key in hex (`swarm keygen`); None: SWARM_KEY or no key.
+    # File holding the swarm key in hex (`swarm keygen`), or a keyring of several (`swarm keys`);
+    # reloaded when it changes. None: SWARM_KEY or no key.
     swarm_key_file: str | None = None
+    # The swarm's name, bound into every message: swarms sharing a key but not a name ignore each other.
+    cluster: str = "default"
+    # File of API keys, one per line; when set, the public API (/v1, /metrics, /swarm/status) needs
+    # `Authorization: Bearer <key>`. Reloaded when it changes. None: the API is open.
+    api_key_file: str | None = None
     # Run without a swarm key on a non-loopback address (anyone on the network can join).
     insecure: bool = False
     # A message stamped further than this from our clock is stale and dropped, in seconds.
@@ -65,8 +71,11 @@ class SecurityConfig:
     max_message_bytes: int = 1024 * 1024
 
     def __post_init__(self) -> None:
-        if self.swarm_key_file is not None and not isinstance(self.swarm_key_file, str):
-            raise ConfigError(f"security.swarm_key_file must be a path string, not {self.swarm_key_file!r}")
+        for name in ("swarm_key_file", "api_key_file"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(f"security.{name} must be a path string, not {getattr(self, name)!r}")
+        if not isinstance(self.cluster, str) or not re.fullmatch(r"[\w.-]{1,64}", self.cluster):
+            raise ConfigError(f"security.cluster must be 1-64 letters, digits, '.', '_' or '-', not {self.cluster!r}")
         if not isinstance(self.insecure, bool):
             raise ConfigError(f"security.insecure must be true or false, not {self.insecure!r}")
         if not _is_number(self.max_clock_skew_s) or self.max_clock_skew_s <= 0:
@@ -193,6 +202,13 @@ class ServingConfig:
     # Niceness added to a `swarm-peer`'s event-loop thread (0-19; 0: none), above its forward passes:
     # peers sharing cores then do not preempt each other's forward passes with their messages.
     loop_nice: int = 10
+    # The most tokens one request may ask for (max_tokens), and the longest prompt it may send, in tokens.
+    max_tokens_limit: int = 4096
+    max_prompt_tokens: int = 8192
+    # Generations one client (one API key, or one address without keys) may run at once on this peer.
+    max_sessions_per_client: int = 8
+    # Connections this peer's HTTP server holds open at once; one more is answered 503 and closed.
+    max_connections: int = 512
 
     def __post_init__(self) -> None:
         for name in (
@@ -201,6 +217,10 @@ class ServingConfig:
             "default_max_tokens",
             "max_concurrent_requests",
             "max_batch_tokens",
+            "max_tokens_limit",
+            "max_prompt_tokens",
+            "max_sessions_per_client",
+            "max_connections",
         ):
             if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
                 raise ConfigError(f"serving.{name} must be a positive integer, not {getattr(self, name)!r}")
@@ -211,6 +231,11 @@ class ServingConfig:
             raise ConfigError(f"serving.loop_nice must be an integer from 0 to 19, not {self.loop_nice!r}")
         if not _is_number(self.batch_wait_s) or not 0 <= self.batch_wait_s <= 10:
             raise ConfigError(f"serving.batch_wait_s must be between 0 and 10 seconds, not {self.batch_wait_s!r}")
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ConfigError(
+                f"serving.default_max_tokens ({self.default_max_tokens}) exceeds serving.max_tokens_limit "
+                f"({self.max_tokens_limit})"
+            )
 
 
 @dataclass(frozen=True)

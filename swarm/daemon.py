@@ -30,10 +30,11 @@ from peer.profile import ModelProfile
 from peer.resources import detect_resources, resolve_dtype
 from peer.tokenizer import Tokenizer
 from swarm.api import make_app
-from swarm.auth import PROTOCOL_VERSION, load_swarm_key, parse_swarm_key
+from swarm.auth import PROTOCOL_VERSION, Keyring, load_keyring, parse_swarm_key
 from swarm.config import SwarmConfig, swarm_config_from_dict
 from swarm.discovery import Discovery
 from swarm.errors import SwarmKeyError
+from swarm.guard import ApiKeys, LimitedSite
 from swarm.identity import Identity, StateFile, prepare_state_dir
 from swarm.node import ModelIdentity, Node
 from swarm.stage_host import StageHost
@@ -53,10 +54,10 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_exposure(config: SwarmConfig, swarm_key: bytes | None) -> None:
+def check_exposure(config: SwarmConfig, keyring: Keyring) -> None:
     """Refuse to listen beyond loopback without a swarm key, unless the user said --insecure."""
     host = config.node.host
-    if swarm_key is None and not is_loopback(host) and not config.security.insecure:
+    if not keyring.secure and not is_loopback(host) and not config.security.insecure:
         raise SwarmKeyError(
             f"refusing to listen on {host} without a swarm key: anyone on the network could join. "
             "Run `swarm keygen --out swarm.key`, copy the file to every peer and pass --swarm-key-file swarm.key "
@@ -64,13 +65,14 @@ def check_exposure(config: SwarmConfig, swarm_key: bytes | None) -> None:
         )
 
 
-def resolve_swarm_key(config: SwarmConfig, env: dict[str, str]) -> bytes | None:
-    """The swarm key from the key file in config, else from SWARM_KEY in `env`, else None."""
+def resolve_keyring(config: SwarmConfig, env: dict[str, str]) -> Keyring:
+    """The swarm keys from the key file in config (one key or a keyring), else the one key in
+    SWARM_KEY in `env`, else none (the insecure keyring)."""
     if config.security.swarm_key_file:
-        return load_swarm_key(Path(config.security.swarm_key_file).expanduser())
+        return load_keyring(Path(config.security.swarm_key_file).expanduser())
     if env.get("SWARM_KEY"):
-        return parse_swarm_key(env["SWARM_KEY"], "SWARM_KEY")
-    return None
+        return Keyring.of(parse_swarm_key(env["SWARM_KEY"], "SWARM_KEY"))
+    return Keyring()
 
 
 def advertised_host(config: SwarmConfig) -> str:
@@ -110,7 +112,7 @@ def state_dir_for(config: SwarmConfig) -> Path | None:
     return Path(platformdirs.user_state_dir("swarm-inference")) / f"peer-{config.node.port}"
 
 
-def build_node(config: SwarmConfig, swarm_key: bytes | None, *, show_progress: bool = True) -> Node:
+def build_node(config: SwarmConfig, keyring: Keyring, *, show_progress: bool = True) -> Node:
     """Everything a peer needs before it can serve: identity, model files, resources, stage host."""
     state_dir = state_dir_for(config)
     if state_dir is not None:
@@ -136,7 +138,7 @@ def build_node(config: SwarmConfig, swarm_key: bytes | None, *, show_progress: b
         tokenizer=tokenizer,
         identity=identity,
         state_file=state_file,
-        swarm_key=swarm_key,
+        keyring=keyring,
         model=ModelIdentity(config.peer.model.spec, fingerprint, profile),
         resources=resources,
         host=StageHost(files, model_config, dtype, resources.device),
@@ -159,7 +161,13 @@ class PeerServer:
             make_app(self.node), access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.node.host, self.config.node.port)
+        node = self.node
+        limit = self.config.serving.max_connections
+
+        def refused() -> None:
+            node.flood.refused("too_many_connections", f"{limit} connections are open")
+
+        site = LimitedSite(self._runner, self.config.node.host, self.config.node.port, limit, refused)
         await site.start()
         port = self._runner.addresses[0][1]
         host = advertised_host(self.config)
@@ -176,6 +184,7 @@ class PeerServer:
                 interface=self.config.discovery.mdns_interface,
             )
             await self._discovery.start()  # before the node, so its election grace covers discovery
+            self.node.on_new_primary = self._discovery.announce_key
         await self.node.start(self.url)
         return self.url
 
@@ -219,7 +228,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="cap on memory for weights and KV cache, in MiB")  # fmt: skip
     p.add_argument("--priority", type=int, help="election priority; the highest (priority, peer id) leads")
     p.add_argument("--state-dir", help="directory for the identity key and persisted term/incarnation")
-    p.add_argument("--swarm-key-file", help="file with the 32-byte swarm key in hex (or set SWARM_KEY)")
+    p.add_argument("--swarm-key-file", help="swarm key file (swarm keygen) or keyring (swarm keys); or set SWARM_KEY")
+    p.add_argument("--api-key-file", help="API keys, one per line: the public API then needs a Bearer key")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without a swarm key")
     p.add_argument("--mdns-interface", help="address of the interface mDNS uses, e.g. 127.0.0.1")
     p.add_argument("--no-mdns", action="store_true", help="do not announce or browse over mDNS")
@@ -249,6 +259,7 @@ def config_from_args(args: argparse.Namespace) -> SwarmConfig:
         ("resources", "device"): args.device,
         ("store", "cache_dir"): args.cache_dir,
         ("security", "swarm_key_file"): args.swarm_key_file,
+        ("security", "api_key_file"): args.api_key_file,
         ("security", "insecure"): True if args.insecure else None,
         ("discovery", "mdns_interface"): args.mdns_interface,
         ("discovery", "mdns"): False if args.no_mdns else None,
@@ -280,15 +291,16 @@ def lower_loop_priority(nice: int) -> concurrent.futures.ThreadPoolExecutor:
     return compute
 
 
-async def run(config: SwarmConfig, swarm_key: bytes | None) -> None:
-    """Serve until SIGINT or SIGTERM."""
-    node = await asyncio.to_thread(build_node, config, swarm_key)
+async def run(config: SwarmConfig, keyring: Keyring) -> None:
+    """Serve until SIGINT or SIGTERM; SIGHUP reloads the swarm key file at once."""
+    node = await asyncio.to_thread(build_node, config, keyring)
     compute = lower_loop_priority(config.serving.loop_nice)
     node.service.compute_threads = compute
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: node.reload_keys(force=True))
     try:
         async with PeerServer(node):
             await stop.wait()
@@ -298,6 +310,7 @@ async def run(config: SwarmConfig, swarm_key: bytes | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a key reload sent while the model loads must not kill the peer
     args = parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, args.log_level),
@@ -309,13 +322,15 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         config = config_from_args(args)
-        swarm_key = resolve_swarm_key(config, dict(os.environ))
-        check_exposure(config, swarm_key)
+        keyring = resolve_keyring(config, dict(os.environ))
+        check_exposure(config, keyring)
+        if config.security.api_key_file:
+            ApiKeys(Path(config.security.api_key_file).expanduser())  # a clear error now, not after the load
         if args.threads:
             import torch
 
             torch.set_num_threads(args.threads)
-        asyncio.run(run(config, swarm_key))
+        asyncio.run(run(config, keyring))
     except SwarmError as e:
         print(f"swarm-peer: error: {e}", file=sys.stderr)
         return 2

@@ -57,11 +57,8 @@ class Discovery:
         self._browser: AsyncServiceBrowser | None = None
         self._resolving: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> None:
-        """Register our service and start browsing."""
-        interfaces = [self.interface] if self.interface else None
-        self._zc = AsyncZeroconf(interfaces=interfaces or "all", ip_version=IPVersion.V4Only)
-        info = AsyncServiceInfo(
+    def _info(self) -> AsyncServiceInfo:
+        return AsyncServiceInfo(
             SERVICE_TYPE,
             f"{self.peer_id}.{SERVICE_TYPE}",
             addresses=[socket.inet_aton(self.host)],
@@ -73,9 +70,20 @@ class Discovery:
                 "kfp": self.key_fingerprint,
             },
         )
-        await self._zc.async_register_service(info)
+
+    async def start(self) -> None:
+        """Register our service and start browsing."""
+        interfaces = [self.interface] if self.interface else None
+        self._zc = AsyncZeroconf(interfaces=interfaces or "all", ip_version=IPVersion.V4Only)
+        await self._zc.async_register_service(self._info())
         self._browser = AsyncServiceBrowser(self._zc.zeroconf, SERVICE_TYPE, handlers=[self._on_change])
         log.info("mDNS: announcing %s on %s", SERVICE_TYPE, self.interface or "all interfaces")
+
+    async def announce_key(self, key_fingerprint: str) -> None:
+        """Announce another swarm key fingerprint (the primary key changed)."""
+        self.key_fingerprint = key_fingerprint
+        if self._zc is not None:
+            await self._zc.async_update_service(self._info())
 
     def _on_change(self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
         if state_change is ServiceStateChange.Removed or len(self._resolving) >= MAX_PENDING_RESOLVES:

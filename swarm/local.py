@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -38,6 +39,7 @@ class PeerProcess:
         self.log_path = log_dir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.url: str | None = None
+        self.api_key: str | None = None  # sent with status requests when the peer requires one
         self._log_offset = 0
 
     def start(self) -> PeerProcess:
@@ -91,8 +93,10 @@ class PeerProcess:
         """Its /swarm/status, or None while it does not answer."""
         if self.url is None:
             return None
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         try:
-            with urllib.request.urlopen(self.url + "/swarm/status", timeout=timeout_s) as resp:
+            request = urllib.request.Request(self.url + "/swarm/status", headers=headers)
+            with urllib.request.urlopen(request, timeout=timeout_s) as resp:
                 found: dict[str, Any] = json.loads(resp.read())
                 return found
         except (urllib.error.URLError, OSError, ValueError):
@@ -145,19 +149,29 @@ def start_seeded_swarm(
     threads: int = 1,
     extra_args: tuple[str, ...] = (),
     timeout_s: float = 180.0,
+    own_keyrings: bool = False,
+    api_key: str | None = None,
 ) -> dict[str, Any]:
     """Start one peer per cap (the first a seed the others --join, no mDNS, key tmp/swarm.key, which
     it writes, and `extra_args` such as --model) into `peers`, which the caller stops; the status once
-    every peer holds a ready stage."""
+    every peer holds a ready stage. With `own_keyrings` each peer reads a copy of the key of its own,
+    tmp/<name>.key, as peers on separate machines do (so keys can be rotated peer by peer). `api_key`
+    is sent with status requests, for peers started with an API key file."""
     from swarm.auth import write_new_swarm_key
 
     write_new_swarm_key(tmp / "swarm.key")
     for name, cap in caps_mb.items():
+        key_file = tmp / "swarm.key"
+        if own_keyrings:
+            key_file = tmp / f"{name}.key"
+            shutil.copy(tmp / "swarm.key", key_file)
         args = ["--config", str(config), "--port", "0", "--max-memory-mb", str(cap), "--no-mdns"]
-        args += ["--state-dir", str(tmp / name), "--swarm-key-file", str(tmp / "swarm.key"), *extra_args]
+        args += ["--state-dir", str(tmp / name), "--swarm-key-file", str(key_file), *extra_args]
         if peers:
             args += ["--join", str(peers[0].url).removeprefix("http://")]
-        peers.append(PeerProcess(name, args, tmp, threads).start())
+        peers.append(PeerProcess(name, args, tmp, threads))
+        peers[-1].api_key = api_key
+        peers[-1].start()
         peers[-1].wait_url()
 
     def ready() -> dict[str, Any] | None:

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from swarm.entry import Timings
     from swarm.node import Node
 
+MAX_LABELS = 256  # stages or hops one counter tracks by name; later ones are summed under "other"
+
 
 @dataclass
 class Metrics:
@@ -37,9 +39,9 @@ class Metrics:
         self.request_s_sum += timings.total_s
         self.bytes_sent += timings.bytes_sent
         for stage, seconds in timings.compute_s.items():
-            self.compute_s[stage] += seconds
+            self.compute_s[_bounded(self.compute_s, stage)] += seconds
         for hop, seconds in timings.wire_s.items():
-            self.wire_s[hop] += seconds
+            self.wire_s[_bounded(self.wire_s, hop)] += seconds
 
     def render(self, node: Node) -> str:
         """Prometheus text format."""
@@ -87,6 +89,11 @@ class Metrics:
         metric("dropped_messages_total", "counter", "Peer messages dropped, by reason.",
                [(f'{{reason="{_label(k)}"}}', v) for k, v in sorted(node.drops.items())])  # fmt: skip
         return "\n".join(lines) + "\n"
+
+
+def _bounded(table: dict[str, float], name: str) -> str:
+    """`name`, or "other" once the table holds MAX_LABELS names (peers come and go over months)."""
+    return name if name in table or len(table) < MAX_LABELS - 1 else "other"
 
 
 def _number(value: float) -> str:

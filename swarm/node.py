@@ -15,18 +15,21 @@ import random
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import aiohttp
 
+from peer.errors import SwarmError
 from peer.profile import ModelProfile
 from peer.resources import MIB, Resources
 from peer.tokenizer import Tokenizer
-from swarm.auth import PROTOCOL_VERSION, Message, Opener, Sealer, key_fingerprint
+from swarm.auth import PROTOCOL_VERSION, Keyring, Message, Opener, Sealer, load_keyring
 from swarm.config import SwarmConfig
 from swarm.discovery import Announcement
 from swarm.election import Announce, Elect, Election, Rank
 from swarm.errors import LayerMapError, MessageRejected, Relayed, SwarmTooSmall
+from swarm.guard import FloodLog, file_stamp
 from swarm.identity import Identity, PersistentState, StateFile
 from swarm.layer_map import LayerMap, Stage, next_map, should_follow
 from swarm.membership import Event, MemberInfo, Membership, State, parse_digest
@@ -75,7 +78,7 @@ class Node:
         *,
         identity: Identity,
         state_file: StateFile | None,
-        swarm_key: bytes | None,
+        keyring: Keyring,
         model: ModelIdentity,
         resources: Resources,
         host: StageHost | None,
@@ -95,19 +98,28 @@ class Node:
         self.service = StageService(self)
         self.clock = clock
         self.rng = rng or random.Random()
-        self.key_fingerprint = key_fingerprint(swarm_key)
-        self.sealer = Sealer(identity, swarm_key)
+        self.keyring = keyring  # shared by the sealer and the opener; reloaded from its file in place
         sec = config.security
+        self._keyring_file = Path(sec.swarm_key_file).expanduser() if sec.swarm_key_file else None
+        self._keyring_stamp: bytes | None = None  # unknown: the first check compares the file's keys
+        self.sealer = Sealer(identity, keyring, sec.cluster)
         self.opener = Opener(
-            swarm_key,
+            keyring,
+            sec.cluster,
             max_clock_skew_s=sec.max_clock_skew_s,
             replay_window=sec.replay_window,
             max_message_bytes=sec.max_message_bytes,
             peer_id=identity.peer_id,
         )
         self.drops = self.opener.drops  # every dropped message, by reason
+        self.flood = FloodLog(log)  # refused traffic: the first of each kind logged, the rest counted
+        # Called with the new primary key's fingerprint after a reload changed it (re-announce over mDNS).
+        self.on_new_primary: Callable[[str], Coroutine[Any, Any, None]] | None = None
         # A data-plane envelope: the activations plus room for the envelope and the sender's info.
         self.data_limit = config.serving.max_activation_bytes + 64 * 1024
+        # Bytes of request bodies being read and not yet authenticated, at most inbound_limit at once.
+        self.inbound_bytes = 0
+        self.inbound_limit = 2 * self.data_limit
         persisted = state_file.load() if state_file else PersistentState()
         # Every start is a new incarnation, written before anyone hears of it.
         self.persisted = PersistentState(term=persisted.term, incarnation=persisted.incarnation + 1)
@@ -212,7 +224,7 @@ class Node:
 
     def on_discovered(self, found: Announcement) -> None:
         """An mDNS find: introduce ourselves unless it belongs to another swarm or is already a member."""
-        if found.key_fingerprint != self.key_fingerprint or found.protocol != PROTOCOL_VERSION:
+        if found.key_fingerprint not in self.keyring.fingerprints or found.protocol != PROTOCOL_VERSION:
             log.debug("mDNS: %s at %s has another swarm key or protocol; ignored", found.peer_id, found.url)
             return
         self._introduce(found.url)
@@ -451,8 +463,8 @@ class Node:
                 self._introductions.pop(url, None)
                 self._hello_failures.pop(url, None)
                 return
-            self._hello_failures[url] = failures
-            if url in self._introductions:
+            if url in self._introductions:  # only urls still being introduced keep a count (bounded)
+                self._hello_failures[url] = failures
                 wait = self.config.gossip.interval_s * 2 ** (failures - 1)
                 self._introductions[url] = now + min(HELLO_BACKOFF_MAX_S, wait)
             return
@@ -596,10 +608,40 @@ class Node:
             if not dead and info.peer_id != self.peer_id and self.membership.state_of(info.peer_id) is None:
                 self._introduce(info.url)  # hearsay: meet it ourselves before it counts
 
+    @property
+    def key_fingerprint(self) -> str:
+        """The fingerprint of the primary swarm key, announced over mDNS."""
+        return self.keyring.primary_fingerprint
+
+    def reload_keys(self, *, force: bool = False) -> bool:
+        """Reload the keyring file if it changed (or `force`); True if the keys changed. A file that
+        cannot be read or parsed leaves the keys as they are, with one warning per change of the file."""
+        path = self._keyring_file
+        stamp = file_stamp(path)
+        if path is None or (stamp == self._keyring_stamp and not force):
+            return False
+        self._keyring_stamp = stamp
+        try:
+            fresh = load_keyring(path)
+        except SwarmError as e:
+            log.warning("keeping the current swarm keys (%s): %s", ", ".join(self.keyring.fingerprints), e)
+            return False
+        if (fresh.keys, fresh.primary) == (self.keyring.keys, self.keyring.primary):
+            return False
+        primary = self.keyring.primary_fingerprint
+        self.keyring.replace(fresh)
+        if self.on_new_primary is not None and self.keyring.primary_fingerprint != primary:
+            self._spawn(self.on_new_primary(self.keyring.primary_fingerprint))
+        log.info("swarm keys reloaded from %s: primary %s, accepted %s", path, self.keyring.primary_fingerprint,
+                 ", ".join(self.keyring.fingerprints))  # fmt: skip
+        return True
+
     async def _gossip_loop(self) -> None:
         interval = self.config.gossip.interval_s
         while True:
             try:
+                self.reload_keys()
+                self.flood.flush()
                 self._gossip_round()
             except Exception:  # a bug here must not stop the heartbeat
                 log.exception("gossip round failed")
@@ -896,6 +938,7 @@ class Node:
             "layer_map": layer_map,
             "peers": peers,
             "dropped_messages": dict(self.drops),
+            "swarm_keys": self.keyring.describe(),
             "errors": [e for e in (self.partition_error, self.load_error) if e],
         }
 

@@ -23,6 +23,7 @@ from peer.errors import InvalidInput, SwarmError
 from peer.sampling import SamplingParams
 from swarm.entry import MAX_STOP_STRINGS, Entry, Event, NotReady, Request, Timings
 from swarm.errors import MessageRejected
+from swarm.guard import API_KEYS, ClientSlots, client_of
 from swarm.metrics import Metrics
 from swarm.node import Node
 
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 NODE = web.AppKey("node", Node)
 ENTRY = web.AppKey("entry", Entry)
 METRICS = web.AppKey("metrics", Metrics)
-MAX_TOKENS_LIMIT = 1 << 20  # a sanity bound; the model's context is the real one
+SLOTS = web.AppKey("slots", ClientSlots)
 
 
 class ApiError(Exception):
@@ -107,8 +108,11 @@ def parse_common(body: dict[str, Any], node: Node) -> tuple[int, SamplingParams,
         max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:
         max_tokens = node.config.serving.default_max_tokens
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+    limit = node.config.serving.max_tokens_limit
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise ApiError(400, "max_tokens must be a positive integer", param="max_tokens")
+    if max_tokens > limit:
+        raise ApiError(400, f"max_tokens {max_tokens} exceeds this swarm's limit of {limit}", param="max_tokens")
     n = body.get("n", 1)
     if n is not None and (type(n) is not int or n != 1):
         raise ApiError(400, "only n=1 is supported", param="n")
@@ -149,6 +153,8 @@ def completion_prompt(body: dict[str, Any], node: Node) -> list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
+        if len(prompt) > node.config.serving.max_prompt_tokens:
+            raise _too_long(len(prompt), node, "prompt")
         vocab = node.model.profile.vocab_size
         if not all(0 <= t < vocab for t in prompt):
             raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
@@ -160,6 +166,12 @@ def completion_prompt(body: dict[str, Any], node: Node) -> list[int]:
         return node.tokenizer.encode(prompt)
     except (TypeError, ValueError, InvalidInput) as e:
         raise ApiError(400, f"the prompt cannot be tokenized: {e}", param="prompt") from e
+
+
+def _too_long(tokens: int, node: Node, param: str) -> ApiError:
+    limit = node.config.serving.max_prompt_tokens
+    return ApiError(400, f"the prompt has {tokens} tokens; this swarm takes at most {limit}", param=param,
+                    code="context_length_exceeded")  # fmt: skip
 
 
 def chat_prompt(body: dict[str, Any], node: Node) -> list[int]:
@@ -197,13 +209,15 @@ def _logprobs_wanted(body: dict[str, Any]) -> bool:
 
 
 async def _run(request: web.Request, chat: bool) -> web.StreamResponse:
-    node, entry, metrics = request.app[NODE], request.app[ENTRY], request.app[METRICS]
+    node, entry = request.app[NODE], request.app[ENTRY]
     body = await read_json(request, node.config.serving.max_request_bytes)
     max_tokens, sampling, stops, stream = parse_common(body, node)
     want_logprobs = False if chat else _logprobs_wanted(body)
     if node.tokenizer is None:
         raise ApiError(503, "this peer has no tokenizer loaded", "server_error")
     prompt_ids = chat_prompt(body, node) if chat else completion_prompt(body, node)
+    if len(prompt_ids) > node.config.serving.max_prompt_tokens:
+        raise _too_long(len(prompt_ids), node, "messages" if chat else "prompt")
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise ApiError(400, "ignore_eos must be true or false", param="ignore_eos")
@@ -215,6 +229,20 @@ async def _run(request: web.Request, chat: bool) -> web.StreamResponse:
     too_small = None if node.ready() else node.capacity_error()
     if too_small is not None:  # a 503 at once; a repartition under way is only a pause (in generate)
         raise _failure(NotReady(too_small))
+    slots, client = request.app[SLOTS], client_of(request, request.app.get(API_KEYS))
+    if slots.busy(client) >= slots.per_client:
+        node.flood.refused("too_many_sessions", f"client {client} at {request.remote}")
+        raise ApiError(429, f"this client already runs {slots.per_client} generations on this peer; wait for one to "
+                       "finish", "rate_limit_error", code="too_many_sessions")  # fmt: skip
+    with slots.hold(client):
+        return await _generate(request, chat, req, body, stream, want_logprobs)
+
+
+async def _generate(
+    request: web.Request, chat: bool, req: Request, body: dict[str, Any], stream: bool, want_logprobs: bool
+) -> web.StreamResponse:
+    node, entry, metrics = request.app[NODE], request.app[ENTRY], request.app[METRICS]
+    prompt_ids = req.prompt_ids
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     timings = Timings()
@@ -378,6 +406,7 @@ def add_routes(app: web.Application, node: Node) -> None:
     app[NODE] = node
     app[ENTRY] = Entry(node)
     app[METRICS] = Metrics()
+    app[SLOTS] = ClientSlots(node.config.serving.max_sessions_per_client)
     app.middlewares.append(openai_errors)
     app.router.add_post("/v1/completions", post_completions)
     app.router.add_post("/v1/chat/completions", post_chat_completions)

@@ -35,6 +35,7 @@ STAGE_PATH = "/swarm/stage"
 STATUS = {
     "malformed": 400,
     "forged": 401,
+    "unknown_key": 401,
     "oversized": 413,
     "not_ready": 503,
     "cache_full": 503,

@@ -1,11 +1,11 @@
 """Sealed envelopes between peers: a round trip, then every way a message is dropped, each counted
-under its reason in `Opener.drops`: malformed, forged, replayed, stale and oversized. Clocks are
-injected, so staleness is tested without waiting; hostile envelopes are built by hand with the real
-swarm key and real signatures, so each check is reached on its own. Also the swarm key files."""
+under its reason in `Opener.drops`: malformed, forged, unknown_key, replayed, stale, oversized and
+misdirected. Clocks are injected, so staleness is tested without waiting; hostile envelopes are
+built by hand with the real swarm key, cipher and signatures, so each check is reached on its own.
+Also keyrings (rotation in place) and the swarm key files."""
 
 from __future__ import annotations
 
-import hmac
 import os
 import re
 import stat
@@ -18,15 +18,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from swarm.auth import (
+    DEFAULT_CLUSTER,
     DROP_REASONS,
-    INSECURE_KEY,
+    MAX_KEYS,
+    NONCE_BYTES,
     PROTOCOL_VERSION,
     SWARM_KEY_BYTES,
+    Keyring,
     Opener,
     Sealer,
+    envelope_header,
     key_fingerprint,
+    load_keyring,
     load_swarm_key,
+    parse_keyring,
     parse_swarm_key,
+    write_keyring,
     write_new_swarm_key,
 )
 from swarm.errors import MessageRejected, SwarmKeyError
@@ -54,11 +61,13 @@ class Clock:
 
 
 def opener(key: bytes | None = KEY, *, now_s: float = NOW_S, max_bytes: int = MAX_BYTES) -> Opener:
-    return Opener(key, max_clock_skew_s=SKEW_S, replay_window=WINDOW, max_message_bytes=max_bytes, clock=Clock(now_s))
+    return Opener(
+        Keyring.of(key), max_clock_skew_s=SKEW_S, replay_window=WINDOW, max_message_bytes=max_bytes, clock=Clock(now_s)
+    )
 
 
 def sealer(identity: Identity = ALICE, key: bytes | None = KEY, *, now_s: float = NOW_S) -> Sealer:
-    return Sealer(identity, key, clock=Clock(now_s))
+    return Sealer(identity, Keyring.of(key), clock=Clock(now_s))
 
 
 def head(identity: Identity = ALICE, **changes: Any) -> dict[str, Any]:
@@ -77,10 +86,28 @@ def head(identity: Identity = ALICE, **changes: Any) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not _DROP}
 
 
+def encrypted(inner: bytes, key: bytes | None = KEY, header: bytes | None = None) -> bytes:
+    """Wire bytes around any plaintext, encrypted correctly under `key` (the header names it)."""
+    fingerprint = key_fingerprint(key)
+    header = header if header is not None else envelope_header(DEFAULT_CLUSTER, fingerprint)
+    cipher = Keyring.of(key).cipher(fingerprint)
+    assert cipher is not None
+    nonce = os.urandom(NONCE_BYTES)
+    return msgpack.packb([header, nonce, cipher.encrypt(nonce, inner, header)], use_bin_type=True)
+
+
 def envelope(signed: bytes, signature: bytes, key: bytes | None = KEY) -> bytes:
-    """Wire bytes around an arbitrary signed part, tagged correctly under `key`."""
-    tag = hmac.digest(key or INSECURE_KEY, signed + signature, "sha256")
-    return msgpack.packb([signed, signature, tag], use_bin_type=True)
+    """Wire bytes around an arbitrary signed part, encrypted correctly under `key`."""
+    return encrypted(msgpack.packb([signed, signature], use_bin_type=True), key)
+
+
+def decrypted(data: bytes, key: bytes | None = KEY) -> tuple[bytes, bytes]:
+    """The signed part and signature inside an envelope."""
+    header, nonce, sealed = msgpack.unpackb(data)
+    cipher = Keyring.of(key).cipher(key_fingerprint(key))
+    assert cipher is not None
+    signed, signature = msgpack.unpackb(cipher.decrypt(nonce, sealed, header))
+    return signed, signature
 
 
 def signed_envelope(fields: Any, identity: Identity = ALICE, key: bytes | None = KEY) -> bytes:
@@ -152,6 +179,32 @@ def test_wrong_envelope_shape_is_malformed(outer: Any) -> None:
 
 
 @pytest.mark.parametrize(
+    "header",
+    [
+        b"\xc1",
+        msgpack.packb([2, "default", "x"]),
+        msgpack.packb({"v": PROTOCOL_VERSION, "cluster": DEFAULT_CLUSTER}),
+        msgpack.packb({"v": PROTOCOL_VERSION, "cluster": DEFAULT_CLUSTER, "key": "k", "extra": 1}),
+        msgpack.packb({"v": PROTOCOL_VERSION - 1, "cluster": DEFAULT_CLUSTER, "key": key_fingerprint(KEY)}),
+        msgpack.packb({"v": True, "cluster": DEFAULT_CLUSTER, "key": key_fingerprint(KEY)}),
+    ],
+    ids=["not-msgpack", "a-list", "no-key", "extra-field", "old-version", "bool-version"],
+)
+def test_bad_header_is_malformed(header: bytes) -> None:
+    assert rejected(opener(), encrypted(msgpack.packb([b"s", b"sig"]), header=header)) == "malformed"
+
+
+def test_a_nonce_of_the_wrong_length_is_malformed() -> None:
+    header, nonce, sealed = msgpack.unpackb(sealer().seal("k", 1, term=0, incarnation=0))
+    assert rejected(opener(), msgpack.packb([header, nonce[:-1], sealed])) == "malformed"
+
+
+@pytest.mark.parametrize("inner", [b"\xc1", msgpack.packb([b"a"]), msgpack.packb([b"a", "b"]), msgpack.packb(5)])
+def test_a_decrypted_part_that_is_not_signed_and_signature_is_malformed(inner: bytes) -> None:
+    assert rejected(opener(), encrypted(inner)) == "malformed"
+
+
+@pytest.mark.parametrize(
     "changes",
     [
         {"v": PROTOCOL_VERSION + 1},
@@ -190,20 +243,52 @@ def test_signed_part_that_is_not_a_map_is_malformed(signed: bytes) -> None:
 # ---- forged ----------------------------------------------------------------------------------------
 
 
-def test_another_swarm_key_is_forged() -> None:
-    assert rejected(opener(KEY), sealer(key=OTHER_KEY).seal("k", 1, term=0, incarnation=0)) == "forged"
+def test_another_swarm_key_is_an_unknown_key() -> None:
+    assert rejected(opener(KEY), sealer(key=OTHER_KEY).seal("k", 1, term=0, incarnation=0)) == "unknown_key"
 
 
-def test_flipped_byte_in_signed_part_fails_the_tag() -> None:
-    signed, signature, tag = msgpack.unpackb(sealer().seal("k", "payload", term=0, incarnation=0))
-    at = signed.index(b"payload")
-    tampered = signed[:at] + b"P" + signed[at + 1 :]
-    assert rejected(opener(), msgpack.packb([tampered, signature, tag])) == "forged"
+def test_another_key_claiming_our_fingerprint_is_forged() -> None:
+    """The header names our key, but the ciphertext was made under another: it does not decrypt."""
+    signed = msgpack.packb(head(), use_bin_type=True)
+    inner = msgpack.packb([signed, ALICE.sign(signed)], use_bin_type=True)
+    header = envelope_header(DEFAULT_CLUSTER, key_fingerprint(KEY))
+    assert rejected(opener(KEY), encrypted(inner, OTHER_KEY, header=header)) == "forged"
 
 
-def test_flipped_byte_retagged_by_a_key_holder_fails_the_signature() -> None:
-    """Someone holding the swarm key can recompute the tag, but not the sender's signature."""
-    signed, signature, _ = msgpack.unpackb(sealer().seal("k", "payload", term=0, incarnation=0))
+@pytest.mark.parametrize("part", [0, 1, 2], ids=["header", "nonce", "ciphertext"])
+def test_a_flipped_bit_anywhere_in_the_envelope_is_refused(part: int) -> None:
+    """The header is associated data: changing it (a cluster or key id rewritten in transit) fails
+    decryption as surely as changing the ciphertext or nonce."""
+    pieces = msgpack.unpackb(sealer().seal("k", "payload", term=0, incarnation=0))
+    at = len(pieces[part]) - 1
+    pieces[part] = pieces[part][:at] + bytes([pieces[part][at] ^ 1]) + pieces[part][at + 1 :]
+    assert rejected(opener(), msgpack.packb(pieces)) in ("forged", "malformed", "unknown_key", "misdirected")
+    assert opener().open(sealer().seal("k", "payload", term=0, incarnation=0)).body == "payload"
+
+
+def test_a_header_rewritten_to_another_valid_header_fails_decryption() -> None:
+    _, nonce, sealed = msgpack.unpackb(sealer().seal("k", 1, term=0, incarnation=0))
+    cluster = "other"
+    o = Opener(Keyring.of(KEY), cluster, max_clock_skew_s=SKEW_S, replay_window=WINDOW, max_message_bytes=MAX_BYTES,
+               clock=Clock())  # fmt: skip
+    moved = envelope_header(cluster, key_fingerprint(KEY))
+    assert rejected(o, msgpack.packb([moved, nonce, sealed])) == "forged"
+
+
+def test_the_body_does_not_travel_in_the_clear() -> None:
+    secret = "the prompt nobody else may read"
+    data = sealer().seal("step", {"text": secret, "blob": b"\x01\x02\x03secret-bytes"}, term=0, incarnation=0)
+    assert secret.encode() not in data and b"secret-bytes" not in data and ALICE.public_key not in data
+
+
+def test_another_cluster_with_the_same_key_is_misdirected() -> None:
+    theirs = Sealer(ALICE, Keyring.of(KEY), "lab-b", clock=Clock())
+    assert rejected(opener(), theirs.seal("k", 1, term=0, incarnation=0)) == "misdirected"
+
+
+def test_flipped_byte_re_encrypted_by_a_key_holder_fails_the_signature() -> None:
+    """Someone holding the swarm key can decrypt and re-encrypt, but not make the sender's signature."""
+    signed, signature = decrypted(sealer().seal("k", "payload", term=0, incarnation=0))
     at = signed.index(b"payload")
     tampered = signed[:at] + b"P" + signed[at + 1 :]
     o = opener()
@@ -231,8 +316,8 @@ def test_no_swarm_key_on_both_sides_works() -> None:
 
 
 @pytest.mark.parametrize(("seal_key", "open_key"), [(KEY, None), (None, KEY)])
-def test_key_against_no_key_is_forged(seal_key: bytes | None, open_key: bytes | None) -> None:
-    assert rejected(opener(open_key), sealer(key=seal_key).seal("k", 1, term=0, incarnation=0)) == "forged"
+def test_key_against_no_key_is_an_unknown_key(seal_key: bytes | None, open_key: bytes | None) -> None:
+    assert rejected(opener(open_key), sealer(key=seal_key).seal("k", 1, term=0, incarnation=0)) == "unknown_key"
 
 
 # ---- replayed --------------------------------------------------------------------------------------
@@ -309,7 +394,7 @@ def test_a_protocol_version_that_only_equals_one_is_malformed(version: Any) -> N
 
 def test_a_receiver_clock_that_moves_on_makes_a_held_message_stale() -> None:
     clock = Clock()
-    o = Opener(KEY, max_clock_skew_s=SKEW_S, replay_window=WINDOW, max_message_bytes=MAX_BYTES, clock=clock)
+    o = Opener(Keyring.of(KEY), max_clock_skew_s=SKEW_S, replay_window=WINDOW, max_message_bytes=MAX_BYTES, clock=clock)
     held = sealer().seal("k", 1, term=0, incarnation=0)
     clock.now_s += SKEW_S + 1
     assert rejected(o, held) == "stale"
@@ -340,7 +425,8 @@ def test_every_reason_is_counted() -> None:
     bad = [
         s.seal("k", 1, term=0, incarnation=3, to="not-me"),  # misdirected
         b"\xc1",  # malformed
-        sealer(key=OTHER_KEY).seal("k", 1, term=0, incarnation=3),  # forged
+        sealer(key=OTHER_KEY).seal("k", 1, term=0, incarnation=3),  # unknown_key
+        envelope(*decrypted(first)[:1], b"\x00" * 64),  # forged (a signature that is not Alice's)
         first,  # replayed
         sealer(now_s=NOW_S + 2 * SKEW_S).seal("k", 1, term=0, incarnation=3),  # stale
         b"\x00" * (MAX_BYTES + 1),  # oversized
@@ -349,7 +435,8 @@ def test_every_reason_is_counted() -> None:
     for data in bad:
         with pytest.raises(MessageRejected):
             o.open(data)
-    assert dict(o.drops) == {"malformed": 2, "forged": 1, "replayed": 1, "stale": 1, "oversized": 1, "misdirected": 1}
+    assert dict(o.drops) == {"malformed": 2, "forged": 1, "unknown_key": 1, "replayed": 1, "stale": 1, "oversized": 1,
+                             "misdirected": 1}  # fmt: skip
 
 
 @settings(max_examples=200, deadline=None)
@@ -358,7 +445,7 @@ def test_arbitrary_bytes_are_rejected_with_a_reason(data: bytes) -> None:
     o = opener()
     with pytest.raises(MessageRejected) as info:
         o.open(data)
-    assert info.value.reason in ("malformed", "forged", "oversized")
+    assert info.value.reason in ("malformed", "forged", "unknown_key", "misdirected", "oversized")
     assert sum(o.drops.values()) == 1
 
 
@@ -452,7 +539,12 @@ def test_key_fingerprint_is_stable_and_differs_per_key() -> None:
 
 def addressed_opener() -> Opener:
     return Opener(
-        KEY, max_clock_skew_s=SKEW_S, replay_window=WINDOW, max_message_bytes=MAX_BYTES, clock=Clock(), peer_id="me"
+        Keyring.of(KEY),
+        max_clock_skew_s=SKEW_S,
+        replay_window=WINDOW,
+        max_message_bytes=MAX_BYTES,
+        clock=Clock(),
+        peer_id="me",
     )
 
 
@@ -465,7 +557,7 @@ def test_a_message_sealed_for_another_peer_is_misdirected() -> None:
 
 def test_our_own_message_reflected_back_is_misdirected() -> None:
     o = Opener(
-        KEY, max_clock_skew_s=SKEW_S, replay_window=WINDOW, max_message_bytes=MAX_BYTES, clock=Clock(),
+        Keyring.of(KEY), max_clock_skew_s=SKEW_S, replay_window=WINDOW, max_message_bytes=MAX_BYTES, clock=Clock(),
         peer_id=ALICE.peer_id,
     )  # fmt: skip
     assert rejected(o, sealer().seal("k", 1, term=0, incarnation=0, to=ALICE.peer_id)) == "misdirected"
@@ -473,3 +565,108 @@ def test_our_own_message_reflected_back_is_misdirected() -> None:
 
 def test_a_recipient_that_is_not_a_string_is_malformed() -> None:
     assert rejected(opener(), signed_envelope(head(to=5))) == "malformed"
+
+
+# ---- keyrings ----------------------------------------------------------------------------------------
+
+
+def test_the_primary_seals_and_every_key_opens() -> None:
+    ring = Keyring([KEY, OTHER_KEY], primary=OTHER_KEY)
+    data = Sealer(ALICE, ring, clock=Clock()).seal("k", 1, term=0, incarnation=0)
+    assert msgpack.unpackb(msgpack.unpackb(data)[0])["key"] == key_fingerprint(OTHER_KEY)
+    assert opener(OTHER_KEY).open(data).body == 1
+    assert rejected(opener(KEY), data) == "unknown_key"  # a peer that only holds the old key
+    both = Opener(ring, max_clock_skew_s=SKEW_S, replay_window=WINDOW, max_message_bytes=MAX_BYTES, clock=Clock())
+    assert both.open(sealer(key=KEY).seal("k", 2, term=0, incarnation=0)).body == 2  # the old key still opens
+    assert ring.fingerprints == [key_fingerprint(OTHER_KEY), key_fingerprint(KEY)]
+
+
+def test_a_keyring_replaced_in_place_rotates_a_running_sealer_and_opener() -> None:
+    """The three steps of a rotation, on the objects a running peer holds: install, use, remove."""
+    ring = Keyring.of(KEY)
+    s = Sealer(ALICE, ring, clock=Clock())
+    o = Opener(ring, max_clock_skew_s=SKEW_S, replay_window=WINDOW, max_message_bytes=MAX_BYTES, clock=Clock())
+    old_peer, new_peer = sealer(MALLORY, KEY), sealer(Identity.generate(), OTHER_KEY)
+    ring.replace(Keyring([KEY, OTHER_KEY], primary=KEY))  # install: both open, the old one seals
+    assert opener(KEY).open(s.seal("k", "installed", term=0, incarnation=0)).body == "installed"
+    assert o.open(new_peer.seal("k", 1, term=0, incarnation=0)).body == 1
+    ring.replace(Keyring([KEY, OTHER_KEY], primary=OTHER_KEY))  # use: the new one seals
+    assert opener(OTHER_KEY).open(s.seal("k", "used", term=0, incarnation=0)).body == "used"
+    assert o.open(old_peer.seal("k", 2, term=0, incarnation=0)).body == 2  # a peer not yet switched
+    ring.replace(Keyring([OTHER_KEY]))  # remove: the old key opens nothing
+    assert rejected(o, old_peer.seal("k", 3, term=0, incarnation=0)) == "unknown_key"
+    assert o.open(new_peer.seal("k", 4, term=0, incarnation=0)).body == 4
+
+
+def test_the_insecure_keyring_round_trips_but_is_not_secure() -> None:
+    assert not Keyring().secure and Keyring.of(KEY).secure
+    assert Keyring().primary_fingerprint == "insecure"
+    assert opener(None).open(sealer(key=None).seal("k", 1, term=0, incarnation=0)).body == 1
+
+
+@pytest.mark.parametrize(
+    ("keys", "primary", "message"),
+    [
+        ([KEY, OTHER_KEY], None, "primary key must be one of its keys"),
+        ([KEY], OTHER_KEY, "primary key must be one of its keys"),
+        ([KEY[:31]], None, "is 32 bytes"),
+        ([os.urandom(SWARM_KEY_BYTES) for _ in range(MAX_KEYS + 1)], None, f"at most {MAX_KEYS} keys"),
+    ],
+    ids=["two-keys-no-primary", "primary-not-held", "short-key", "too-many"],
+)
+def test_a_bad_keyring_is_a_clear_error(keys: list[bytes], primary: bytes | None, message: str) -> None:
+    with pytest.raises(SwarmKeyError, match=message):
+        Keyring(keys, primary)
+
+
+def test_keyring_text_marks_the_primary_and_ignores_comments() -> None:
+    text = f"# rotated 2026-11\n {KEY.hex()}  # old\n*{OTHER_KEY.hex().upper()}\n\n"
+    ring = parse_keyring(text)
+    assert ring.keys == [KEY, OTHER_KEY] and ring.primary == OTHER_KEY
+    assert parse_keyring(KEY.hex() + "\n").primary == KEY  # a plain `swarm keygen` file
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "holds no swarm key"),
+        ("# nothing\n", "holds no swarm key"),
+        (f"{KEY.hex()}\n{OTHER_KEY.hex()}\n", "marks none primary"),
+        (f"*{KEY.hex()}\n*{OTHER_KEY.hex()}\n", "more than one primary key"),
+        (f"*{KEY.hex()}\nnot-hex\n", "line 2 must be 64 hex digits"),
+    ],
+    ids=["empty", "comments-only", "no-primary", "two-primaries", "bad-line"],
+)
+def test_bad_keyring_text_is_a_clear_error(text: str, message: str) -> None:
+    with pytest.raises(SwarmKeyError, match=message):
+        parse_keyring(text)
+
+
+def test_a_written_keyring_is_private_and_reads_back(tmp_path: Path) -> None:
+    path = tmp_path / "swarm.key"
+    ring = Keyring([KEY, OTHER_KEY], primary=OTHER_KEY)
+    write_keyring(path, ring)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    back = load_keyring(path)
+    assert (back.keys, back.primary) == (ring.keys, ring.primary)
+    assert [p.name for p in tmp_path.iterdir()] == ["swarm.key"]  # no temporary file left behind
+    with pytest.raises(SwarmKeyError, match="cannot be written"):
+        write_keyring(path, Keyring())
+
+
+def test_replay_windows_are_kept_for_a_bounded_number_of_senders() -> None:
+    o = Opener(Keyring.of(KEY), max_clock_skew_s=SKEW_S, replay_window=WINDOW, max_message_bytes=MAX_BYTES,
+               max_senders=3, clock=Clock())  # fmt: skip
+    senders = [sealer(Identity.generate()) for _ in range(10)]
+    for s in senders:
+        o.open(s.seal("k", 1, term=0, incarnation=0))
+    assert len(o._windows) == 3  # the three most recent senders
+    assert list(o._windows) == [peer_id_of(s.identity.public_key) for s in senders[-3:]]
+
+
+def test_a_header_larger_than_its_bound_is_malformed_before_it_is_parsed() -> None:
+    huge = msgpack.packb({"v": b"x" * 10_000, "cluster": DEFAULT_CLUSTER, "key": "k"})
+    o = opener(max_bytes=1 << 20)
+    with pytest.raises(MessageRejected, match="header of 10") as e:
+        o.open(msgpack.packb([huge, b"n" * NONCE_BYTES, b"c"]))
+    assert len(str(e.value)) < 200

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from swarm.auth import key_fingerprint, load_swarm_key
+from swarm.auth import key_fingerprint, load_keyring, load_swarm_key
 from swarm.cli import format_status, main
 
 LEADER, MIDDLE, TAIL, SPARE, GONE = "a1a1a1a1a1a1a1a1", "b2b2b2b2b2b2b2b2", "c3c3c3c3c3c3c3c3", "d4d4", "e5e5"
@@ -185,12 +185,16 @@ def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
+SEEN_AUTHORIZATION: list[str | None] = []
+
+
 @pytest.fixture
 def status_server(no_proxy: None) -> Iterator[str]:
     """A local HTTP server answering GET /swarm/status with STATUS; yields its base URL."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            SEEN_AUTHORIZATION.append(self.headers.get("Authorization"))
             body = json.dumps(STATUS).encode() if self.path == "/swarm/status" else b""
             self.send_response(200 if body else 404)
             self.send_header("Content-Type", "application/json")
@@ -227,3 +231,67 @@ def test_status_of_an_unreachable_peer_is_a_clear_error(no_proxy: None, capsys: 
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("swarm: error: cannot reach http://127.0.0.1:1/swarm/status")
+
+
+def test_status_sends_the_api_key_from_a_file_or_the_environment(
+    status_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    SEEN_AUTHORIZATION.clear()
+    monkeypatch.delenv("SWARM_API_KEY", raising=False)
+    keys = tmp_path / "api.keys"
+    keys.write_text("# mine\nsk-0123456789abcdef\nsk-second-key-000000\n")
+    assert main(["status", "--url", status_server]) == 0
+    assert main(["status", "--url", status_server, "--api-key-file", str(keys)]) == 0
+    monkeypatch.setenv("SWARM_API_KEY", "sk-from-the-environment")
+    assert main(["status", "--url", status_server]) == 0
+    assert SEEN_AUTHORIZATION == [None, "Bearer sk-0123456789abcdef", "Bearer sk-from-the-environment"]
+    assert main(["status", "--url", status_server, "--api-key-file", str(tmp_path / "absent")]) == 2
+    assert "cannot read API key file" in capsys.readouterr().err
+
+
+# ---- keys: a keyring that running peers reload -------------------------------------------------------
+
+
+def fingerprints(out: str) -> list[tuple[str, str]]:
+    return re.findall(r"^  ([0-9a-f]{12})  (primary|accepted)", out, re.MULTILINE)
+
+
+def test_keys_rotate_a_keyring_file_step_by_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ring, new_key = tmp_path / "swarm.key", tmp_path / "new.key"
+    assert main(["keygen", "--out", str(ring)]) == 0
+    old = key_fingerprint(load_swarm_key(ring))
+    assert main(["keygen", "--out", str(new_key)]) == 0
+    new = key_fingerprint(load_swarm_key(new_key))
+    capsys.readouterr()
+    assert main(["keys", "install", "--keyring", str(ring), "--key-file", str(new_key)]) == 0
+    out = capsys.readouterr().out
+    assert fingerprints(out) == [(old, "primary"), (new, "accepted")] and "reload" in out
+    assert main(["keys", "use", "--keyring", str(ring), new]) == 0
+    assert fingerprints(capsys.readouterr().out) == [(old, "accepted"), (new, "primary")]
+    assert main(["keys", "remove", "--keyring", str(ring), new]) == 2  # not the primary
+    assert "make another key primary first" in capsys.readouterr().err
+    assert main(["keys", "remove", "--keyring", str(ring), old]) == 0
+    assert fingerprints(capsys.readouterr().out) == [(new, "primary")]
+    assert load_keyring(ring).keys == [load_swarm_key(new_key)]
+    assert ring.stat().st_mode & 0o777 == 0o600
+    assert main(["keys", "list", "--keyring", str(ring)]) == 0
+    assert fingerprints(capsys.readouterr().out) == [(new, "primary")]
+
+
+def test_keys_install_starts_a_new_keyring_and_refuses_duplicates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ring, key_file = tmp_path / "ring", tmp_path / "k"
+    assert main(["keygen", "--out", str(key_file)]) == 0
+    key = load_swarm_key(key_file)
+    capsys.readouterr()
+    assert main(["keys", "install", "--keyring", str(ring), "--key-file", str(key_file)]) == 0
+    out = capsys.readouterr().out
+    assert fingerprints(out) == [(key_fingerprint(key), "primary")] and key.hex() not in out  # no secret printed
+    assert load_keyring(ring).keys == [key]
+    assert main(["keys", "install", "--keyring", str(ring), "--key-file", str(key_file)]) == 2
+    assert "already holds key" in capsys.readouterr().err
+    assert main(["keys", "use", "--keyring", str(ring), "0123456789ab"]) == 2
+    assert "holds no key with fingerprint '0123456789ab'" in capsys.readouterr().err
+    assert main(["keys", "install", "--keyring", str(ring), "--key-file", str(tmp_path / "absent")]) == 2
+    assert "cannot read swarm key file" in capsys.readouterr().err

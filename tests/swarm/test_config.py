@@ -13,6 +13,7 @@ import pytest
 
 from peer.config import default_config_path, read_config_file
 from peer.errors import ConfigError
+from swarm.auth import Keyring
 from swarm.config import (
     SWARM_SECTIONS,
     DiscoveryConfig,
@@ -22,7 +23,7 @@ from swarm.config import (
     parse_host_port,
     swarm_config_from_dict,
 )
-from swarm.daemon import check_exposure, config_from_args, parse_args, resolve_swarm_key
+from swarm.daemon import check_exposure, config_from_args, parse_args, resolve_keyring
 from swarm.errors import SwarmKeyError
 
 KEY = bytes(range(32))
@@ -112,6 +113,15 @@ def test_section_that_is_not_a_mapping_is_a_config_error() -> None:
         ("serving", {"loop_nice": 20}, "serving.loop_nice must be an integer from 0 to 19"),
         ("serving", {"loop_nice": -1}, "serving.loop_nice"),
         ("serving", {"loop_nice": 1.5}, "serving.loop_nice"),
+        ("serving", {"max_tokens_limit": 0}, "serving.max_tokens_limit must be a positive integer"),
+        ("serving", {"max_prompt_tokens": -1}, "serving.max_prompt_tokens must be a positive integer"),
+        ("serving", {"max_sessions_per_client": 0}, "serving.max_sessions_per_client"),
+        ("serving", {"max_connections": "many"}, "serving.max_connections"),
+        ("serving", {"max_tokens_limit": 8}, "serving.default_max_tokens \\(16\\) exceeds serving.max_tokens_limit"),
+        ("security", {"cluster": ""}, "security.cluster must be 1-64 letters"),
+        ("security", {"cluster": "lab b"}, "security.cluster"),
+        ("security", {"cluster": 5}, "security.cluster"),
+        ("security", {"api_key_file": 5}, "security.api_key_file must be a path string"),
     ],
 )
 def test_bad_values_are_config_errors(section: str, values: dict[str, Any], match: str) -> None:
@@ -170,6 +180,7 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
             "--priority", "5",
             "--state-dir", str(tmp_path / "state"),
             "--swarm-key-file", str(key_file),
+            "--api-key-file", str(tmp_path / "api.keys"),
             "--insecure",
             "--mdns-interface", "127.0.0.1",
             "--no-mdns",
@@ -184,7 +195,9 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
     )
     assert config.peer.model.spec == "some/model"
     assert config.peer.resources.max_memory_mb == 2048
-    assert config.security == dataclasses.replace(SecurityConfig(), swarm_key_file=str(key_file), insecure=True)
+    assert config.security == dataclasses.replace(
+        SecurityConfig(), swarm_key_file=str(key_file), api_key_file=str(tmp_path / "api.keys"), insecure=True
+    )
     assert config.discovery == DiscoveryConfig(
         mdns=False, mdns_interface="127.0.0.1", join=("10.0.0.2:50051", "[::1]:50052")
     )
@@ -241,42 +254,42 @@ def on(host: str, *, insecure: bool = False) -> SwarmConfig:
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20", "peer.local"])
 def test_non_loopback_without_a_key_is_refused(host: str) -> None:
     with pytest.raises(SwarmKeyError, match=f"refusing to listen on {host} without a swarm key") as e:
-        check_exposure(on(host), None)
+        check_exposure(on(host), Keyring())
     assert "swarm keygen" in str(e.value)
     assert "--insecure" in str(e.value)
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.20"])
 def test_non_loopback_with_a_key_or_insecure_is_allowed(host: str) -> None:
-    check_exposure(on(host), KEY)
-    check_exposure(on(host, insecure=True), None)
+    check_exposure(on(host), Keyring.of(KEY))
+    check_exposure(on(host, insecure=True), Keyring())
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
 def test_loopback_without_a_key_is_allowed(host: str) -> None:
-    check_exposure(on(host), None)
+    check_exposure(on(host), Keyring())
 
 
 def test_resolve_swarm_key_reads_the_file_in_config(tmp_path: Path) -> None:
     path = tmp_path / "swarm.key"
     path.write_text(KEY.hex() + "\n")
     config = SwarmConfig(security=SecurityConfig(swarm_key_file=str(path)))
-    assert resolve_swarm_key(config, {}) == KEY
-    assert resolve_swarm_key(config, {"SWARM_KEY": "ab" * 32}) == KEY  # the file wins
+    assert resolve_keyring(config, {}).keys == [KEY]
+    assert resolve_keyring(config, {"SWARM_KEY": "ab" * 32}).keys == [KEY]  # the file wins
 
 
 def test_resolve_swarm_key_falls_back_to_the_environment() -> None:
-    assert resolve_swarm_key(SwarmConfig(), {"SWARM_KEY": KEY.hex()}) == KEY
-    assert resolve_swarm_key(SwarmConfig(), {}) is None
-    assert resolve_swarm_key(SwarmConfig(), {"SWARM_KEY": ""}) is None
+    assert resolve_keyring(SwarmConfig(), {"SWARM_KEY": KEY.hex()}).keys == [KEY]
+    assert not resolve_keyring(SwarmConfig(), {}).secure
+    assert not resolve_keyring(SwarmConfig(), {"SWARM_KEY": ""}).secure
     with pytest.raises(SwarmKeyError, match=r"^SWARM_KEY must be 64 hex digits"):
-        resolve_swarm_key(SwarmConfig(), {"SWARM_KEY": "abc"})
+        resolve_keyring(SwarmConfig(), {"SWARM_KEY": "abc"})
 
 
 def test_resolve_swarm_key_of_a_missing_file(tmp_path: Path) -> None:
     config = SwarmConfig(security=SecurityConfig(swarm_key_file=str(tmp_path / "absent.key")))
     with pytest.raises(SwarmKeyError, match="cannot read swarm key file"):
-        resolve_swarm_key(config, {"SWARM_KEY": KEY.hex()})
+        resolve_keyring(config, {"SWARM_KEY": KEY.hex()})
 
 
 def test_swarm_peer_on_a_public_address_without_a_key_refuses_to_start(

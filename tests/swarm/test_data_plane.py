@@ -17,7 +17,7 @@ import msgpack
 import pytest
 import torch
 
-from swarm.auth import Sealer, load_swarm_key
+from swarm.auth import Keyring, Sealer, load_swarm_key
 from swarm.identity import Identity
 from swarm.membership import MemberInfo
 from swarm.stage_service import STAGE_PATH
@@ -194,7 +194,7 @@ def test_stage_endpoints_refuse_bad_messages_without_disturbing_sessions(swarm, 
     fingerprint = status["model"]["fingerprint"]
     info = MemberInfo(me.peer_id, "prober", "http://127.0.0.1:9", 1, 1, 0, 1 << 20, "cpu", fingerprint,
                       0, 0, 0, True).to_dict()  # fmt: skip
-    sealers = {key: Sealer(me, key) for key in (swarm["key"], None)}
+    sealers = {key: Sealer(me, Keyring.of(key)) for key in (swarm["key"], None)}
 
     def send(stage: dict[str, Any], body: dict[str, Any], key: bytes | None) -> tuple[int, Any]:
         envelope = sealers[key].seal("step", {"info": info, "leader": None, "leader_priority": None, **body},
@@ -212,7 +212,7 @@ def test_stage_endpoints_refuse_bad_messages_without_disturbing_sessions(swarm, 
     opening = {"max_length": 8, "sampling": {"temperature": 0.0}}
     key = swarm["key"]
     bad = [
-        (first, {**base, "input": tokens, "open": opening}, None, 401, "forged"),  # no swarm key
+        (first, {**base, "input": tokens, "open": opening}, None, 401, "unknown_key"),  # no swarm key
         (first, {**base, "input": tokens, "open": opening, "epoch": layer_map["epoch"] + 7}, key, 409, "stale_epoch"),
         (first, {**base, "input": pack(torch.ones(1, 3)), "open": opening}, key, 409, "mismatch"),  # floats, not ids
         (first, {**base, "input": pack(torch.tensor([[[1, 2]]], dtype=torch.int64))}, key, 409, "mismatch"),  # 3-D

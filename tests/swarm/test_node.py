@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from swarm.auth import Keyring
 from swarm.daemon import PeerServer
 from swarm.identity import STATE_FILE, Identity
 from swarm.membership import Event, MemberInfo, State
@@ -133,7 +134,7 @@ async def test_a_starting_peer_answers_status_with_503(tmp_path: Path, model_dir
     from swarm.daemon import build_node
     from tests.swarm.test_security import make_config
 
-    node = build_node(make_config(tmp_path, model_dir, "a", []), None, show_progress=False)
+    node = build_node(make_config(tmp_path, model_dir, "a", []), Keyring(), show_progress=False)
     async with TestClient(TestServer(make_app(node), host="127.0.0.1")) as client:
         resp = await client.get("/swarm/status")
         assert resp.status == 503 and (await resp.json())["error"]["type"] == "starting"

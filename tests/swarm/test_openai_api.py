@@ -18,7 +18,6 @@ from swarm.entry import MAX_STOP_STRINGS, Timings
 from swarm.membership import State
 from swarm.metrics import Metrics
 from swarm.openai_api import (
-    MAX_TOKENS_LIMIT,
     ApiError,
     _logprobs_wanted,
     chat_prompt,
@@ -28,6 +27,8 @@ from swarm.openai_api import (
 
 SPEC = "smollm2-135m"
 DEFAULT_MAX_TOKENS = 16
+MAX_TOKENS_LIMIT = 4096
+MAX_PROMPT_TOKENS = 50
 PROMPT_IDS = [5, 6, 7]
 CHAT_IDS = [1, 2, 3, 4]
 
@@ -58,10 +59,15 @@ def fold(t: Timings, stages: list[dict[str, Any]], entry_wire_s: float, entry_by
 VOCAB = 100
 
 
+SERVING = SimpleNamespace(
+    default_max_tokens=DEFAULT_MAX_TOKENS, max_tokens_limit=MAX_TOKENS_LIMIT, max_prompt_tokens=MAX_PROMPT_TOKENS
+)
+
+
 def fake_node() -> Any:
     return SimpleNamespace(
         model=SimpleNamespace(spec=SPEC, profile=SimpleNamespace(vocab_size=VOCAB)),
-        config=SimpleNamespace(serving=SimpleNamespace(default_max_tokens=DEFAULT_MAX_TOKENS)),
+        config=SimpleNamespace(serving=SERVING),
         tokenizer=FakeTokenizer(),
     )
 
@@ -145,6 +151,14 @@ def test_parse_common_refuses_bad_max_tokens(value: Any) -> None:
 def test_parse_common_accepts_max_tokens_up_to_its_limit() -> None:
     assert parse_common({"max_tokens": 1}, fake_node())[0] == 1
     assert parse_common({"max_tokens": MAX_TOKENS_LIMIT}, fake_node())[0] == MAX_TOKENS_LIMIT
+    error = refused(parse_common, {"max_tokens": MAX_TOKENS_LIMIT + 1}, param="max_tokens")
+    assert f"limit of {MAX_TOKENS_LIMIT}" in error.message
+
+
+def test_a_token_id_prompt_longer_than_the_limit_is_refused_before_its_ids_are_checked() -> None:
+    error = refused(completion_prompt, {"prompt": [10**9] * (MAX_PROMPT_TOKENS + 1)}, param="prompt")
+    assert error.code == "context_length_exceeded"
+    assert completion_prompt({"prompt": [1] * MAX_PROMPT_TOKENS}, fake_node()) == [1] * MAX_PROMPT_TOKENS
 
 
 @pytest.mark.parametrize("n", [2, 0, -1, True, "1"], ids=repr)
