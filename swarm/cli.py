@@ -1,7 +1,8 @@
 """`swarm`, the client command line: `swarm generate "prompt"` and `swarm chat` stream answers to
 the terminal, `swarm status` prints a peer's view of the swarm as a table, `swarm keygen` writes a
-new swarm key. Without `--url` it finds a peer over mDNS. It talks to peers only through their
-public HTTP endpoints (the OpenAI-compatible API and /swarm/status)."""
+new swarm key and `swarm keys` edits a keyring file that running peers reload. Without `--url` it
+finds a peer over mDNS; `--api-key-file` (or SWARM_API_KEY) sends an API key. It talks to peers
+only through their public HTTP endpoints (the OpenAI-compatible API and /swarm/status)."""
 
 from __future__ import annotations
 
