@@ -10,6 +10,7 @@ body, and counts every drop by reason. It knows nothing of what the bodies mean 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -214,8 +215,10 @@ class Message:
     body: Any
 
 
+@functools.lru_cache(maxsize=MAX_KEYS)
 def envelope_header(cluster: str, fingerprint: str) -> bytes:
-    """The clear header of an envelope, also its associated data."""
+    """The clear header of an envelope, also its associated data (the same bytes for every message
+    sealed under one key, so packed once)."""
     return msgpack.packb({"v": PROTOCOL_VERSION, "cluster": cluster, "key": fingerprint}, use_bin_type=True)
 
 

@@ -86,7 +86,7 @@ class StageService:
         self._epoch_of: dict[str, int] = {}  # session -> the layer-map epoch it was opened on
         self.dropped = 0  # sessions dropped because their epoch was abandoned
         # Where forward passes run (set by the daemon to a thread of normal priority, see
-        # `swarm.daemon.compute_thread`); None: asyncio's default thread pool.
+        # `swarm.daemon.lower_loop_priority`); None: asyncio's default thread pool.
         self.compute_threads: concurrent.futures.Executor | None = None
 
     def executor(self) -> StageExecutor | None:
