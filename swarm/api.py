@@ -104,7 +104,7 @@ async def post_message(request: web.Request) -> web.Response:
     if isinstance(data, web.Response):
         return data
     try:
-        reply = node.handle(data)
+        reply = node.handle(data, request.remote)
     except MessageRejected as e:
         node.flood.refused(e.reason, f"a peer message from {request.remote}: {e}")
         return error_response(REJECT_STATUS.get(e.reason, 409), e.reason, str(e))

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from swarm.errors import MessageRejected, SwarmKeyError
 from swarm.identity import Identity, peer_id_of, verify_signature
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: member info carries instance and dtype, layer maps their leader
 SWARM_KEY_BYTES = 32
 NONCE_BYTES = 12
 # Without a swarm key, envelopes are still signed by their senders, but anyone can decrypt them.
@@ -264,6 +264,12 @@ class Sealer:
         return msgpack.packb([header, nonce, sealed], use_bin_type=True)
 
 
+# Incarnations of one sender whose replay windows are kept: a message from an older one is stale. Not
+# just the newest, so that a second process claiming the same identity with a higher incarnation
+# (a copied state directory) cannot lock the true holder out here; the node decides between them.
+INCARNATIONS_KEPT = 4
+
+
 class _SenderWindow:
     """Sequence numbers seen from one sender incarnation: the highest, and which of the last `size`."""
 
@@ -305,7 +311,8 @@ class Opener:
         self._max_senders = max_senders
         self._clock = clock
         self.peer_id = peer_id  # ours: a message from ourselves or sealed for another peer is refused
-        self._windows: OrderedDict[str, _SenderWindow] = OrderedDict()
+        # sender -> incarnation -> its window; the senders in least recently heard order.
+        self._windows: OrderedDict[str, dict[int, _SenderWindow]] = OrderedDict()
         self.drops: Counter[str] = Counter({reason: 0 for reason in DROP_REASONS})
 
     def open(self, data: bytes, *, max_bytes: int | None = None) -> Message:
@@ -379,15 +386,19 @@ class Opener:
         return cipher
 
     def _check_sequence(self, message: Message) -> None:
-        window = self._windows.get(message.sender)
-        if window is not None and message.incarnation < window.incarnation:
-            raise MessageRejected("stale", f"incarnation {message.incarnation} < {window.incarnation}")
-        if window is None or message.incarnation > window.incarnation:
-            window = _SenderWindow(message.incarnation)
-            self._windows[message.sender] = window
+        windows = self._windows.get(message.sender)
+        if windows is None:
+            windows = self._windows[message.sender] = {}
             while len(self._windows) > self._max_senders:
                 self._windows.popitem(last=False)
         self._windows.move_to_end(message.sender)
+        window = windows.get(message.incarnation)
+        if window is None:
+            if len(windows) >= INCARNATIONS_KEPT and message.incarnation < min(windows):
+                raise MessageRejected("stale", f"incarnation {message.incarnation} < {min(windows)}")
+            window = windows[message.incarnation] = _SenderWindow(message.incarnation)
+            while len(windows) > INCARNATIONS_KEPT:
+                del windows[min(windows)]
         if not window.accept(message.seq, self.replay_window):
             raise MessageRejected("replayed", f"seq {message.seq} from {message.sender} already seen or too old")
 

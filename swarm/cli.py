@@ -49,9 +49,12 @@ def find_peer_url(interface: str | None, wait_s: float = MDNS_WAIT_S) -> str | N
     """The URL of the first peer announcing itself over mDNS within `wait_s`, if any."""
     from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 
+    from swarm.discovery import mdns_interfaces
+    from swarm.netif import interfaces, reachable_first
+
     found: list[str] = []
     done = threading.Event()
-    zc = Zeroconf(interfaces=[interface] if interface else "all", ip_version=IPVersion.V4Only)
+    zc = Zeroconf(interfaces=mdns_interfaces(interface), ip_version=IPVersion.V4Only)
 
     def on_change(zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
         if state_change is not ServiceStateChange.Removed and not found:
@@ -65,7 +68,7 @@ def find_peer_url(interface: str | None, wait_s: float = MDNS_WAIT_S) -> str | N
         info = ServiceInfo(SERVICE_TYPE, found[0])
         if not info.request(zc, int(wait_s * 1000)):
             return None
-        addresses = info.parsed_addresses(IPVersion.V4Only)
+        addresses = reachable_first(info.parsed_addresses(IPVersion.V4Only), interfaces())
         return f"http://{addresses[0]}:{info.port}" if addresses else None
     finally:
         browser.cancel()
@@ -313,7 +316,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub = p.add_subparsers(dest="command", required=True)
     status = sub.add_parser("status", help="show peers, leader, term and layer map")
     status.add_argument("--url", help="a peer's base URL, e.g. http://127.0.0.1:50051 (default: find one by mDNS)")
-    status.add_argument("--mdns-interface", help="address of the interface to browse on")
+    status.add_argument("--mdns-interface", help="interface to browse on, by name or address (default: all)")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
     status.add_argument("--api-key-file", help=API_KEY_HELP)
     status.set_defaults(func=cmd_status)
@@ -326,7 +329,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         else:
             cmd.add_argument("--system", help="a system message to start the conversation with")
         cmd.add_argument("--url", help="a peer's base URL (default: find one by mDNS)")
-        cmd.add_argument("--mdns-interface", help="address of the interface to browse on")
+        cmd.add_argument("--mdns-interface", help="interface to browse on, by name or address (default: all)")
         cmd.add_argument("--api-key-file", help=API_KEY_HELP)
         cmd.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
         cmd.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

@@ -121,15 +121,26 @@ class GossipConfig:
     suspect_after_s: float = 3.0
     # A member whose heartbeat has not advanced for this long is declared dead, in seconds.
     dead_after_s: float = 6.0
-    # A dead member is forgotten this long after its death, in seconds.
-    forget_after_s: float = 300.0
+    # A dead member is forgotten this long after its death, in seconds; until then it is retried.
+    forget_after_s: float = 3600.0
+    # A dead member (a partition, a cut link) is sent a digest again after interval_s, then after
+    # doubling waits up to this long, in seconds; mDNS is browsed again on the same schedule. After
+    # links return, membership heals within about this plus two gossip intervals.
+    retry_dead_max_s: float = 10.0
     # One peer request (gossip, election, hello) may take this long, in seconds.
     request_timeout_s: float = 2.0
     # Most members a peer tracks, however many a hostile LAN announces.
     max_members: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("interval_s", "suspect_after_s", "dead_after_s", "forget_after_s", "request_timeout_s"):
+        for name in (
+            "interval_s",
+            "suspect_after_s",
+            "dead_after_s",
+            "forget_after_s",
+            "request_timeout_s",
+            "retry_dead_max_s",
+        ):
             if not _is_number(getattr(self, name)) or getattr(self, name) <= 0:
                 raise ConfigError(f"gossip.{name} must be positive, not {getattr(self, name)!r}")
         for name in ("fanout", "max_members"):
@@ -262,6 +273,18 @@ SWARM_SECTIONS = {
     "serving": ServingConfig,
 }
 PEER_SECTIONS = ("resources", "model", "store", "executor")
+
+
+def convergence_bound_s(config: SwarmConfig) -> float:
+    """Seconds after links return within which every peer agrees on one leader and one layer map,
+    not counting the time to load the layers that moved. Membership: the next retry of a dead member
+    (at most `retry_dead_max_s` away) plus its request (`request_timeout_s`) and two gossip rounds,
+    one for each side to refute its death and be taken back. Election: a peer ranked above the
+    leader waits up to `timeout_min_s` before it claims, a candidate `timeout_max_s` for an answer,
+    and one told to wait up to 1.5 × `coordinator_timeout_s` for the COORDINATOR (`swarm.election`)."""
+    g, e = config.gossip, config.election
+    membership = g.retry_dead_max_s + g.request_timeout_s + 2 * g.interval_s
+    return membership + e.timeout_min_s + e.timeout_max_s + 1.5 * e.coordinator_timeout_s
 
 
 def swarm_config_from_dict(raw: dict[str, Any]) -> SwarmConfig:

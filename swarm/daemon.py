@@ -33,9 +33,10 @@ from swarm.api import make_app
 from swarm.auth import PROTOCOL_VERSION, Keyring, load_keyring, parse_swarm_key
 from swarm.config import SwarmConfig, swarm_config_from_dict
 from swarm.discovery import Discovery
-from swarm.errors import SwarmKeyError
+from swarm.errors import IdentityError, SwarmKeyError
 from swarm.guard import ApiKeys, LimitedSite
 from swarm.identity import Identity, StateFile, prepare_state_dir
+from swarm.netif import advertised_addresses, interfaces, outward_address, resolve_interface
 from swarm.node import ModelIdentity, Node
 from swarm.stage_host import StageHost
 
@@ -75,30 +76,29 @@ def resolve_keyring(config: SwarmConfig, env: dict[str, str]) -> Keyring:
     return Keyring()
 
 
-def advertised_host(config: SwarmConfig) -> str:
-    """The IPv4 address other peers reach this one at: `advertise_host`, else the bind address, else
-    (for a wildcard bind) the mDNS interface or the interface that routes outwards."""
+def advertised_hosts(config: SwarmConfig) -> list[str]:
+    """The IPv4 addresses other peers may reach this one at, the one to advertise first:
+    `advertise_host`, else the bind address, else (for a wildcard bind) the mDNS interface's address,
+    then the default route's, then every other non-loopback address (a machine with no default
+    route, or several interfaces). A peer listening on every interface announces them all over mDNS;
+    its peers' answers then tell it which one they reach (see `Node.observed`)."""
     host = config.node.advertise_host or config.node.host
-    if host in ("0.0.0.0", "::", ""):
-        host = config.discovery.mdns_interface or outward_address()
-        if ipaddress.ip_address(host).is_loopback:
-            log.warning("advertising %s: other machines cannot reach this peer; pass --advertise-host", host)
-    try:
-        return socket.gethostbyname(host)  # a name such as localhost becomes its address
-    except OSError as e:
-        raise ConfigError(
-            f"cannot use {host!r} as this peer's address ({e}); pass --advertise-host with an IPv4 address"
-        ) from e
-
-
-def outward_address() -> str:
-    """The address of the interface that routes outwards; a UDP connect picks the route, sends nothing."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+    if host not in ("0.0.0.0", "::", ""):
         try:
-            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: never reached, only routed
-            return str(probe.getsockname()[0])
-        except OSError:
-            return socket.gethostbyname(socket.gethostname())
+            return [socket.gethostbyname(host)]  # a name such as localhost becomes its address
+        except OSError as e:
+            raise ConfigError(
+                f"cannot use {host!r} as this peer's address ({e}); pass --advertise-host with an IPv4 address"
+            ) from e
+    local = interfaces()
+    hosts = advertised_addresses(local, outward_address())
+    if config.discovery.mdns_interface:
+        chosen = resolve_interface(config.discovery.mdns_interface, local)
+        hosts = [chosen] + [h for h in hosts if h != chosen]
+    if ipaddress.ip_address(hosts[0]).is_loopback:
+        log.warning("advertising %s: this machine has no other address, so other machines cannot reach this "
+                    "peer; pass --advertise-host", hosts[0])  # fmt: skip
+    return hosts
 
 
 def state_dir_for(config: SwarmConfig) -> Path | None:
@@ -170,13 +170,13 @@ class PeerServer:
         site = LimitedSite(self._runner, self.config.node.host, self.config.node.port, limit, refused)
         await site.start()
         port = self._runner.addresses[0][1]
-        host = advertised_host(self.config)
-        self.url = f"http://{host}:{port}"
+        hosts = advertised_hosts(self.config)
+        self.url = f"http://{hosts[0]}:{port}"
         log.info("listening on %s", self.url)
         if self.config.discovery.mdns:
             self._discovery = Discovery(
                 peer_id=self.node.peer_id,
-                host=host,
+                addresses=hosts,
                 port=port,
                 protocol=PROTOCOL_VERSION,
                 key_fingerprint=self.node.key_fingerprint,
@@ -185,7 +185,11 @@ class PeerServer:
             )
             await self._discovery.start()  # before the node, so its election grace covers discovery
             self.node.on_new_primary = self._discovery.announce_key
-        await self.node.start(self.url)
+            self.node.on_browse = self._discovery.browse_again
+        # A peer on every interface that was not told its address may learn it from the others.
+        told = self.config.node.advertise_host or self.config.discovery.mdns_interface
+        wildcard = self.config.node.host in ("0.0.0.0", "::", "") and not told
+        await self.node.start(self.url, learn_url=wildcard and len(hosts) > 1)
         return self.url
 
     async def close(self) -> None:
@@ -231,7 +235,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--swarm-key-file", help="swarm key file (swarm keygen) or keyring (swarm keys); or set SWARM_KEY")
     p.add_argument("--api-key-file", help="API keys, one per line: the public API then needs a Bearer key")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without a swarm key")
-    p.add_argument("--mdns-interface", help="address of the interface mDNS uses, e.g. 127.0.0.1")
+    p.add_argument("--mdns-interface", help="interface mDNS uses, by name or address (eth0, 127.0.0.1); default all")
     p.add_argument("--no-mdns", action="store_true", help="do not announce or browse over mDNS")
     p.add_argument("--join", action="append", metavar="HOST:PORT", help="seed peer to contact (repeatable)")
     p.add_argument("--node-id", help="readable name shown beside the peer id")
@@ -303,10 +307,15 @@ async def run(config: SwarmConfig, keyring: Keyring) -> None:
     loop.add_signal_handler(signal.SIGHUP, lambda: node.reload_keys(force=True))
     try:
         async with PeerServer(node):
-            await stop.wait()
+            stopping, failed = asyncio.create_task(stop.wait()), asyncio.create_task(node.failed.wait())
+            await asyncio.wait([stopping, failed], return_when=asyncio.FIRST_COMPLETED)
+            for task in (stopping, failed):
+                task.cancel()
             log.info("stopping")
     finally:
         compute.shutdown(wait=False)
+    if node.fatal is not None:
+        raise IdentityError(node.fatal)
 
 
 def main(argv: list[str] | None = None) -> int:

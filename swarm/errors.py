@@ -31,6 +31,16 @@ class Relayed(MessageRejected):
         self.status = status
 
 
+class Answered(MessageRejected):
+    """A refusal the peer answers with a sealed reply of its own, `kind` with `body`, so that the
+    sender can trust it and act on it (raise its incarnation; stop, its identity being held elsewhere)."""
+
+    def __init__(self, reason: str, detail: str, kind: str, body: dict[str, object]) -> None:
+        super().__init__(reason, detail)
+        self.kind = kind
+        self.body = body
+
+
 class LayerMapError(SwarmError):
     """A layer map is malformed or does not cover the model's layers exactly once."""
 

@@ -1,7 +1,8 @@
 """Run `swarm-peer` processes on this machine, for the tests, `scripts/chaos.py` and
-`scripts/bench.py`: start one with a config file and flags, learn its URL from its log, read its
-/swarm/status, signal, kill or restart it (a restart keeps its state directory, so it comes back
-as the same peer with a higher incarnation), and wait for a condition by polling, with a deadline."""
+`scripts/bench.py`: start one with a config file and flags, on loopback or on a host of the network
+test bed (`swarm.testbed`), learn its URL from its log, read its /swarm/status, signal, kill or
+restart it (a restart keeps its state directory, so it comes back as the same peer with a higher
+incarnation), and wait for a condition by polling, with a deadline."""
 
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from signal import SIGCONT, SIGKILL
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from swarm.testbed import Host
 
 T = TypeVar("T")
 POLL_S = 0.1
@@ -30,12 +34,27 @@ def peer_command() -> list[str]:
 
 
 class PeerProcess:
-    """One `swarm-peer` process, its log file and its URL."""
+    """One `swarm-peer` process, its log file and its URL; on `host` (a test-bed host) or on loopback."""
 
-    def __init__(self, name: str, args: list[str], log_dir: Path, threads: int = 1) -> None:
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        log_dir: Path,
+        threads: int = 1,
+        *,
+        host: Host | None = None,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        named: bool = True,
+    ) -> None:
         self.name = name
         self.args = args
         self.threads = threads
+        self.host = host
+        self.env = env or {}  # laid over this process's environment
+        self.cwd = cwd
+        self.named = named  # pass --node-id NAME and --threads (False: exactly `args`)
         self.log_path = log_dir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.url: str | None = None
@@ -51,13 +70,17 @@ class PeerProcess:
             "PYTHONUNBUFFERED": "1",
         }
         env.pop("SWARM_KEY", None)
+        env.update(self.env)
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        argv = [*peer_command(), *(["--node-id", self.name, "--threads", str(self.threads)] if self.named else [])]
+        argv += self.args
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [*peer_command(), "--node-id", self.name, "--threads", str(self.threads), *self.args],
+                self.host.command(argv) if self.host else argv,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
+                cwd=self.cwd,
             )
         self.url = None
         return self
@@ -83,8 +106,11 @@ class PeerProcess:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
-            match = re.search(r"listening on (http://\S+)", self.log())
-            return match.group(1) if match else None
+            match = re.search(r"listening on (http://\S+):(\d+)", self.log())
+            if match is None:
+                return None
+            # On the test bed, its host's address on the switch (the one the harness can reach).
+            return f"http://{self.host.address}:{match.group(2)}" if self.host else match.group(0).split()[-1]
 
         self.url = wait_for(listening, timeout_s, f"{self.name} to listen")
         return self.url
@@ -94,6 +120,9 @@ class PeerProcess:
         if self.url is None:
             return None
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        if self.host is not None:  # asked from inside its own host, which reaches it even when cut off
+            answer = self.host.get_json(self.url + "/swarm/status", timeout_s, headers)
+            return answer if isinstance(answer, dict) else None
         try:
             request = urllib.request.Request(self.url + "/swarm/status", headers=headers)
             with urllib.request.urlopen(request, timeout=timeout_s) as resp:

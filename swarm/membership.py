@@ -41,6 +41,10 @@ class MemberInfo:
     start: int  # loaded layers [start, end); start == end when it holds none
     end: int
     ready: bool  # its layers of `epoch` are loaded and serving
+    # Random, new with every start of the process: two processes claiming one peer id (a copied
+    # identity key) differ here, while a peer that moves to another address keeps it.
+    instance: str = ""
+    dtype: str = ""  # the dtype its stage computes in, hence of the hidden states it sends
 
     def to_dict(self) -> dict[str, Any]:
         """Wire form."""

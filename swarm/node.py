@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import random
+import secrets
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -28,11 +31,12 @@ from swarm.auth import PROTOCOL_VERSION, Keyring, Message, Opener, Sealer, load_
 from swarm.config import SwarmConfig
 from swarm.discovery import Announcement
 from swarm.election import Announce, Elect, Election, Rank
-from swarm.errors import LayerMapError, MessageRejected, Relayed, SwarmTooSmall
+from swarm.errors import Answered, LayerMapError, MessageRejected, Relayed, SwarmTooSmall
 from swarm.guard import FloodLog, file_stamp
 from swarm.identity import Identity, PersistentState, StateFile
 from swarm.layer_map import LayerMap, Stage, next_map, should_follow
 from swarm.membership import Event, MemberInfo, Membership, State, parse_digest
+from swarm.netif import interfaces
 from swarm.partitioner import Candidate, Share, partition
 from swarm.stage_host import StageHost
 from swarm.stage_service import STAGE_PATH, StageService
@@ -48,6 +52,7 @@ ELECTION_IDLE_S = 1.0
 MAX_INTRODUCTIONS = 256  # addresses waiting for a hello (seeds, mDNS finds, hearsay)
 HELLO_BACKOFF_MAX_S = 30.0
 MAX_HELLO_FAILURES = 8  # an address (not a seed) that fails this many hellos in a row is forgotten
+MAX_IMPOSTORS = 64  # (peer id, instance) pairs refused as copies of a live peer, remembered at most
 LOAD_RETRY_MAX_S = 60.0  # a failed load is retried with doubling waits up to this
 
 
@@ -58,6 +63,7 @@ class Checked:
     msg: Message
     info: MemberInfo  # the sender's own account of itself
     leader_rank: Rank | None  # the leader the sender follows, if it knows one
+    remote: str | None = None  # the address the message came from, as this peer's socket saw it
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,8 @@ class Node:
         self.flood = FloodLog(log)  # refused traffic: the first of each kind logged, the rest counted
         # Called with the new primary key's fingerprint after a reload changed it (re-announce over mDNS).
         self.on_new_primary: Callable[[str], Coroutine[Any, Any, None]] | None = None
+        # Called to browse mDNS again while members are dead (their records may have expired).
+        self.on_browse: Callable[[], Coroutine[Any, Any, None]] | None = None
         # A data-plane envelope: the activations plus room for the envelope and the sender's info.
         self.data_limit = config.serving.max_activation_bytes + 64 * 1024
         # Bytes of request bodies being read and not yet authenticated, at most inbound_limit at once.
@@ -128,6 +136,8 @@ class Node:
         self.rank: Rank = (config.node.priority, self.peer_id)
         self.election = Election(self.rank, config.election, self.rng, term=self.persisted.term, now=clock())
         self.url = ""
+        self._learn_url = False
+        self._own_addresses: set[str] = set()  # this machine's non-loopback addresses
         self.membership: Membership | None = None
         self.layer_map: LayerMap | None = None
         self.max_epoch = 0  # highest layer-map epoch heard of anywhere
@@ -138,7 +148,14 @@ class Node:
         self._introductions: dict[str, float] = {}  # url -> earliest next hello (monotonic s)
         self._hello_failures: dict[str, int] = {}
         self._load_retry: tuple[float, float] | None = None  # (when, wait) for a failed load
+        self._retry_dead: dict[str, tuple[float, float]] = {}  # dead peer id -> (next retry, wait)
+        self._browse: tuple[float, float] | None = None  # (next mDNS browse, wait) while any is dead
         self._refused_models: set[str] = set()
+        self._impostors: dict[tuple[str, str], str] = {}  # (peer id, instance) of a copy -> the holder's url
+        self._verifying: set[str] = set()  # peer ids whose holder is being asked whether it is still there
+        # Set when this peer must stop: another process holds its identity (`fatal` says so).
+        self.failed = asyncio.Event()
+        self.fatal: str | None = None
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
@@ -151,9 +168,13 @@ class Node:
 
     # ---- lifetime -------------------------------------------------------------------------------
 
-    async def start(self, url: str) -> None:
-        """Begin gossiping and electing as the peer reachable at `url`."""
+    async def start(self, url: str, *, learn_url: bool = False) -> None:
+        """Begin gossiping and electing as the peer reachable at `url`. With `learn_url` (a peer
+        listening on every interface that was not told its address) the first address a peer reports
+        reaching this one at replaces `url`'s host, if it is another address of this machine."""
         self.url = url
+        self._learn_url = learn_url
+        self._own_addresses = {i.address for i in interfaces() if not i.loopback}
         usable = self.resources.usable_bytes
         me = MemberInfo(
             peer_id=self.peer_id,
@@ -169,6 +190,8 @@ class Node:
             start=0,
             end=0,
             ready=True,
+            instance=secrets.token_hex(8),
+            dtype=str(self.model.profile.dtype).removeprefix("torch."),
         )
         self.membership = Membership(me, self.config.gossip)
         timeout = aiohttp.ClientTimeout(total=self.config.gossip.request_timeout_s)
@@ -223,11 +246,29 @@ class Node:
     # ---- discovery --------------------------------------------------------------------------------
 
     def on_discovered(self, found: Announcement) -> None:
-        """An mDNS find: introduce ourselves unless it belongs to another swarm or is already a member."""
+        """An mDNS find: introduce ourselves at each of its addresses unless it belongs to another
+        swarm or is a live member already (a dead one is met again: the link may be back)."""
         if found.key_fingerprint not in self.keyring.fingerprints or found.protocol != PROTOCOL_VERSION:
-            log.debug("mDNS: %s at %s has another swarm key or protocol; ignored", found.peer_id, found.url)
+            log.debug("mDNS: %s at %s has another swarm key or protocol; ignored", found.peer_id, found.urls)
             return
-        self._introduce(found.url)
+        state = self.membership.state_of(found.peer_id) if self.membership else None
+        if state is None or state is State.DEAD:
+            for url in found.urls:
+                self._introduce(url)
+
+    def observed(self, address: Any) -> None:
+        """A peer answered our hello saying it came from `address`. A peer that had to guess its
+        own address (several interfaces and no advice) takes the first such address that is one of
+        its own, once; a guess that a peer confirms is kept."""
+        if not self._learn_url or self.membership is None or not isinstance(address, str):
+            return
+        self._learn_url = False
+        parts = urlsplit(self.url)
+        if address == parts.hostname or address not in self._own_addresses:
+            return
+        self.url = f"http://{address}:{parts.port}"
+        self.membership.update_me(url=self.url)
+        log.info("advertising %s: the address another peer reached this one at", self.url)
 
     def _introduce(self, url: str) -> None:
         if url != self.url and url not in self._introductions and len(self._introductions) < MAX_INTRODUCTIONS:
@@ -238,21 +279,27 @@ class Node:
 
     # ---- incoming messages --------------------------------------------------------------------------
 
-    def handle(self, data: bytes) -> bytes:
-        """Answer one sealed peer message; raises MessageRejected (counted) for anything unacceptable.
+    def handle(self, data: bytes, remote: str | None = None) -> bytes:
+        """Answer one sealed peer message that came from address `remote`; raises MessageRejected
+        (counted) for anything unacceptable.
 
         Everything in a message is validated before any of it changes this peer's state."""
         msg = self.opener.open(data)  # counts its own drops
         try:
-            checked = self._check(msg)
+            checked = dataclasses.replace(self._check(msg), remote=remote)
+            self._check_identity(checked)
             handler = self._handlers.get(msg.kind)
             if handler is None:
                 raise MessageRejected("malformed", f"unknown message kind {msg.kind!r}")
             kind, body = handler(self, checked)
+        except Answered as e:
+            self.drops[e.reason] += 1
+            return self._seal(e.kind, e.body, to=msg.sender)
         except MessageRejected as e:
             self.drops[e.reason] += 1
             raise
-        return self._seal(kind, body, to=msg.sender)
+        # Where the message came from: a peer on several interfaces learns which address others reach.
+        return self._seal(kind, {**body, "observed": remote}, to=msg.sender)
 
     def check_data(self, data: bytes) -> Checked:
         """Open and check a data-plane message (counting what is dropped); its sender's news is not taken in."""
@@ -260,7 +307,9 @@ class Node:
         try:
             if msg.kind not in ("step", "close"):
                 raise MessageRejected("malformed", f"unknown data-plane message kind {msg.kind!r}")
-            return self._check(msg)
+            checked = self._check(msg)
+            self._check_identity(checked)
+            return checked
         except MessageRejected as e:
             self.drops[e.reason] += 1
             raise
@@ -340,12 +389,85 @@ class Node:
         leader_rank = (leader_priority, leader) if leader is not None and leader_priority is not None else None
         return Checked(msg, info, leader_rank)
 
+    def _check_identity(self, checked: Checked) -> None:
+        """Refuse a process that claims a live member's peer id from another address (its identity
+        key was copied), and tell a sender known here by a higher incarnation (an older copy of its
+        state) to move past it. A claimant is refused for now while the member's address is asked
+        whether it is still there; a restart, whose old process is gone, is then let in."""
+        assert self.membership is not None
+        info = checked.info
+        holder = self._impostors.get((info.peer_id, info.instance))
+        if holder is not None:
+            raise Answered("duplicate_identity", self._duplicate(info.peer_id, holder), "duplicate", {"holder": holder})
+        member = self.membership.members.get(info.peer_id)
+        if member is None or not member.info.instance:
+            return
+        known = member.info
+        if info.instance == known.instance:
+            if checked.msg.incarnation < known.incarnation:
+                raise MessageRejected("stale", f"incarnation {checked.msg.incarnation} < {known.incarnation}")
+            return
+        if member.state is State.DEAD or (info.url == known.url and info.incarnation > known.incarnation):
+            # Its old process is gone (dead here, or its address taken by the new one): a restart.
+            if info.incarnation <= known.incarnation:
+                raise Answered("stale", f"incarnation {info.incarnation} <= {known.incarnation}", "stale",
+                               {"incarnation": known.incarnation})  # fmt: skip
+            return
+        if info.peer_id not in self._verifying:
+            self._verifying.add(info.peer_id)
+            self._spawn(self._verify_holder(known, info))
+        raise MessageRejected("not_ready", f"peer id {info.peer_id} is also at {known.url}; asking whether it still is")
+
+    async def _verify_holder(self, holder: MemberInfo, claimant: MemberInfo) -> None:
+        """Ask the address of a live member whether it is still there (the same process): if it is,
+        `claimant` is a copy, refused from now on; if nobody answers, the member is declared dead,
+        and the claimant (a restart elsewhere) gets in with its next message."""
+        try:
+            reply = await self._exchange(holder.url, "gossip", {"digest": self._digest()}, to=holder.peer_id)
+            assert self.membership is not None
+            if isinstance(reply, Checked) and reply.info.instance == holder.instance:
+                self._accept(reply)
+                if len(self._impostors) < MAX_IMPOSTORS:
+                    self._impostors[(claimant.peer_id, claimant.instance)] = holder.url
+                log.warning("%s; refusing the copy at %s", self._duplicate(holder.peer_id, holder.url), claimant.url)
+            else:
+                cause = f"its peer id was claimed from {claimant.url} and nobody answered for it at {holder.url}"
+                self._on_events(self.membership.declare_dead(holder.peer_id, self.clock(), cause))
+        finally:
+            self._verifying.discard(claimant.peer_id)
+
+    @staticmethod
+    def _duplicate(peer_id: str, holder: str) -> str:
+        return f"peer id {peer_id} is alive at {holder}; was its identity key copied?"
+
+    def _answered(self, reply: Checked) -> None:
+        """Act on a sealed refusal: move past the incarnation the swarm knows, or stop (a copy)."""
+        assert self.membership is not None
+        body = reply.msg.body
+        if reply.msg.kind == "stale" and type(body.get("incarnation")) is int:
+            known = body["incarnation"]
+            if self.membership.me.incarnation <= known < 2**62:
+                self.membership.update_me(incarnation=known + 1)
+                self._persist()
+                log.warning("peer %s knows this peer by incarnation %d (an older copy of its state?); "
+                            "rejoining as incarnation %d", self._name(reply.msg.sender), known, known + 1)  # fmt: skip
+        elif reply.msg.kind == "duplicate" and self.fatal is None:
+            holder = str(body.get("holder"))[:200]
+            self.fatal = f"{self._duplicate(self.peer_id, holder)} (refused by peer {reply.msg.sender})"
+            log.error("%s; stopping", self.fatal)
+            self.failed.set()
+
     def _accept(self, checked: Checked) -> None:
         """Take in a checked message's news: its sender's info, and its term and leader."""
         assert self.membership is not None
         now = self.clock()
         self.max_epoch = max(self.max_epoch, checked.info.epoch)
-        self._on_events(self.membership.admit(checked.info, now))
+        info = checked.info
+        if self._mine(info) and checked.remote:
+            # It guessed an address that is also one of ours (it has not learnt its own yet): this
+            # peer reaches it where its message came from.
+            info = dataclasses.replace(info, url=f"http://{checked.remote}:{urlsplit(info.url).port}")
+        self._on_events(self.membership.admit(info, now))
         rank = checked.leader_rank
         self._act(self.election.observe(checked.msg.term, rank[1] if rank else None, rank, now, self._higher()))
 
@@ -447,7 +569,12 @@ class Node:
         try:
             if reply.recipient != self.peer_id or (to is not None and reply.sender != to):
                 raise MessageRejected("misdirected", f"reply from {reply.sender} for {reply.recipient}")
-            return self._check(reply)
+            checked = dataclasses.replace(self._check(reply), remote=urlsplit(url).hostname)
+            self.observed(reply.body.get("observed"))
+            if reply.kind in ("stale", "duplicate"):
+                self._answered(checked)
+                return "rejected"
+            return checked
         except MessageRejected as e:
             self.drops[e.reason] += 1
             log.debug("reply to %s from %s rejected: %s", kind, url, e)
@@ -595,6 +722,9 @@ class Node:
     def _merge(self, entries: list[tuple[MemberInfo, bool]]) -> None:
         assert self.membership is not None
         incarnation = self.membership.me.incarnation
+        # A member said to be at an address of ours is another peer's stale guess of where it is; and
+        # only the member itself, face to face, can show that a new process holds its identity.
+        entries = [(info, dead) for info, dead in entries if not self._mine(info) and self._same_process(info)]
         self._on_events(self.membership.merge(entries, self.clock()))
         if self.membership.me.incarnation != incarnation:
             self._persist()
@@ -607,6 +737,18 @@ class Node:
             self.max_epoch = max(self.max_epoch, info.epoch)
             if not dead and info.peer_id != self.peer_id and self.membership.state_of(info.peer_id) is None:
                 self._introduce(info.url)  # hearsay: meet it ourselves before it counts
+
+    def _same_process(self, info: MemberInfo) -> bool:
+        """Whether hearsay about a member speaks of the process this peer knows (or the member is dead)."""
+        assert self.membership is not None
+        member = self.membership.members.get(info.peer_id)
+        if member is None or member.state is State.DEAD or not member.info.instance:
+            return True
+        return info.instance == member.info.instance
+
+    def _mine(self, info: MemberInfo) -> bool:
+        """Whether another peer's url names a non-loopback address of this machine, where it cannot be."""
+        return info.peer_id != self.peer_id and urlsplit(info.url).hostname in self._own_addresses
 
     @property
     def key_fingerprint(self) -> str:
@@ -665,6 +807,7 @@ class Node:
         others = [m for m in self.membership.live()[1:]]
         for info in self.rng.sample(others, min(self.config.gossip.fanout, len(others))):
             self._spawn(self._gossip_to(info))
+        self._retry_the_dead(now)
         members = {m.info.url for m in self.membership.members.values() if m.state is not State.DEAD}
         for url, due in list(self._introductions.items()):
             if url in members:
@@ -674,6 +817,28 @@ class Node:
                 self._spawn(self._hello(url))
         for seed in self.config.discovery.join:
             self._introduce(f"http://{seed}")
+
+    def _retry_the_dead(self, now: float) -> None:
+        """Send each dead member a digest now and then, with doubling waits: a partition or a cut
+        link looks like death, and when it heals the exchange makes both sides refute the rumour
+        (a higher incarnation) and take each other back. mDNS is browsed again on the same schedule."""
+        assert self.membership is not None
+        first, longest = self.config.gossip.interval_s, self.config.gossip.retry_dead_max_s
+        dead = {p: m for p, m in self.membership.members.items() if m.state is State.DEAD}
+        for peer_id in set(self._retry_dead) - set(dead):
+            del self._retry_dead[peer_id]
+        for peer_id, member in dead.items():
+            due, wait = self._retry_dead.get(peer_id, (now, first))
+            if now >= due:
+                self._retry_dead[peer_id] = (now + wait, min(longest, 2 * wait))
+                self._spawn(self._gossip_to(member.info))
+        if not dead:
+            self._browse = None
+        elif self.on_browse is not None:
+            due, wait = self._browse or (now, first)
+            if now >= due:
+                self._browse = (now + wait, min(longest, 2 * wait))
+                self._spawn(self.on_browse())
 
     def _on_events(self, events: list[Event]) -> None:
         assert self.membership is not None

@@ -1,8 +1,10 @@
-"""Helpers shared by tests: a tensor source that records its reads, and the names a stage needs."""
+"""Helpers shared by tests: a tensor source that records its reads, the names a stage needs, and
+Hugging Face's own greedy continuation of prompts (the reference the swarm's output must equal)."""
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 
@@ -52,3 +54,25 @@ LAYER_PARAMS = [
     "input_layernorm.weight",
     "post_attention_layernorm.weight",
 ]
+
+
+def hf_greedy(files: Any, prompts: list[str], max_tokens: int) -> dict[str, list[int]]:
+    """Hugging Face's own greedy continuation of each prompt (up to and with the first end-of-sequence
+    token), from the same model files the swarm serves (`ModelFiles` of a GGUF model)."""
+    from transformers import AutoModelForCausalLM
+
+    from peer.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(files.meta_dir, files.load_config())
+    model = AutoModelForCausalLM.from_pretrained(
+        str(files.gguf_path.parent), gguf_file=files.gguf_path.name, dtype=torch.float32
+    ).eval()
+    out = {}
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tokenizer.encode(prompt)
+            gen = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False)
+            new = [int(t) for t in gen[0, len(ids) :]]
+            stop = next((i for i, t in enumerate(new) if t in tokenizer.eos_token_ids), None)
+            out[prompt] = new[: stop + 1] if stop is not None else new
+    return out

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from swarm.auth import (
     DEFAULT_CLUSTER,
     DROP_REASONS,
+    INCARNATIONS_KEPT,
     MAX_KEYS,
     NONCE_BYTES,
     PROTOCOL_VERSION,
@@ -357,13 +358,21 @@ def test_restart_at_the_same_incarnation_is_replayed() -> None:
 
 def test_higher_incarnation_resets_the_window() -> None:
     o, before = opener(), sealer()
-    for _ in range(10):
+    before_first = before.seal("k", None, term=0, incarnation=1)
+    o.open(before_first)
+    for _ in range(9):
         o.open(before.seal("k", None, term=0, incarnation=1))
     restarted = sealer()  # a new process: seq starts at 1 again
     assert o.open(restarted.seal("k", "back", term=0, incarnation=2)).seq == 1
     assert o.open(restarted.seal("k", "back", term=0, incarnation=2)).seq == 2
-    # The old incarnation's messages are now refused even if unseen.
+    # The old incarnation keeps its own window (a copy of a peer's state must not lock the peer
+    # out before the node has judged them): its replays are still refused...
+    assert rejected(o, before_first) == "replayed"
+    # ...and once newer incarnations push it out of the kept ones, its messages are stale.
+    for incarnation in range(3, 3 + INCARNATIONS_KEPT):
+        o.open(sealer().seal("k", None, term=0, incarnation=incarnation))
     assert rejected(o, before.seal("k", None, term=0, incarnation=1)) == "stale"
+    assert rejected(o, sealer().seal("k", None, term=0, incarnation=2)) == "stale"
 
 
 # ---- stale -----------------------------------------------------------------------------------------
@@ -400,9 +409,10 @@ def test_a_receiver_clock_that_moves_on_makes_a_held_message_stale() -> None:
     assert rejected(o, held) == "stale"
 
 
-def test_older_incarnation_after_a_newer_one_is_stale() -> None:
+def test_older_incarnation_than_every_kept_one_is_stale() -> None:
     o = opener()
-    o.open(sealer().seal("k", 1, term=0, incarnation=5))
+    for incarnation in range(5, 5 + INCARNATIONS_KEPT):
+        o.open(sealer().seal("k", 1, term=0, incarnation=incarnation))
     with pytest.raises(MessageRejected, match="incarnation 4 < 5"):
         o.open(sealer().seal("k", 1, term=0, incarnation=4))
     assert o.drops["stale"] == 1

@@ -52,23 +52,12 @@ def swarm(smollm2, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
 @pytest.fixture(scope="module")
 def reference(swarm) -> dict[str, list[int]]:
     """Hugging Face's own greedy continuation of each prompt, from the same GGUF file."""
-    from transformers import AutoModelForCausalLM
-
     from peer.tokenizer import Tokenizer
+    from tests.helpers import hf_greedy
 
     files = swarm["files"]
     tokenizer = Tokenizer.from_dir(files.meta_dir, files.load_config())
-    model = AutoModelForCausalLM.from_pretrained(
-        str(files.gguf_path.parent), gguf_file=files.gguf_path.name, dtype=torch.float32
-    ).eval()
-    out = {}
-    with torch.no_grad():
-        for prompt in PROMPTS:
-            ids = tokenizer.encode(prompt)
-            gen = model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False)
-            new = [int(t) for t in gen[0, len(ids) :]]
-            stop = next((i for i, t in enumerate(new) if t in tokenizer.eos_token_ids), None)
-            out[prompt] = new[: stop + 1] if stop is not None else new
+    out = hf_greedy(files, PROMPTS, MAX_TOKENS)
     out["_pieces"] = {p: [tokenizer.decode([t], skip_special_tokens=False) for t in ids] for p, ids in out.items()}  # type: ignore[assignment]
     return out
 

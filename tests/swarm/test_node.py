@@ -115,16 +115,16 @@ async def test_a_failed_load_is_retried_until_it_succeeds(tmp_path: Path, model_
 def test_the_advertised_address_is_an_ipv4_address() -> None:
     from peer.errors import ConfigError
     from swarm.config import SwarmConfig, swarm_config_from_dict
-    from swarm.daemon import advertised_host
+    from swarm.daemon import advertised_hosts
 
     def config(**node: object) -> SwarmConfig:
         return swarm_config_from_dict({"node": node, "discovery": {"mdns": False}})
 
-    assert advertised_host(config(host="127.0.0.1")) == "127.0.0.1"
-    assert advertised_host(config(host="localhost")) == "127.0.0.1"
-    assert advertised_host(config(host="127.0.0.1", advertise_host="127.0.0.2")) == "127.0.0.2"
+    assert advertised_hosts(config(host="127.0.0.1")) == ["127.0.0.1"]
+    assert advertised_hosts(config(host="localhost")) == ["127.0.0.1"]
+    assert advertised_hosts(config(host="127.0.0.1", advertise_host="127.0.0.2")) == ["127.0.0.2"]
     with pytest.raises(ConfigError, match="--advertise-host"):
-        advertised_host(config(host="::1"))  # IPv6 is refused clearly, without any lookup
+        advertised_hosts(config(host="::1"))  # IPv6 is refused clearly, without any lookup
 
 
 async def test_a_starting_peer_answers_status_with_503(tmp_path: Path, model_dir: Path) -> None:
