@@ -29,6 +29,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -44,6 +45,7 @@ UNREACHABLE = "198.19.0.1/24"  # dock0 on every host, as every host's container 
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = Path("/var/run/netns")
 COMMAND_TIMEOUT_S = 30.0  # one `ip` command
+HARNESS_THREADS = 8  # requests the harness can have in flight from one host at once
 
 
 def unavailable() -> str | None:
@@ -115,13 +117,22 @@ class Host:
         """`argv` run inside this host."""
         return ["ip", "netns", "exec", self.netns, *argv]
 
+    def start_harness(self) -> None:
+        """Start the threads inside this host that `call` and `submit` use, all of them at once (a
+        test that checks for leaked threads then sees none appear)."""
+        if self._http is not None:
+            return
+        self._http = concurrent.futures.ThreadPoolExecutor(
+            HARNESS_THREADS, f"testbed-{self.name}", initializer=_enter_netns, initargs=(self.netns,)
+        )
+        everyone = threading.Barrier(HARNESS_THREADS + 1)
+        for _ in range(HARNESS_THREADS):
+            self._http.submit(everyone.wait)  # each waits, so each submit needs a thread of its own
+        everyone.wait(timeout=COMMAND_TIMEOUT_S)
+
     def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` on a thread inside this host's network, so the sockets it opens are the host's."""
-        if self._http is None:
-            self._http = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix=f"testbed-{self.name}", initializer=_enter_netns, initargs=(self.netns,)
-            )
-        return self._http.submit(fn, *args).result()
+        return self.submit(fn, *args).result()
 
     def get_json(self, url: str, timeout_s: float = 5.0, headers: dict[str, str] | None = None) -> Any:
         """GET `url` from this host; the parsed JSON, or None when nobody answers well."""
@@ -130,6 +141,12 @@ class Host:
     def post_json(self, url: str, body: Any, timeout_s: float = 300.0) -> tuple[int, Any]:
         """POST JSON from this host; (status, parsed JSON body), status 0 when nobody answered."""
         return self.call(_post_json, url, body, timeout_s)
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        """Like `call`, without waiting: up to HARNESS_THREADS run at once."""
+        self.start_harness()
+        assert self._http is not None
+        return self._http.submit(fn, *args)
 
     def close(self) -> None:
         """Stop the host's harness thread."""
@@ -173,9 +190,7 @@ class TestBed:
         self.switch = f"{self.tag}-switch"
         self.default_route = default_route
         self.second_interface = second_interface
-        self.hosts = [
-            Host(f"h{i}", f"{self.tag}-h{i}", i, f"p{i}", f"198.18.0.{i}") for i in range(1, hosts + 1)
-        ]
+        self.hosts = [Host(f"h{i}", f"{self.tag}-h{i}", i, f"p{i}", f"198.18.0.{i}") for i in range(1, hosts + 1)]
         self._made: list[str] = []  # namespaces to delete
         self.groups: list[list[Host]] | None = None  # set while split
 
@@ -204,6 +219,7 @@ class TestBed:
         _ip(*sw, "link", "set", "bl1", "master", "br1", "up")
         for host in self.hosts:
             self._add_host(host)
+            host.start_harness()
         return self
 
     def _netns(self, name: str) -> None:
@@ -285,9 +301,7 @@ class Relay:
         if subprocess.run(host.command(["ip", "addr", "show", "dev", "eth0"]), capture_output=True,
                           text=True).stdout.find(f"{host.relay_address}/") < 0:  # fmt: skip
             _ip("-n", host.netns, "addr", "add", f"{host.relay_address}/{SUBNET_PREFIX}", "dev", "eth0")
-        self.proc = subprocess.Popen(
-            host.command(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
+        self.proc = subprocess.Popen(host.command(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # "listening" once bound
         if not line.startswith("listening"):
