@@ -266,7 +266,7 @@ class Entry:
         """Why the pipeline of a step that is taking long cannot answer, if it cannot."""
         node = self.node
         layer_map = node.layer_map
-        if layer_map is not None and layer_map.epoch != pipe.epoch and node.ready():
+        if layer_map is not None and layer_map.id != pipe.map_id and node.ready():
             return "stale_epoch", f"the layer map moved on to epoch {layer_map.epoch} during the step"
         why = f"no reply to a step for over {node.config.serving.hop_check_after_s:g} s"
         dead = await asyncio.gather(*(node.check_peer(s.peer_id, why) for s in pipe.route))
@@ -299,10 +299,11 @@ class _Pipeline:
         self._use(layer_map)
 
     def _use(self, layer_map: LayerMap) -> None:
-        self.epoch = layer_map.epoch
+        self.epoch, self.map_id = layer_map.epoch, layer_map.id
         self.route = list(layer_map.stages)
         self.session = uuid.uuid4().hex
-        self.base: dict[str, Any] = {"session": self.session, "epoch": layer_map.epoch, "route": route_json(self.route)}
+        self.base: dict[str, Any] = {"session": self.session, "epoch": layer_map.epoch, "map": layer_map.id}
+        self.base["route"] = route_json(self.route)
         self.names = [self.node.name_of(s.peer_id) for s in self.route]
 
     async def renew(self, deadline: float, failed: MessageRejected) -> None:
@@ -325,7 +326,7 @@ class _Pipeline:
             if too_small is not None:
                 raise NotReady(f"the swarm could not continue the generation ({failed}): {too_small}")
             layer_map = node.layer_map
-            moved_on = layer_map is not None and (layer_map.epoch != self.epoch or time.monotonic() >= same_epoch_after)
+            moved_on = layer_map is not None and (layer_map.id != self.map_id or time.monotonic() >= same_epoch_after)
             if layer_map is not None and moved_on and node.ready():
                 self._use(layer_map)
                 return

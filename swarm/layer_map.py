@@ -32,6 +32,13 @@ class LayerMap:
     model: str  # fingerprint of the model every stage must serve
     num_layers: int
     stages: tuple[Stage, ...]
+    leader: str = ""  # peer id of the leader that made it
+
+    @property
+    def id(self) -> str:
+        """What names this map, not just its epoch: two leaders on the two sides of a partition may
+        both make an epoch N, and what a stage runs must never mix them."""
+        return f"{self.epoch}.{self.term}.{self.leader}"
 
     def __post_init__(self) -> None:
         if self.term < 0 or self.epoch < 0 or self.num_layers <= 0:
@@ -67,6 +74,7 @@ class LayerMap:
             "epoch": self.epoch,
             "model": self.model,
             "num_layers": self.num_layers,
+            "leader": self.leader,
             "stages": [{"peer_id": s.peer_id, "url": s.url, "start": s.start, "end": s.end} for s in self.stages],
         }
 
@@ -78,9 +86,11 @@ class LayerMap:
         ints = [raw.get(k) for k in ("term", "epoch", "num_layers")]
         if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63 for v in ints):
             raise LayerMapError("term, epoch and num_layers must be non-negative integers")
-        model, stages = raw.get("model"), raw.get("stages")
+        model, stages, leader = raw.get("model"), raw.get("stages"), raw.get("leader")
         if not isinstance(model, str) or not isinstance(stages, list) or len(stages) > MAX_STAGES:
             raise LayerMapError("model must be a string and stages a list")
+        if not isinstance(leader, str) or len(leader) > 64:
+            raise LayerMapError("leader must be a peer id")
         parsed = []
         for s in stages:
             if not isinstance(s, dict):
@@ -89,7 +99,7 @@ class LayerMap:
             if not (isinstance(peer_id, str) and isinstance(url, str) and type(start) is int and type(end) is int):
                 raise LayerMapError("stage needs peer_id and url strings and integer start and end")
             parsed.append(Stage(peer_id, url, start, end))
-        return cls(ints[0], ints[1], model, ints[2], tuple(parsed))  # type: ignore[arg-type]
+        return cls(ints[0], ints[1], model, ints[2], tuple(parsed), leader)  # type: ignore[arg-type]
 
 
 def should_follow(current: LayerMap | None, new: LayerMap, *, from_leader: bool) -> bool:
@@ -103,7 +113,14 @@ def should_follow(current: LayerMap | None, new: LayerMap, *, from_leader: bool)
 
 
 def next_map(
-    current: LayerMap | None, stages: tuple[Stage, ...], *, term: int, model: str, num_layers: int, max_epoch: int
+    current: LayerMap | None,
+    stages: tuple[Stage, ...],
+    *,
+    term: int,
+    model: str,
+    num_layers: int,
+    max_epoch: int,
+    leader: str = "",
 ) -> LayerMap | None:
     """The map a leader of `term` issues for the partition `stages`, or None to keep `current`.
 
@@ -113,4 +130,4 @@ def next_map(
     if current is not None and current.stages == stages and current.model == model and max_epoch <= current.epoch:
         return None
     epoch = max(max_epoch, current.epoch if current else 0) + 1
-    return LayerMap(term, epoch, model, num_layers, stages)
+    return LayerMap(term, epoch, model, num_layers, stages, leader)

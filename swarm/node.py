@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import random
 import secrets
 import time
@@ -153,6 +154,7 @@ class Node:
         self._refused_models: set[str] = set()
         self._impostors: dict[tuple[str, str], str] = {}  # (peer id, instance) of a copy -> the holder's url
         self._verifying: set[str] = set()  # peer ids whose holder is being asked whether it is still there
+        self._behind_at = -math.inf  # when a refusal last moved this peer's incarnation on
         # Set when this peer must stop: another process holds its identity (`fatal` says so).
         self.failed = asyncio.Event()
         self.fatal: str | None = None
@@ -440,6 +442,21 @@ class Node:
     def _duplicate(peer_id: str, holder: str) -> str:
         return f"peer id {peer_id} is alive at {holder}; was its identity key copied?"
 
+    def _behind(self, url: str) -> None:
+        """A fresh message of ours was refused as replayed or stale: the peer at `url` saw this
+        incarnation already, from an earlier process with an older copy of our state. Move past it
+        (at most once a gossip interval; a forged refusal costs nothing but a higher number)."""
+        assert self.membership is not None
+        now = self.clock()
+        if now - self._behind_at < self.config.gossip.interval_s:
+            return
+        self._behind_at = now
+        incarnation = self.membership.me.incarnation + 1
+        self.membership.update_me(incarnation=incarnation)
+        self._persist()
+        log.warning("the peer at %s has seen this peer's incarnation before (an older copy of its state?); "
+                    "moving on to incarnation %d", url, incarnation)  # fmt: skip
+
     def _answered(self, reply: Checked) -> None:
         """Act on a sealed refusal: move past the incarnation the swarm knows, or stop (a copy)."""
         assert self.membership is not None
@@ -555,6 +572,8 @@ class Node:
                 payload = await _read_bounded(resp, limit)
                 if resp.status != 200:
                     log.debug("%s to %s: HTTP %d %s", kind, url, resp.status, payload[:200].decode(errors="replace"))
+                    if resp.status == 409 and _error_type(payload) in ("replayed", "stale"):
+                        self._behind(url)
                     return "rejected"
             reply = self.opener.open(payload)  # counts its own drops
         except asyncio.TimeoutError:
@@ -860,6 +879,8 @@ class Node:
                 log.warning("peer %s dead: %s", self._name(event.peer_id), cause)
             else:
                 log.info("peer %s %s", self._name(event.peer_id), event.what)
+            if event.what == "dead":
+                self.service.drop_entry(event.peer_id)  # nobody will step its sessions again
             if event.what in ("dead", "forgotten") and event.peer_id == self.election.leader:
                 self._act(self.election.leader_lost(self.clock(), self._higher()))
         if events:
@@ -948,6 +969,7 @@ class Node:
             model=self.model.fingerprint,
             num_layers=self.model.profile.num_layers,
             max_epoch=self.max_epoch,
+            leader=self.peer_id,
         )
         if new is not None:
             self._adopt(new, from_leader=True)
@@ -970,7 +992,7 @@ class Node:
         self.max_epoch = max(self.max_epoch, new.epoch)
         stages = " ".join(f"{self._name(s.peer_id)}[{s.start},{s.end})" for s in new.stages)
         log.info("layer map epoch %d (term %d): %s", new.epoch, new.term, stages)
-        self.service.drop_before(new.epoch)
+        self.service.drop_other_maps(new)
         self._reconcile()
 
     def _reconcile(self) -> None:
@@ -1122,6 +1144,15 @@ def _peer_json(info: MemberInfo, state: State) -> dict[str, Any]:
         "epoch": info.epoch,
         "ready": info.ready,
     }
+
+
+def _error_type(payload: bytes) -> str | None:
+    """The `error.type` of a JSON refusal, if it is one."""
+    try:
+        kind = json.loads(payload)["error"]["type"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return kind if isinstance(kind, str) else None
 
 
 async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:

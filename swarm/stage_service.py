@@ -1,4 +1,5 @@
-"""This peer's stage in the data plane. A `step` message names a session, the layer-map epoch, the
+"""This peer's stage in the data plane. A `step` message names a session, the layer map (its epoch
+and id), its entry peer, the
 route of stages still to run (this peer first) and the input: token ids on the first stage,
 hidden states after. The stage checks all of it, runs its layers in a worker thread (batched with
 other sessions' steps that arrive while the stage is busy, see `swarm.batcher`), and sends its
@@ -11,6 +12,8 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,7 +24,7 @@ from peer.sampling import SamplingParams
 from peer.stage import StageModel
 from swarm.batcher import Batcher, BatchStats
 from swarm.errors import MessageRejected, Relayed
-from swarm.layer_map import Stage
+from swarm.layer_map import LayerMap, Stage
 from swarm.tensors import pack, unpack
 
 if TYPE_CHECKING:
@@ -64,6 +67,21 @@ def route_json(route: list[Stage]) -> list[dict[str, Any]]:
     return [{"peer_id": s.peer_id, "url": s.url, "start": s.start, "end": s.end} for s in route]
 
 
+def stage_index(route: list[Stage], node: Node) -> int:
+    """Where a checked route's first stage stands in the current layer map."""
+    assert node.layer_map is not None
+    return len(node.layer_map.stages) - len(route)
+
+
+@dataclass(frozen=True)
+class Opened:
+    """What a stage remembers of a session it opened."""
+
+    map_id: str  # the layer map it was opened on
+    epoch: int
+    entry: str  # the peer that owns it
+
+
 def sampling_of(raw: Any) -> SamplingParams:
     """Parse hostile sampling parameters."""
     if not isinstance(raw, dict):
@@ -83,8 +101,8 @@ class StageService:
         self._batcher: Batcher | None = None
         self.batches = BatchStats()  # over every executor this stage has had
         self._stage: StageModel | None = None
-        self._epoch_of: dict[str, int] = {}  # session -> the layer-map epoch it was opened on
-        self.dropped = 0  # sessions dropped because their epoch was abandoned
+        self._opened: dict[str, Opened] = {}  # session -> its layer map and entry peer
+        self.dropped = 0  # sessions dropped because their layer map was abandoned or their entry died
         # Where forward passes run (set by the daemon to a thread of normal priority, see
         # `swarm.daemon.lower_loop_priority`); None: asyncio's default thread pool.
         self.compute_threads: concurrent.futures.Executor | None = None
@@ -110,7 +128,7 @@ class StageService:
                 if self._executor is not None
                 else None
             )
-            self._epoch_of.clear()
+            self._opened.clear()
         return self._executor
 
     def stop(self) -> None:
@@ -118,24 +136,34 @@ class StageService:
         if self._batcher is not None:
             self._batcher.close()
 
-    def drop_before(self, epoch: int) -> None:
-        """Close every session opened on an older layer-map epoch: the map moved on, so their entry
+    def drop_other_maps(self, layer_map: LayerMap) -> None:
+        """Close every session opened on another layer map that is not newer than `layer_map` (an
+        older epoch, or another leader's map of the same epoch): the swarm moved on, so their entry
         peers replay them on the new pipeline and nothing will step them here again."""
+        self._drop(
+            lambda o: o.map_id != layer_map.id and o.epoch <= layer_map.epoch,
+            f"of layer maps other than epoch {layer_map.epoch}",
+        )
+
+    def drop_entry(self, peer_id: str) -> None:
+        """Close every session whose entry peer is `peer_id` (it died: nobody will step them again),
+        and free their KV cache now rather than at idle eviction."""
+        self._drop(lambda o: o.entry == peer_id, f"whose entry peer {peer_id} is dead")
+
+    def _drop(self, which: Callable[[Opened], bool], why: str) -> None:
         executor = self._executor
+        open_now = set(executor.session_ids()) if executor is not None else set()
+        doomed = [sid for sid, o in self._opened.items() if which(o) and sid in open_now]
+        self._opened = {sid: o for sid, o in self._opened.items() if sid in open_now and sid not in doomed}
         if executor is None:
-            self._epoch_of.clear()
             return
-        open_now = set(executor.session_ids())
-        stale = [sid for sid, e in self._epoch_of.items() if e < epoch and sid in open_now]
-        for sid in [sid for sid, e in self._epoch_of.items() if e < epoch or sid not in open_now]:
-            del self._epoch_of[sid]
-        dropped = sum(executor.close_session(sid) for sid in stale)
+        dropped = sum(executor.close_session(sid) for sid in doomed)
         if self._batcher is not None:
-            for sid in stale:
+            for sid in doomed:
                 self._batcher.forget(sid)
         if dropped:
             self.dropped += dropped
-            log.info("dropped %d session(s) of layer-map epochs before %d", dropped, epoch)
+            log.info("dropped %d session(s) %s", dropped, why)
 
     def sessions(self) -> int:
         """Sessions open on this stage."""
@@ -146,13 +174,15 @@ class StageService:
         """The message's route, checked: the rest of the current map from this peer on, sent by the
         stage before this one (or, to the first stage, by any member: the entry peer)."""
         body = checked.msg.body
-        epoch, route = body.get("epoch"), route_of(body.get("route"))
+        epoch, map_id, route = body.get("epoch"), body.get("map"), route_of(body.get("route"))
         layer_map = self.node.layer_map
-        if type(epoch) is not int:
-            raise MessageRejected("malformed", "epoch must be an integer")
-        if layer_map is None or epoch != layer_map.epoch:
-            have = layer_map.epoch if layer_map else None
-            raise MessageRejected("stale_epoch", f"message for layer-map epoch {epoch}, this peer follows {have}")
+        if type(epoch) is not int or not isinstance(map_id, str):
+            raise MessageRejected("malformed", "epoch must be an integer and map a layer-map id")
+        if layer_map is None or map_id != layer_map.id:
+            # The id names the map's leader and term too: two leaders on two sides of a partition may
+            # each have made an epoch N, and a stage must never run a session of one on the other.
+            have = layer_map.id if layer_map else None
+            raise MessageRejected("stale_epoch", f"message for layer map {map_id}, this peer follows {have}")
         index = len(layer_map.stages) - len(route)
         if index < 0 or tuple(route) != layer_map.stages[index:] or route[0].peer_id != self.node.peer_id:
             raise MessageRejected("mismatch", "the route is not the rest of the current layer map from this peer")
@@ -176,6 +206,10 @@ class StageService:
         batcher = self._batcher
         assert batcher is not None and batcher.executor is executor
         session, start, opening = body.get("session"), body.get("start"), body.get("open")
+        # The entry peer owns the session: the first stage hears from it, later stages from the stage before.
+        entry = checked.msg.sender if stage_index(route, self.node) == 0 else body.get("entry")
+        if not isinstance(entry, str) or len(entry) > 64:
+            raise MessageRejected("malformed", "entry must be the entry peer's id")
         stage = executor.stage
         context = stage.config.max_position_embeddings
         if not isinstance(session, str) or type(start) is not int or not 0 <= start < context:
@@ -199,19 +233,19 @@ class StageService:
             sampling = sampling_of(opening.get("sampling", {}))
             self._run(executor.open_session, session, opening["max_length"], sampling)
             open_now = set(executor.session_ids())  # forget sessions closed or evicted meanwhile
-            self._epoch_of = {sid: e for sid, e in self._epoch_of.items() if sid in open_now}
-            self._epoch_of[session] = body["epoch"]
+            self._opened = {sid: o for sid, o in self._opened.items() if sid in open_now}
+            self._opened[session] = Opened(body["map"], body["epoch"], entry)
         try:
             result = await batcher.step(StepRequest(session, inputs, positions))
         except ExecutorError as e:
             if opening is not None:
                 executor.close_session(session)
-                self._epoch_of.pop(session, None)
+                self._opened.pop(session, None)
             raise _rejection(e) from e
         except BaseException:
             if opening is not None:
                 executor.close_session(session)
-                self._epoch_of.pop(session, None)
+                self._opened.pop(session, None)
             raise
         me = {"peer_id": self.node.peer_id, "node_id": self.node.node_id, "compute_s": result.compute_s}
         if stage.is_last:
@@ -220,7 +254,8 @@ class StageService:
             me.update(wire_s=0.0, bytes_out=0)
             return {"token": token, "logprob": logprob, "timings": [me], "elapsed_s": time.perf_counter() - t_in}
         assert result.hidden is not None
-        forward = {"session": session, "epoch": body["epoch"], "start": start, "open": opening}
+        forward = {"session": session, "epoch": body["epoch"], "map": body["map"], "start": start, "open": opening}
+        forward["entry"] = entry
         forward.update(route=route_json(route[1:]), input=pack(result.hidden))
         t_out = time.perf_counter()
         try:
@@ -253,10 +288,11 @@ class StageService:
         closed = executor.close_session(session) if executor is not None else False
         if self._batcher is not None:
             self._batcher.forget(session)
-        self._epoch_of.pop(session, None)
+        self._opened.pop(session, None)
         if len(route) > 1 and route[0].peer_id == self.node.peer_id:
             try:
-                forward = {"session": session, "epoch": body.get("epoch"), "route": route_json(route[1:])}
+                forward = {"session": session, "epoch": body.get("epoch"), "map": body.get("map")}
+                forward["route"] = route_json(route[1:])
                 await self.node.data_request(route[1], "close", forward)
             except MessageRejected as e:
                 log.debug("closing session %s downstream: %s", session, e)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 from typing import Any
 
@@ -19,7 +20,7 @@ STAGES = (
     Stage("bbbb", "http://10.0.0.2:50051", 10, 11),
     Stage("cccc", "http://10.0.0.3:50051", 11, 30),
 )
-MAP = LayerMap(term=3, epoch=7, model="f" * 64, num_layers=30, stages=STAGES)
+MAP = LayerMap(term=3, epoch=7, model="f" * 64, num_layers=30, stages=STAGES, leader="cccc")
 
 
 def wire(**changes: Any) -> dict[str, Any]:
@@ -40,6 +41,7 @@ def test_to_dict_from_dict_round_trip() -> None:
         "epoch": 7,
         "model": "f" * 64,
         "num_layers": 30,
+        "leader": "cccc",
         "stages": [
             {"peer_id": "aaaa", "url": "http://10.0.0.1:50051", "start": 0, "end": 10},
             {"peer_id": "bbbb", "url": "http://10.0.0.2:50051", "start": 10, "end": 11},
@@ -47,6 +49,14 @@ def test_to_dict_from_dict_round_trip() -> None:
         ],
     }
     assert LayerMap.from_dict(raw) == MAP
+
+
+def test_maps_of_one_epoch_by_two_leaders_have_different_ids() -> None:
+    """Two leaders on the two sides of a partition may both make epoch N: the id tells them apart."""
+    other = dataclasses.replace(MAP, leader="bbbb")
+    assert other.epoch == MAP.epoch and other.id != MAP.id
+    assert dataclasses.replace(MAP, term=4).id != MAP.id
+    assert LayerMap.from_dict(MAP.to_dict()).id == MAP.id
 
 
 def test_single_stage_map() -> None:
@@ -83,6 +93,9 @@ MANY = [(f"p{i}", i, i + 1) for i in range(MAX_STAGES + 1)]
         (without("num_layers"), INTS),
         (without("model"), SHAPE),
         (without("stages"), SHAPE),
+        (without("leader"), "leader must be a peer id"),
+        (wire(leader=5), "leader must be a peer id"),
+        (wire(leader="x" * 65), "leader must be a peer id"),
         (wire(term=True), INTS),
         (wire(epoch=False), INTS),
         (wire(num_layers=True), INTS),
@@ -185,7 +198,7 @@ def wire_maps(draw: st.DrawFn) -> dict[str, Any]:
         for i, (a, b) in enumerate(itertools.pairwise(bounds))
     ]
     return {"term": draw(st.integers(0, 9)), "epoch": draw(st.integers(0, 9)), "model": "m", "num_layers": n,
-            "stages": stages}  # fmt: skip
+            "stages": stages, "leader": draw(st.sampled_from(["", "p0", "other"]))}  # fmt: skip
 
 
 def check_complete(parsed: LayerMap) -> None:

@@ -312,3 +312,98 @@ async def test_a_gossip_round_after_this_peer_stalled_kills_nobody(tmp_path: Pat
         node._gossip_round()
         assert node.membership.state_of(silent) is State.DEAD
         assert node.membership.state_of(spared) is State.ALIVE
+
+
+# ---- identity and incarnations -----------------------------------------------------------------------
+
+
+def copy_state(tmp_path: Path, src: str, dst: str) -> None:
+    import shutil
+
+    shutil.copytree(tmp_path / f"state-{src}", tmp_path / f"state-{dst}")
+
+
+async def test_a_copy_of_a_live_peers_identity_is_refused_and_stops(tmp_path: Path, model_dir: Path, caplog) -> None:
+    key = os.urandom(32)
+    caplog.set_level(logging.WARNING, logger="swarm")
+    async with peer(tmp_path, model_dir, "a", key) as a, peer(tmp_path, model_dir, "b", key, [hostport(a)]) as b:
+        await until(lambda: a.node.ready() and b.node.ready() and len(members(a)) == 1, "a swarm of two")
+        assert b.node.membership is not None
+        known = b.node.membership.members[a.node.peer_id].info
+        copy_state(tmp_path, "b", "copy")
+        async with peer(tmp_path, model_dir, "copy", key, [hostport(a)]) as copy:
+            assert copy.node.peer_id == b.node.peer_id
+            await until(lambda: copy.node.failed.is_set(), "the copy to be told it is one")
+            said = f"peer id {b.node.peer_id} is alive at {b.url}; was its identity key copied?"
+            assert copy.node.fatal is not None and said in copy.node.fatal
+            assert any(said in r.getMessage() for r in caplog.records if r.name == "swarm")  # a logged it
+            # The original keeps its place: same process, same address, alive, in the map.
+            assert a.node.membership is not None
+            held = a.node.membership.members[b.node.peer_id]
+            assert held.state is State.ALIVE and held.info.instance == b.node.membership.me.instance
+            assert held.info.url == b.url and a.node.layer_map is not None
+            assert b.node.peer_id in a.node.layer_map.peer_ids()
+        assert a.node.membership.members[b.node.peer_id].info.instance == b.node.membership.me.instance
+        assert known.peer_id == a.node.peer_id
+
+
+async def test_a_restart_at_another_address_is_let_in_at_once(tmp_path: Path, model_dir: Path) -> None:
+    """A peer that comes back on another port before its old self is declared dead: the old address
+    is asked, nobody answers there, and the new process takes the peer id's place."""
+    key = os.urandom(32)
+    async with peer(tmp_path, model_dir, "a", key) as a:
+        async with peer(tmp_path, model_dir, "b", key, [hostport(a)]) as b:
+            await until(lambda: a.node.ready() and len(a.node.layer_map.stages) == 2, "a swarm of two")  # type: ignore[union-attr]
+            old = b.node.membership.me  # type: ignore[union-attr]
+        async with peer(tmp_path, model_dir, "b", key, [hostport(a)]) as again:
+            assert again.url != old.url and again.node.peer_id == old.peer_id
+            member = a.node.membership.members[old.peer_id]  # type: ignore[union-attr]
+            await until(lambda: member.info.instance == again.node.membership.me.instance, "the new process")  # type: ignore[union-attr]
+            assert not again.node.failed.is_set()
+            await until(lambda: a.node.ready() and again.node.ready(), "ready again")
+
+
+async def test_a_peer_known_by_a_higher_incarnation_is_told_and_rejoins(tmp_path: Path, model_dir: Path) -> None:
+    """A peer restarted from an older copy of its state (a lower incarnation than the swarm last saw)
+    is told so, moves past it, and rejoins without another restart."""
+    key = os.urandom(32)
+    async with peer(tmp_path, model_dir, "a", key) as a:
+
+        def knows(peer_id: str, instance: str) -> bool:
+            member = a.node.membership.members.get(peer_id)  # type: ignore[union-attr]
+            return member is not None and member.info.instance == instance
+
+        for _ in range(2):  # incarnations 1 and 2, each taken in by a
+            async with peer(tmp_path, model_dir, "b", key, [hostport(a)]) as b:
+                b_id, me = b.node.peer_id, b.node.membership.me  # type: ignore[union-attr]
+                await until(lambda: knows(b_id, me.instance), "b known")  # noqa: B023
+        await until(lambda: a.node.membership.state_of(b_id) is State.DEAD, "b dead")  # type: ignore[union-attr]
+        (tmp_path / "state-b" / STATE_FILE).write_text(json.dumps({"term": 0, "incarnation": 0}))
+        async with peer(tmp_path, model_dir, "b", key, [hostport(a)]) as b:
+            assert b.node.membership.me.incarnation == 1  # type: ignore[union-attr]
+            await until(lambda: a.node.membership.state_of(b_id) is State.ALIVE, "b back")  # type: ignore[union-attr]
+            assert b.node.membership.me.incarnation == 3  # type: ignore[union-attr]
+            assert json.loads((tmp_path / "state-b" / STATE_FILE).read_text())["incarnation"] == 3
+            assert not b.node.failed.is_set()
+
+
+async def test_dead_members_are_retried_so_a_partition_heals(tmp_path: Path, model_dir: Path) -> None:
+    """Two peers that each declared the other dead (their link was down) take each other back."""
+    key = os.urandom(32)
+    async with peer(tmp_path, model_dir, "a", key) as a, peer(tmp_path, model_dir, "b", key, [hostport(a)]) as b:
+        await until(lambda: a.node.ready() and b.node.ready() and len(members(a)) == 1, "a swarm of two")
+        assert a.node.membership is not None and b.node.membership is not None
+        incarnations = (a.node.membership.me.incarnation, b.node.membership.me.incarnation)
+        # What each sees when the link between them is cut: the other declared dead.
+        a.node._on_events(a.node.membership.declare_dead(b.node.peer_id, a.node.clock(), "link cut"))
+        b.node._on_events(b.node.membership.declare_dead(a.node.peer_id, b.node.clock(), "link cut"))
+        await until(
+            lambda: (
+                a.node.membership.state_of(b.node.peer_id) is State.ALIVE  # type: ignore[union-attr]
+                and b.node.membership.state_of(a.node.peer_id) is State.ALIVE
+            ),  # type: ignore[union-attr]
+            "both alive again",
+        )
+        # Each refuted the rumour of its death with a higher incarnation.
+        assert (a.node.membership.me.incarnation, b.node.membership.me.incarnation) > incarnations
+        await until(lambda: a.node.ready() and b.node.ready() and a.node.layer_map == b.node.layer_map, "one map")

@@ -1,17 +1,21 @@
-"""A stage drops the KV caches of sessions whose layer-map epoch was abandoned: one in-process
-stage holding a tiny random Llama's every layer, stepped through `StageService.step` as the
-entry peer would, then told of a newer epoch."""
+"""A stage drops the KV caches of sessions whose layer map was abandoned (an older epoch, or another
+leader's map of the same epoch) and of sessions whose entry peer died: one in-process stage holding
+a tiny random Llama's every layer, stepped through `StageService.step` as entry peers would."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from types import SimpleNamespace
+
+import pytest
 
 import torch
 
 from peer.stage import StageModel
 from swarm.auth import Message
 from swarm.config import SwarmConfig
+from swarm.errors import MessageRejected
 from swarm.layer_map import LayerMap, Stage
 from swarm.node import Checked
 from swarm.stage_service import StageService, route_json
@@ -35,17 +39,21 @@ def service_for(epoch: int) -> tuple[StageService, SimpleNamespace]:
     return StageService(node), node  # type: ignore[arg-type]
 
 
-def step(service: StageService, node: SimpleNamespace, session: str) -> int:
-    layer_map = node.layer_map
+def step(
+    service: StageService, node: SimpleNamespace, session: str, entry: str = PEER, on: LayerMap | None = None
+) -> int:
+    """One step of `session` from `entry` on layer map `on` (default: the one the stage follows)."""
+    layer_map = on or node.layer_map
     body = {
         "session": session,
         "epoch": layer_map.epoch,
+        "map": layer_map.id,
         "route": route_json(list(layer_map.stages)),
         "start": 0,
         "input": pack(torch.tensor([[1, 2, 3]], dtype=torch.int64)),
         "open": {"max_length": 8, "sampling": {"temperature": 0.0}},
     }
-    msg = Message("step", PEER, PEER, b"", 1, 1, 0, 0.0, body)
+    msg = Message("step", entry, PEER, b"", 1, 1, 0, 0.0, body)
     reply = asyncio.run(service.step(Checked(msg, None, None)))  # type: ignore[arg-type]
     return int(reply["token"])
 
@@ -59,14 +67,37 @@ def test_sessions_of_an_abandoned_epoch_are_dropped_and_current_ones_kept() -> N
     # The map moves on (same range here, so the executor and its caches would otherwise live on).
     node.layer_map = LayerMap(1, 5, "fp", 3, node.layer_map.stages)
     step(service, node, "new")
-    service.drop_before(5)
+    service.drop_other_maps(node.layer_map)
 
     executor = service.executor()
     assert executor is not None
     assert executor.session_ids() == ["new"]
     assert service.dropped == 2
-    service.drop_before(5)  # nothing more to drop; the current session stays
+    service.drop_other_maps(node.layer_map)  # nothing more to drop; the current session stays
     assert executor.session_ids() == ["new"] and service.dropped == 2
+
+
+def test_another_leaders_map_of_the_same_epoch_drops_the_sessions_and_refuses_their_steps() -> None:
+    service, node = service_for(epoch=4)
+    step(service, node, "theirs")
+    old = node.layer_map
+    node.layer_map = dataclasses.replace(old, leader="b" * 32)  # the other side's leader, epoch 4 too
+    service.drop_other_maps(node.layer_map)
+    assert service.sessions() == 0 and service.dropped == 1
+    with pytest.raises(MessageRejected, match="stale_epoch"):
+        step(service, node, "late", on=old)  # a step on the first leader's epoch 4 is refused
+
+
+def test_sessions_of_a_dead_entry_peer_are_dropped_and_others_kept() -> None:
+    service, node = service_for(epoch=1)
+    step(service, node, "a1", entry="e1")
+    step(service, node, "a2", entry="e1")
+    step(service, node, "b1", entry="e2")
+    service.drop_entry("e1")
+    executor = service.executor()
+    assert executor is not None and executor.session_ids() == ["b1"] and service.dropped == 2
+    service.drop_entry("nobody")
+    assert executor.session_ids() == ["b1"] and service.dropped == 2
 
 
 def test_dropping_forgets_sessions_closed_meanwhile() -> None:
@@ -74,5 +105,5 @@ def test_dropping_forgets_sessions_closed_meanwhile() -> None:
     step(service, node, "s")
     executor = service.executor()
     assert executor is not None and executor.close_session("s")
-    service.drop_before(2)
+    service.drop_other_maps(dataclasses.replace(node.layer_map, epoch=2))
     assert service.dropped == 0 and service.sessions() == 0
