@@ -180,12 +180,14 @@ def start_seeded_swarm(
     timeout_s: float = 180.0,
     own_keyrings: bool = False,
     api_key: str | None = None,
+    extra_by_name: dict[str, tuple[str, ...]] | None = None,
 ) -> dict[str, Any]:
     """Start one peer per cap (the first a seed the others --join, no mDNS, key tmp/swarm.key, which
     it writes, and `extra_args` such as --model) into `peers`, which the caller stops; the status once
     every peer holds a ready stage. With `own_keyrings` each peer reads a copy of the key of its own,
     tmp/<name>.key, as peers on separate machines do (so keys can be rotated peer by peer). `api_key`
-    is sent with status requests, for peers started with an API key file."""
+    is sent with status requests, for peers started with an API key file; `extra_by_name` adds flags
+    to one peer (another --dtype, say)."""
     from swarm.auth import write_new_swarm_key
 
     write_new_swarm_key(tmp / "swarm.key")
@@ -196,6 +198,7 @@ def start_seeded_swarm(
             shutil.copy(tmp / "swarm.key", key_file)
         args = ["--config", str(config), "--port", "0", "--max-memory-mb", str(cap), "--no-mdns"]
         args += ["--state-dir", str(tmp / name), "--swarm-key-file", str(key_file), *extra_args]
+        args += (extra_by_name or {}).get(name, ())
         if peers:
             args += ["--join", str(peers[0].url).removeprefix("http://")]
         peers.append(PeerProcess(name, args, tmp, threads))

@@ -80,8 +80,8 @@ class Metrics:
             ('{state="dead"}', sum(m.state is State.DEAD for m in members)),
         ])  # fmt: skip
         metric("stage_sessions", "gauge", "Sessions open on this peer's stage.", [("", node.service.sessions())])
-        metric("stage_sessions_dropped_total", "counter", "Sessions dropped with an abandoned layer-map epoch.",
-               [("", node.service.dropped)])  # fmt: skip
+        metric("stage_sessions_dropped_total", "counter", "Sessions dropped with an abandoned layer map or a "
+               "dead entry peer.", [("", node.service.dropped)])  # fmt: skip
         metric("stage_forward_passes_total", "counter", "Forward passes this peer's stage ran, each over one or "
                "more sessions' steps.", [("", node.service.batches.passes)])  # fmt: skip
         metric("stage_steps_total", "counter", "Session steps this peer's stage ran (over forward passes: the "

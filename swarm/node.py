@@ -152,6 +152,8 @@ class Node:
         self._retry_dead: dict[str, tuple[float, float]] = {}  # dead peer id -> (next retry, wait)
         self._browse: tuple[float, float] | None = None  # (next mDNS browse, wait) while any is dead
         self._refused_models: set[str] = set()
+        self._told_dtype: set[str] = set()  # peers computing in another dtype, logged once each
+        self._told_protocol: set[str] = set()  # peers found speaking another protocol, logged once each
         self._impostors: dict[tuple[str, str], str] = {}  # (peer id, instance) of a copy -> the holder's url
         self._verifying: set[str] = set()  # peer ids whose holder is being asked whether it is still there
         self._behind_at = -math.inf  # when a refusal last moved this peer's incarnation on
@@ -250,8 +252,15 @@ class Node:
     def on_discovered(self, found: Announcement) -> None:
         """An mDNS find: introduce ourselves at each of its addresses unless it belongs to another
         swarm or is a live member already (a dead one is met again: the link may be back)."""
-        if found.key_fingerprint not in self.keyring.fingerprints or found.protocol != PROTOCOL_VERSION:
-            log.debug("mDNS: %s at %s has another swarm key or protocol; ignored", found.peer_id, found.urls)
+        if found.protocol != PROTOCOL_VERSION:
+            if found.peer_id not in self._told_protocol and len(self._told_protocol) < MAX_INTRODUCTIONS:
+                self._told_protocol.add(found.peer_id)
+                log.warning("mDNS: peer %s at %s speaks protocol %d, this peer %d: not contacted; run the same "
+                            "swarm-inference version on every peer", found.peer_id, ", ".join(found.urls),
+                            found.protocol, PROTOCOL_VERSION)  # fmt: skip
+            return
+        if found.key_fingerprint not in self.keyring.fingerprints:
+            log.debug("mDNS: %s at %s has another swarm key; ignored", found.peer_id, found.urls)
             return
         state = self.membership.state_of(found.peer_id) if self.membership else None
         if state is None or state is State.DEAD:
@@ -374,6 +383,11 @@ class Node:
         info = MemberInfo.from_dict(body.get("info"))
         if info.peer_id != msg.sender:
             raise MessageRejected("forged", f"{msg.sender} sent info naming {info.peer_id}")
+        dtype = self.membership.me.dtype
+        if info.dtype != dtype and info.peer_id not in self._told_dtype and len(self._told_dtype) < MAX_INTRODUCTIONS:
+            self._told_dtype.add(info.peer_id)
+            log.info("peer %s (%s) computes in %s, this peer in %s: hidden states between them are cast at the "
+                     "stage boundary", info.peer_id, info.node_id, info.dtype, dtype)  # fmt: skip
         if info.fingerprint != self.model.fingerprint:
             if info.peer_id not in self._refused_models and len(self._refused_models) < MAX_INTRODUCTIONS:
                 self._refused_models.add(info.peer_id)
@@ -1140,6 +1154,7 @@ def _peer_json(info: MemberInfo, state: State) -> dict[str, Any]:
         "priority": info.priority,
         "incarnation": info.incarnation,
         "device": info.device,
+        "dtype": info.dtype,
         "loaded": [info.start, info.end] if info.end > info.start else None,
         "epoch": info.epoch,
         "ready": info.ready,

@@ -219,7 +219,12 @@ class StageService:
             inputs = unpack(body.get("input"), dtype=torch.int64, shape=(1, None), max_bytes=limit)
         else:
             width = stage.config.hidden_size
-            inputs = unpack(body.get("input"), dtype=executor.dtype, shape=(1, None, width), max_bytes=limit)
+            inputs = unpack(body.get("input"), shape=(1, None, width), max_bytes=limit)
+            if not inputs.is_floating_point():
+                raise MessageRejected("mismatch", f"hidden states must be floating point, not {inputs.dtype}")
+            # Peers may compute in different dtypes (a GPU in bfloat16, a CPU in float32): the hidden
+            # states are cast at the stage boundary, as they would be between two layers of mixed precision.
+            inputs = inputs.to(executor.dtype)
         if inputs.shape[1] == 0:
             raise MessageRejected("malformed", "a step needs at least one position")
         if stage.is_first and (int(inputs.min()) < 0 or int(inputs.max()) >= stage.config.vocab_size):
