@@ -9,7 +9,6 @@ import dataclasses
 from types import SimpleNamespace
 
 import pytest
-
 import torch
 
 from peer.stage import StageModel
