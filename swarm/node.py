@@ -964,6 +964,7 @@ class Node:
     def _lead(self) -> None:
         """As leader: repartition when membership requires it, and bring lagging peers up to date."""
         if not self.election.is_leader or self.membership is None:
+            self.partition_error = None  # a leader's error; the leader now reports its own
             return
         live = self.membership.live()
         try:

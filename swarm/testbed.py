@@ -340,8 +340,9 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
     loop = asyncio.get_running_loop()
 
     async def read() -> None:
-        while chunk := await reader.read(RELAY_CHUNK_BYTES):
-            await queue.put((loop.time() + delay[0], chunk))
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):  # a reset ends the stream too
+            while chunk := await reader.read(RELAY_CHUNK_BYTES):
+                await queue.put((loop.time() + delay[0], chunk))
         await queue.put((loop.time() + delay[0], b""))
 
     reading = asyncio.create_task(read())
@@ -356,26 +357,41 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
                 return
             writer.write(chunk)
             await writer.drain()
+    except (OSError, asyncio.IncompleteReadError):
+        return  # a side reset the connection: the relay closes both
     finally:
         reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError, OSError, asyncio.IncompleteReadError):
+            await reading
 
 
 async def _relay(listen: tuple[str, int], target: tuple[str, int], delay: list[float]) -> None:
+    connections: set[asyncio.Task[None]] = set()  # held here: a task nobody references may be collected
+
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             up_reader, up_writer = await asyncio.open_connection(*target)
         except OSError:
             writer.close()
             return
+        pumps = [
+            asyncio.create_task(_pump(reader, up_writer, delay)),
+            asyncio.create_task(_pump(up_reader, writer, delay)),
+        ]
         try:
-            await asyncio.gather(_pump(reader, up_writer, delay), _pump(up_reader, writer, delay))
-        except (OSError, asyncio.IncompleteReadError):
-            pass
+            await asyncio.wait(pumps)  # each ends at its side's end of stream, or on an error
         finally:
+            for pump in pumps:
+                pump.cancel()
             for w in (writer, up_writer):
                 w.close()
 
-    server = await asyncio.start_server(serve, *listen, reuse_address=True)
+    def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.create_task(serve(reader, writer))
+        connections.add(task)
+        task.add_done_callback(connections.discard)
+
+    server = await asyncio.start_server(accepted, *listen, reuse_address=True)
     print("listening", flush=True)
     loop = asyncio.get_running_loop()
     stdin = asyncio.StreamReader()
@@ -384,6 +400,8 @@ async def _relay(listen: tuple[str, int], target: tuple[str, int], delay: list[f
         while line := await stdin.readline():  # one delay in seconds per line; EOF stops the relay
             with contextlib.suppress(ValueError):
                 delay[0] = max(0.0, float(line))
+        for task in list(connections):
+            task.cancel()
 
 
 def main(argv: list[str] | None = None) -> int:

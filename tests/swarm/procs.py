@@ -7,34 +7,24 @@ from __future__ import annotations
 
 import json
 import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from swarm.local import PeerProcess, start_seeded_swarm, wait_for
+from swarm.local import FAST_TIMINGS, PeerProcess, start_seeded_swarm, wait_for
+from swarm.local import stream_completion as stream_text
+from swarm.local import write_config as write_config_file
 from swarm.testbed import TestBed, unavailable
 
 __all__ = ["FAST", "PeerProcess", "start_seeded_swarm", "wait_for", "write_config"]
 
-# Shrunk control-plane timings: a test swarm settles in seconds instead of tens of seconds.
-FAST = {
-    "gossip": {"interval_s": 0.25, "suspect_after_s": 1.5, "dead_after_s": 3.0, "request_timeout_s": 1.0},
-    "election": {"startup_grace_s": 1.5, "timeout_min_s": 0.4, "timeout_max_s": 0.8, "coordinator_timeout_s": 2.0},
-    "partition": {"kv_reserve_tokens": 64},
-}
+FAST = FAST_TIMINGS  # the one set of shrunk timings (swarm.local), shared with the chaos run
 
 
 def write_config(path: Path, cache_dir: Path, **sections: dict[str, Any]) -> Path:
     """A config file with the fast timings, a private model cache and any extra sections."""
-    raw: dict[str, Any] = {k: dict(v) for k, v in FAST.items()}
-    raw["store"] = {"cache_dir": str(cache_dir)}
-    for name, values in sections.items():
-        raw.setdefault(name, {}).update(values)
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return write_config_file(path, store={"cache_dir": str(cache_dir)}, **sections)
 
 
 # ---- the network test bed ----------------------------------------------------------------------------
@@ -100,27 +90,12 @@ def describe(peers: list[PeerProcess], tail: int = 1500) -> str:
 
 
 def stream_completion(url: str, body: dict[str, Any], timeout_s: float) -> tuple[str, list[str]]:
-    """POST a streamed completion; its text and every ending seen (finish reasons, errors, [DONE]).
-    An HTTP error is one ending, "http <status>: <message>"."""
-    data = json.dumps({**body, "stream": True}).encode()
-    req = urllib.request.Request(url + "/v1/completions", data=data, headers={"Content-Type": "application/json"})
-    text, endings = "", []
+    """`swarm.local.stream_completion`'s text and endings, an HTTP error or a broken stream being one
+    ending, "http <status>: <message>" or "lost: <why>"."""
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            for raw in resp:
-                line = raw.decode().strip()
-                if line == "data: [DONE]":
-                    endings.append("[DONE]")
-                elif line.startswith("data: "):
-                    event = json.loads(line[len("data: ") :])
-                    if "error" in event:
-                        endings.append(f"error: {event['error'].get('message')}")
-                    for choice in event.get("choices", []):
-                        text += choice.get("text", "")
-                        if choice.get("finish_reason"):
-                            endings.append(f"finish: {choice['finish_reason']}")
+        text, endings, _ = stream_text(url, body, timeout_s)
     except urllib.error.HTTPError as e:
-        endings.append(f"http {e.code}: {e.read()[:300].decode(errors='replace')}")
+        return "", [f"http {e.code}: {e.read()[:300].decode(errors='replace')}"]
     except (urllib.error.URLError, OSError, ValueError) as e:
-        endings.append(f"lost: {e}")
+        return "", [f"lost: {e}"]
     return text, endings
