@@ -586,8 +586,11 @@ class Node:
                 payload = await _read_bounded(resp, limit)
                 if resp.status != 200:
                     log.debug("%s to %s: HTTP %d %s", kind, url, resp.status, payload[:200].decode(errors="replace"))
-                    if resp.status == 409 and _error_type(payload) in ("replayed", "stale"):
+                    refusal, why = _error_of(payload)
+                    if resp.status == 409 and (refusal == "replayed" or (refusal == "stale" and "incarnation" in why)):
                         self._behind(url)
+                    elif refusal == "stale":
+                        self.flood.refused("clock_skew", f"the peer at {url} refuses our messages: {why}")
                     return "rejected"
             reply = self.opener.open(payload)  # counts its own drops
         except asyncio.TimeoutError:
@@ -1162,13 +1165,14 @@ def _peer_json(info: MemberInfo, state: State) -> dict[str, Any]:
     }
 
 
-def _error_type(payload: bytes) -> str | None:
-    """The `error.type` of a JSON refusal, if it is one."""
+def _error_of(payload: bytes) -> tuple[str | None, str]:
+    """The `error.type` and `error.message` of a JSON refusal, if it is one."""
     try:
-        kind = json.loads(payload)["error"]["type"]
+        error = json.loads(payload)["error"]
+        kind, message = error["type"], error["message"]
     except (ValueError, KeyError, TypeError):
-        return None
-    return kind if isinstance(kind, str) else None
+        return None, ""
+    return (kind if isinstance(kind, str) else None), str(message)[:200]
 
 
 async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:

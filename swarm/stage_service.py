@@ -178,7 +178,7 @@ class StageService:
         layer_map = self.node.layer_map
         if type(epoch) is not int or not isinstance(map_id, str):
             raise MessageRejected("malformed", "epoch must be an integer and map a layer-map id")
-        if layer_map is None or map_id != layer_map.id:
+        if layer_map is None or map_id != layer_map.id or epoch != layer_map.epoch:
             # The id names the map's leader and term too: two leaders on two sides of a partition may
             # each have made an epoch N, and a stage must never run a session of one on the other.
             have = layer_map.id if layer_map else None

@@ -183,10 +183,12 @@ class TestBed:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, hosts: int, *, default_route: bool = True, second_interface: bool = False) -> None:
+    def __init__(
+        self, hosts: int, *, default_route: bool = True, second_interface: bool = False, tag: str | None = None
+    ) -> None:
         if not 1 <= hosts <= 200:
             raise ValueError("a test bed has 1 to 200 hosts")
-        self.tag = f"sw{os.getpid() % 100000}"
+        self.tag = tag or f"sw{os.getpid() % 100000}"  # namespaces are named <tag>-switch, <tag>-h1, ...
         self.switch = f"{self.tag}-switch"
         self.default_route = default_route
         self.second_interface = second_interface
@@ -404,18 +406,53 @@ async def _relay(listen: tuple[str, int], target: tuple[str, int], delay: list[f
             task.cancel()
 
 
+CLI_TAG = "swarmbed"  # the namespaces `python -m swarm.testbed up` makes: swarmbed-switch, swarmbed-h1, ...
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m swarm.testbed", description="test-bed helpers")
+    p = argparse.ArgumentParser(prog="python -m swarm.testbed", description="a network test bed of namespaces (root)")
     sub = p.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help=f"make hosts {CLI_TAG}-h1... on a switch and leave them up")
+    up.add_argument("--hosts", type=int, default=4, help="hosts to make (default 4)")
+    up.add_argument("--no-default-route", action="store_true", help="hosts without a default route")
+    up.add_argument("--second-interface", action="store_true", help="a dock0 on each host that no other reaches")
+    down = sub.add_parser("down", help="remove the hosts `up` made")
+    down.add_argument("--hosts", type=int, default=200, help=argparse.SUPPRESS)
+    for name, what in (("cut", "unplug a host's cable"), ("heal", "plug a host's cable back in")):
+        fault = sub.add_parser(name, help=what)
+        fault.add_argument("host", help="h1, h2, ...")
     relay = sub.add_parser("relay", help="a TCP relay that delays each direction")
     relay.add_argument("listen", help="HOST:PORT to listen on")
     relay.add_argument("target", help="HOST:PORT to relay to")
     relay.add_argument("--delay-s", type=float, default=0.0, help="seconds each chunk is held, per direction")
     args = p.parse_args(argv)
-    listen_host, listen_port = args.listen.rsplit(":", 1)
-    target_host, target_port = args.target.rsplit(":", 1)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_relay((listen_host, int(listen_port)), (target_host, int(target_port)), [args.delay_s]))
+    if args.command == "relay":
+        listen_host, listen_port = args.listen.rsplit(":", 1)
+        target_host, target_port = args.target.rsplit(":", 1)
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_relay((listen_host, int(listen_port)), (target_host, int(target_port)), [args.delay_s]))
+        return 0
+    reason = unavailable()
+    if reason is not None:
+        print(f"error: {reason}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "up":
+            bed = TestBed(args.hosts, default_route=not args.no_default_route,
+                          second_interface=args.second_interface, tag=CLI_TAG).start()  # fmt: skip
+            for host in bed.hosts:
+                print(f"{host.name}: ip netns exec {host.netns} ...   (eth0 {host.address})")
+            print(f"a switch in {bed.switch}; `python -m swarm.testbed down` removes it all")
+        elif args.command == "down":
+            names = _ip("netns", "list").split()
+            for name in [n for n in names if n.startswith(f"{CLI_TAG}-")]:
+                _ip("netns", "del", name)
+        else:
+            index = int(args.host.removeprefix("h"))
+            _ip("-n", f"{CLI_TAG}-switch", "link", "set", f"p{index}", "down" if args.command == "cut" else "up")
+    except (TestBedError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -10,6 +10,7 @@ import torch
 
 from swarm.auth import Keyring, Opener, Sealer
 from swarm.identity import Identity
+from swarm.layer_map import LayerMap
 from swarm.membership import MemberInfo
 from swarm.stage_service import STAGE_PATH
 from swarm.tensors import pack
@@ -32,7 +33,7 @@ class Prober:
         """The first stage's URL and the sealed message."""
         first = self.map["stages"][0]
         body = {"info": self.info, "leader": None, "leader_priority": None, "epoch": self.map["epoch"],
-                "route": self.map["stages"], **body}  # fmt: skip
+                "map": LayerMap.from_dict(self.map).id, "route": self.map["stages"], **body}  # fmt: skip
         return first["url"] + STAGE_PATH, self.sealer.seal(kind, body, term=0, incarnation=1, to=first["peer_id"])
 
     def send(self, url: str, data: bytes) -> dict[str, Any]:

@@ -56,7 +56,7 @@ def main() -> int:
     hidden = pack(torch.randn(1, 1, plan["hidden_size"]))
     mine = [{"peer_id": me.peer_id, "url": "http://127.0.0.1:9", "start": 0, "end": plan["num_layers"]}]
     evil_map = {"term": plan["term"] + 100, "epoch": plan["epoch"] + 100, "model": plan["fingerprint"],
-                "num_layers": plan["num_layers"], "stages": mine}  # fmt: skip
+                "num_layers": plan["num_layers"], "stages": mine, "leader": me.peer_id}  # fmt: skip
     session = plan["session"]
     attempts: list[tuple[str, str, str, dict[str, Any], str]] = []  # name, url, kind, body, recipient
     for s in stages:
@@ -72,16 +72,16 @@ def main() -> int:
     route = stages
     attempts += [
         ("open_session", first["url"] + STAGE_PATH, "step",
-         {"session": "rogue-session", "epoch": plan["epoch"], "route": route, "start": 0,
+         {"session": "rogue-session", "epoch": plan["epoch"], "map": plan["map"], "route": route, "start": 0,
           "input": pack(torch.tensor([[1, 2, 3]])), "open": {"max_length": 8, "sampling": {}}}, first["peer_id"]),
         ("inject_activations", middle["url"] + STAGE_PATH, "step",
-         {"session": session, "epoch": plan["epoch"], "route": route[1:], "start": plan["position"],
+         {"session": session, "epoch": plan["epoch"], "map": plan["map"], "route": route[1:], "start": plan["position"],
           "input": hidden}, middle["peer_id"]),
         ("steal_activations", first["url"] + STAGE_PATH, "step",
-         {"session": session, "epoch": plan["epoch"], "route": [first, *mine], "start": plan["position"],
-          "input": pack(torch.tensor([[1]]))}, first["peer_id"]),
+         {"session": session, "epoch": plan["epoch"], "map": plan["map"], "route": [first, *mine],
+          "start": plan["position"], "input": pack(torch.tensor([[1]]))}, first["peer_id"]),
         ("close_session", first["url"] + STAGE_PATH, "close",
-         {"session": session, "epoch": plan["epoch"], "route": route}, first["peer_id"]),
+         {"session": session, "epoch": plan["epoch"], "map": plan["map"], "route": route}, first["peer_id"]),
     ]  # fmt: skip
     results: dict[str, list[Any]] = {}
     for i, captured in enumerate(plan["captured"]):  # first, well within the clock skew allowed

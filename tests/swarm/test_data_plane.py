@@ -19,6 +19,7 @@ import torch
 
 from swarm.auth import Keyring, Sealer, load_swarm_key
 from swarm.identity import Identity
+from swarm.layer_map import LayerMap
 from swarm.membership import MemberInfo
 from swarm.stage_service import STAGE_PATH
 from swarm.tensors import pack
@@ -197,12 +198,14 @@ def test_stage_endpoints_refuse_bad_messages_without_disturbing_sessions(swarm, 
 
     route = layer_map["stages"]
     tokens = pack(torch.tensor([[1, 2, 3]], dtype=torch.int64))
-    base = {"session": "probe", "epoch": layer_map["epoch"], "route": route, "start": 0}
+    base = {"session": "probe", "epoch": layer_map["epoch"], "map": LayerMap.from_dict(layer_map).id, "route": route,
+            "start": 0}  # fmt: skip
     opening = {"max_length": 8, "sampling": {"temperature": 0.0}}
     key = swarm["key"]
     bad = [
         (first, {**base, "input": tokens, "open": opening}, None, 401, "unknown_key"),  # no swarm key
         (first, {**base, "input": tokens, "open": opening, "epoch": layer_map["epoch"] + 7}, key, 409, "stale_epoch"),
+        (first, {**base, "input": tokens, "open": opening, "map": "1.1.another-leader"}, key, 409, "stale_epoch"),
         (first, {**base, "input": pack(torch.ones(1, 3)), "open": opening}, key, 409, "mismatch"),  # floats, not ids
         (first, {**base, "input": pack(torch.tensor([[[1, 2]]], dtype=torch.int64))}, key, 409, "mismatch"),  # 3-D
         (first, {**base, "input": tokens}, key, 409, "unknown_session"),  # a session never opened

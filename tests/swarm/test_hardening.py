@@ -29,6 +29,7 @@ import pytest
 from swarm.auth import Keyring, Sealer, key_fingerprint, load_keyring, load_swarm_key
 from swarm.cli import main as swarm_cli
 from swarm.identity import Identity
+from swarm.layer_map import LayerMap
 from tests.swarm.prober import Prober
 from tests.swarm.procs import PeerProcess, start_seeded_swarm, wait_for, write_config
 
@@ -193,6 +194,7 @@ def test_a_rogue_process_without_the_key_changes_nothing(swarm, reference: str) 
         plan = {
             "stages": status["layer_map"]["stages"],
             "epoch": status["layer_map"]["epoch"],
+            "map": LayerMap.from_dict(status["layer_map"]).id,
             "term": status["term"],
             "fingerprint": status["model"]["fingerprint"],
             "num_layers": status["model"]["num_layers"],

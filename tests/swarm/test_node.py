@@ -407,3 +407,20 @@ async def test_dead_members_are_retried_so_a_partition_heals(tmp_path: Path, mod
         # Each refuted the rumour of its death with a higher incarnation.
         assert (a.node.membership.me.incarnation, b.node.membership.me.incarnation) > incarnations
         await until(lambda: a.node.ready() and b.node.ready() and a.node.layer_map == b.node.layer_map, "one map")
+
+
+async def test_a_peer_that_guessed_its_address_takes_the_one_another_reached_it_at(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    async with peer(tmp_path, model_dir, "a", None) as a:
+        node = a.node
+        assert node.membership is not None
+        node._learn_url, node._own_addresses = True, {"198.18.0.7", "198.19.0.1"}
+        node.observed("203.0.113.5")  # not one of ours (a NAT between us): ignored, and no more learning
+        assert node.url == a.url and not node._learn_url
+        node._learn_url = True
+        node.observed("198.18.0.7")
+        port = a.url.rsplit(":", 1)[1]
+        assert node.url == node.membership.me.url == f"http://198.18.0.7:{port}"
+        node.observed("198.19.0.1")  # once learnt, kept
+        assert node.url == f"http://198.18.0.7:{port}"

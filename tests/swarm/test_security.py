@@ -187,6 +187,7 @@ def layer_map_from(leader_id: str, node: Node, term: int, epoch: int) -> dict[st
         "epoch": epoch,
         "model": node.model.fingerprint,
         "num_layers": layers,
+        "leader": leader_id,
         "stages": [{"peer_id": leader_id, "url": "http://127.0.0.1:9", "start": 0, "end": layers}],
     }
 
