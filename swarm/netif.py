@@ -81,12 +81,12 @@ def advertised_addresses(local: list[Interface], outward: str | None) -> list[st
 
 
 def reachable_first(announced: list[str], local: list[Interface]) -> list[str]:
-    """The addresses another peer announced, the likeliest to reach it first, the hopeless left out.
+    """The addresses another peer announced, the likeliest to reach it first, unusable ones left out.
 
-    An address that is also one of ours (every host's container bridge may be 172.17.0.1) names
-    our own interface, not the other peer, unless it is loopback (then the peer is on this
-    machine, and mDNS over loopback only reaches this machine). An address on a subnet one of our
-    interfaces is on comes before one that needs a router."""
+    Loopback, and an address on a subnet one of our interfaces is on, come first; then one that
+    needs a router; an address that is also one of ours comes last: it is another peer on this
+    machine, or a copy of an address every host has (each host's container bridge may be
+    172.17.0.1), which names our own interface and not the other peer."""
     own = {i.address for i in local}
     nets = [i.network for i in local if not i.loopback]
     keep = []
@@ -95,6 +95,6 @@ def reachable_first(announced: list[str], local: list[Interface]) -> list[str]:
             address = ipaddress.IPv4Address(text)
         except ValueError:
             continue
-        if address.is_loopback or text not in own:
-            keep.append((0 if address.is_loopback or any(address in n for n in nets) else 1, text))
+        near = address.is_loopback or any(address in n for n in nets)
+        keep.append((2 if text in own and not address.is_loopback else 0 if near else 1, text))
     return [text for _, text in sorted(keep, key=lambda k: k[0])]

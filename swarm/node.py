@@ -265,7 +265,8 @@ class Node:
         state = self.membership.state_of(found.peer_id) if self.membership else None
         if state is None or state is State.DEAD:
             for url in found.urls:
-                self._introduce(url)
+                if not self._mine_at(url):
+                    self._introduce(url)
 
     def observed(self, address: Any) -> None:
         """A peer answered our hello saying it came from `address`. A peer that had to guess its
@@ -606,7 +607,8 @@ class Node:
             if reply.recipient != self.peer_id or (to is not None and reply.sender != to):
                 raise MessageRejected("misdirected", f"reply from {reply.sender} for {reply.recipient}")
             checked = dataclasses.replace(self._check(reply), remote=urlsplit(url).hostname)
-            self.observed(reply.body.get("observed"))
+            if urlsplit(url).hostname not in self._own_addresses:  # a peer on this machine sees a local path
+                self.observed(reply.body.get("observed"))
             if reply.kind in ("stale", "duplicate"):
                 self._answered(checked)
                 return "rejected"
@@ -783,8 +785,15 @@ class Node:
         return info.instance == member.info.instance
 
     def _mine(self, info: MemberInfo) -> bool:
-        """Whether another peer's url names a non-loopback address of this machine, where it cannot be."""
-        return info.peer_id != self.peer_id and urlsplit(info.url).hostname in self._own_addresses
+        """Whether another peer's url is an address of this machine at this peer's own port, where it
+        cannot be: a guess of its own address that is also one of ours (every host's container
+        bridge may have the same one)."""
+        return info.peer_id != self.peer_id and self._mine_at(info.url)
+
+    def _mine_at(self, url: str) -> bool:
+        """Whether `url` is this peer itself, at one of this machine's non-loopback addresses."""
+        parts = urlsplit(url)
+        return parts.hostname in self._own_addresses and parts.port == urlsplit(self.url).port
 
     @property
     def key_fingerprint(self) -> str:
