@@ -54,6 +54,9 @@ MAX_INTRODUCTIONS = 256  # addresses waiting for a hello (seeds, mDNS finds, hea
 HELLO_BACKOFF_MAX_S = 30.0
 MAX_HELLO_FAILURES = 8  # an address (not a seed) that fails this many hellos in a row is forgotten
 MAX_IMPOSTORS = 64  # (peer id, instance) pairs refused as copies of a live peer, remembered at most
+# Incarnations a refusal as replayed may move this peer past, per process: enough to step over every
+# window a receiver keeps (auth.INCARNATIONS_KEPT), while a stranger's forged refusals stop there.
+MAX_BEHIND = 8
 LOAD_RETRY_MAX_S = 60.0  # a failed load is retried with doubling waits up to this
 
 
@@ -157,6 +160,7 @@ class Node:
         self._impostors: dict[tuple[str, str], str] = {}  # (peer id, instance) of a copy -> the holder's url
         self._verifying: set[str] = set()  # peer ids whose holder is being asked whether it is still there
         self._behind_at = -math.inf  # when a refusal last moved this peer's incarnation on
+        self._behind_count = 0  # and how often it did (plain JSON: anyone can send one; bounded)
         # Set when this peer must stop: another process holds its identity (`fatal` says so).
         self.failed = asyncio.Event()
         self.fatal: str | None = None
@@ -274,9 +278,11 @@ class Node:
         its own, once; a guess that a peer confirms is kept."""
         if not self._learn_url or self.membership is None or not isinstance(address, str):
             return
-        self._learn_url = False
         parts = urlsplit(self.url)
-        if address == parts.hostname or address not in self._own_addresses:
+        if address not in self._own_addresses:
+            return  # loopback, or a NAT between us: says nothing of where the others reach this peer
+        self._learn_url = False
+        if address == parts.hostname:
             return
         self.url = f"http://{address}:{parts.port}"
         self.membership.update_me(url=self.url)
@@ -421,9 +427,7 @@ class Node:
             return
         known = member.info
         if info.instance == known.instance:
-            if checked.msg.incarnation < known.incarnation:
-                raise MessageRejected("stale", f"incarnation {checked.msg.incarnation} < {known.incarnation}")
-            return
+            return  # the process we know (an older incarnation of it is the replay windows' business)
         if member.state is State.DEAD or (info.url == known.url and info.incarnation > known.incarnation):
             # Its old process is gone (dead here, or its address taken by the new one): a restart.
             if info.incarnation <= known.incarnation:
@@ -447,7 +451,12 @@ class Node:
                 if len(self._impostors) < MAX_IMPOSTORS:
                     self._impostors[(claimant.peer_id, claimant.instance)] = holder.url
                 log.warning("%s; refusing the copy at %s", self._duplicate(holder.peer_id, holder.url), claimant.url)
-            else:
+                return
+            # Dead only on firm evidence, as for any probe: nobody listens there (the old process is
+            # gone), or no answer while its heartbeat has been quiet too. A holder that is merely
+            # slow keeps its place, and the claimant is asked to come back and is checked again.
+            quiet = self.membership.quiet_for(holder.peer_id, self.clock())
+            if reply == "refused" or quiet > self.config.gossip.suspect_after_s:
                 cause = f"its peer id was claimed from {claimant.url} and nobody answered for it at {holder.url}"
                 self._on_events(self.membership.declare_dead(holder.peer_id, self.clock(), cause))
         finally:
@@ -460,12 +469,12 @@ class Node:
     def _behind(self, url: str) -> None:
         """A fresh message of ours was refused as replayed or stale: the peer at `url` saw this
         incarnation already, from an earlier process with an older copy of our state. Move past it
-        (at most once a gossip interval; a forged refusal costs nothing but a higher number)."""
+        (at most once a gossip interval and MAX_BEHIND times: the refusal is plain JSON)."""
         assert self.membership is not None
         now = self.clock()
-        if now - self._behind_at < self.config.gossip.interval_s:
+        if now - self._behind_at < self.config.gossip.interval_s or self._behind_count >= MAX_BEHIND:
             return
-        self._behind_at = now
+        self._behind_at, self._behind_count = now, self._behind_count + 1
         incarnation = self.membership.me.incarnation + 1
         self.membership.update_me(incarnation=incarnation)
         self._persist()
@@ -607,6 +616,9 @@ class Node:
             if reply.recipient != self.peer_id or (to is not None and reply.sender != to):
                 raise MessageRejected("misdirected", f"reply from {reply.sender} for {reply.recipient}")
             checked = dataclasses.replace(self._check(reply), remote=urlsplit(url).hostname)
+            # An answer from a process claiming a member's peer id is judged as a message would be: a
+            # copy reached at its own address (a seed naming its machine) must not take the place.
+            self._check_identity(checked)
             if urlsplit(url).hostname not in self._own_addresses:  # a peer on this machine sees a local path
                 self.observed(reply.body.get("observed"))
             if reply.kind in ("stale", "duplicate"):

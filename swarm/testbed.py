@@ -27,6 +27,7 @@ import ctypes
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -395,9 +396,12 @@ async def _relay(listen: tuple[str, int], target: tuple[str, int], delay: list[f
 
     server = await asyncio.start_server(accepted, *listen, reuse_address=True)
     print("listening", flush=True)
-    loop = asyncio.get_running_loop()
+    mode = os.fstat(sys.stdin.fileno()).st_mode
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):  # a file, /dev/null, a terminal: the delay stays
+        async with server:
+            await asyncio.Event().wait()  # until a signal stops the process
     stdin = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+    await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
     async with server:
         while line := await stdin.readline():  # one delay in seconds per line; EOF stops the relay
             with contextlib.suppress(ValueError):
@@ -416,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--hosts", type=int, default=4, help="hosts to make (default 4)")
     up.add_argument("--no-default-route", action="store_true", help="hosts without a default route")
     up.add_argument("--second-interface", action="store_true", help="a dock0 on each host that no other reaches")
-    down = sub.add_parser("down", help="remove the hosts `up` made")
+    down = sub.add_parser("down", help="remove the hosts `up` made (and their processes' network)")
     down.add_argument("--hosts", type=int, default=200, help=argparse.SUPPRESS)
     for name, what in (("cut", "unplug a host's cable"), ("heal", "plug a host's cable back in")):
         fault = sub.add_parser(name, help=what)

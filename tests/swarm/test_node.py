@@ -416,11 +416,28 @@ async def test_a_peer_that_guessed_its_address_takes_the_one_another_reached_it_
         node = a.node
         assert node.membership is not None
         node._learn_url, node._own_addresses = True, {"198.18.0.7", "198.19.0.1"}
-        node.observed("203.0.113.5")  # not one of ours (a NAT between us): ignored, and no more learning
-        assert node.url == a.url and not node._learn_url
-        node._learn_url = True
+        node.observed("203.0.113.5")  # not one of ours (a NAT between us): says nothing, learning goes on
+        node.observed("127.0.0.1")  # a peer on this machine, reached over loopback: likewise
+        assert node.url == a.url and node._learn_url
         node.observed("198.18.0.7")
         port = a.url.rsplit(":", 1)[1]
         assert node.url == node.membership.me.url == f"http://198.18.0.7:{port}"
         node.observed("198.19.0.1")  # once learnt, kept
         assert node.url == f"http://198.18.0.7:{port}"
+
+
+async def test_a_copy_reached_by_a_hello_does_not_take_the_originals_place(tmp_path: Path, model_dir: Path) -> None:
+    """A member says hello to the copy's own address (a seed naming the copy's machine): the answer
+    is judged like a message, so the copy is refused, and the original stays."""
+    key = os.urandom(32)
+    async with peer(tmp_path, model_dir, "a", key) as a, peer(tmp_path, model_dir, "b", key, [hostport(a)]) as b:
+        await until(lambda: a.node.ready() and b.node.ready() and len(members(a)) == 1, "a swarm of two")
+        assert a.node.membership is not None and b.node.membership is not None
+        original = b.node.membership.me
+        copy_state(tmp_path, "b", "copy")
+        async with peer(tmp_path, model_dir, "copy", key) as copy:  # joins no one
+            a.node._introduce(copy.url)
+            await until(lambda: copy.node.failed.is_set(), "the copy to be told it is one")
+            held = a.node.membership.members[original.peer_id]
+            assert held.info.instance == original.instance and held.info.url == b.url
+            assert held.state is State.ALIVE and not b.node.failed.is_set()
