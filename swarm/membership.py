@@ -218,6 +218,31 @@ class Membership:
         return member.state if member else None
 
 
+class Claim(str, Enum):
+    """What a peer's own account of itself means next to the member this peer knows by its id."""
+
+    NEW = "new"  # no member of that id (or one from before instances were named): take it in
+    SAME = "same"  # the process this peer knows
+    RESTART = "restart"  # another process, and the old one is gone: dead here, or its address taken
+    STALE = "stale"  # a restart, but from an older copy of its state: it must move past `incarnation`
+    VERIFY = "verify"  # another process at another address while the member lives: a copy, or a
+    # restart elsewhere before the old one was missed; ask the member's address which
+
+
+def judge_claim(info: MemberInfo, member: Member | None) -> Claim:
+    """Judge a process that claims `info.peer_id` against the member known by that id. An identity
+    key copied to another machine gives the same peer id and valid signatures; only the process's
+    `instance` (new with every start) and its address tell the two apart."""
+    if member is None or not member.info.instance:
+        return Claim.NEW
+    known = member.info
+    if info.instance == known.instance:
+        return Claim.SAME
+    if member.state is State.DEAD or (info.url == known.url and info.incarnation > known.incarnation):
+        return Claim.RESTART if info.incarnation > known.incarnation else Claim.STALE
+    return Claim.VERIFY
+
+
 def parse_digest(raw: Any, max_entries: int) -> list[tuple[MemberInfo, bool]]:
     """Parse a hostile digest into (info, reported dead) pairs."""
     if not isinstance(raw, list) or len(raw) > max_entries + 1:

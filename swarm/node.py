@@ -36,7 +36,7 @@ from swarm.errors import Answered, LayerMapError, MessageRejected, Relayed, Swar
 from swarm.guard import FloodLog, file_stamp
 from swarm.identity import Identity, PersistentState, StateFile
 from swarm.layer_map import LayerMap, Stage, next_map, should_follow
-from swarm.membership import Event, MemberInfo, Membership, State, parse_digest
+from swarm.membership import Claim, Event, MemberInfo, Membership, State, judge_claim, parse_digest
 from swarm.netif import interfaces
 from swarm.partitioner import Candidate, Share, partition
 from swarm.stage_host import StageHost
@@ -423,21 +423,18 @@ class Node:
         if holder is not None:
             raise Answered("duplicate_identity", self._duplicate(info.peer_id, holder), "duplicate", {"holder": holder})
         member = self.membership.members.get(info.peer_id)
-        if member is None or not member.info.instance:
-            return
-        known = member.info
-        if info.instance == known.instance:
-            return  # the process we know (an older incarnation of it is the replay windows' business)
-        if member.state is State.DEAD or (info.url == known.url and info.incarnation > known.incarnation):
-            # Its old process is gone (dead here, or its address taken by the new one): a restart.
-            if info.incarnation <= known.incarnation:
-                raise Answered("stale", f"incarnation {info.incarnation} <= {known.incarnation}", "stale",
-                               {"incarnation": known.incarnation})  # fmt: skip
-            return
-        if info.peer_id not in self._verifying:
-            self._verifying.add(info.peer_id)
-            self._spawn(self._verify_holder(known, info))
-        raise MessageRejected("not_ready", f"peer id {info.peer_id} is also at {known.url}; asking whether it still is")
+        claim = judge_claim(info, member)
+        if claim is Claim.STALE:
+            assert member is not None
+            known = member.info.incarnation
+            raise Answered("stale", f"incarnation {info.incarnation} <= {known}", "stale", {"incarnation": known})
+        if claim is Claim.VERIFY:
+            assert member is not None
+            if info.peer_id not in self._verifying:
+                self._verifying.add(info.peer_id)
+                self._spawn(self._verify_holder(member.info, info))
+            raise MessageRejected("not_ready", f"peer id {info.peer_id} is also at {member.info.url}; asking whether "
+                                  "it still is")  # fmt: skip
 
     async def _verify_holder(self, holder: MemberInfo, claimant: MemberInfo) -> None:
         """Ask the address of a live member whether it is still there (the same process): if it is,
@@ -789,12 +786,10 @@ class Node:
                 self._introduce(info.url)  # hearsay: meet it ourselves before it counts
 
     def _same_process(self, info: MemberInfo) -> bool:
-        """Whether hearsay about a member speaks of the process this peer knows (or the member is dead)."""
+        """Whether hearsay about a member may be believed: it speaks of the process this peer knows,
+        or of one whose old process is gone (only the member itself can settle any other claim)."""
         assert self.membership is not None
-        member = self.membership.members.get(info.peer_id)
-        if member is None or member.state is State.DEAD or not member.info.instance:
-            return True
-        return info.instance == member.info.instance
+        return judge_claim(info, self.membership.members.get(info.peer_id)) is not Claim.VERIFY
 
     def _mine(self, info: MemberInfo) -> bool:
         """Whether another peer's url is an address of this machine at this peer's own port, where it

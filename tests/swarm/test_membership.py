@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from swarm.config import GossipConfig
 from swarm.errors import MessageRejected
-from swarm.membership import Event, MemberInfo, Membership, State, parse_digest
+from swarm.membership import Claim, Event, Member, MemberInfo, Membership, State, judge_claim, parse_digest
 
 CONFIG = GossipConfig(
     interval_s=0.1, fanout=2, suspect_after_s=0.3, dead_after_s=0.6, forget_after_s=2.0, max_members=3
@@ -456,3 +456,26 @@ def test_quiet_for_counts_from_the_last_heartbeat_that_went_up() -> None:
     assert m.quiet_for("a", T0 + 1.5) == pytest.approx(0.5)
     assert m.quiet_for("me", T0 + 9) == 0.0
     assert m.quiet_for("stranger", T0 + 9) == 0.0
+
+
+# ---- claims to a member's peer id ---------------------------------------------------------------------
+
+
+def test_a_claim_to_a_members_peer_id_is_judged_by_instance_address_and_liveness() -> None:
+    known = info("a", instance="i1", url="http://198.18.0.1:50051", incarnation=3)
+    alive, dead = Member(known, State.ALIVE, T0), Member(known, State.DEAD, T0, died_at=T0)
+    suspect = Member(known, State.SUSPECT, T0)
+    assert judge_claim(known, None) is Claim.NEW
+    assert judge_claim(known, Member(dataclasses.replace(known, instance=""), State.ALIVE, T0)) is Claim.NEW
+    assert judge_claim(dataclasses.replace(known, heartbeat=9), alive) is Claim.SAME
+    elsewhere = dataclasses.replace(known, instance="i2", url="http://198.18.0.4:50051", incarnation=4)
+    # Another process at another address while the member lives (even if quiet): ask the member.
+    assert judge_claim(elsewhere, alive) is Claim.VERIFY
+    assert judge_claim(elsewhere, suspect) is Claim.VERIFY
+    # Once the member is dead, a higher incarnation is a restart; a lower or equal one is stale.
+    assert judge_claim(elsewhere, dead) is Claim.RESTART
+    assert judge_claim(dataclasses.replace(elsewhere, incarnation=2), dead) is Claim.STALE
+    # The same address with a higher incarnation: the old process no longer holds the port.
+    in_place = dataclasses.replace(known, instance="i2", incarnation=4)
+    assert judge_claim(in_place, alive) is Claim.RESTART
+    assert judge_claim(dataclasses.replace(in_place, incarnation=3), alive) is Claim.VERIFY
