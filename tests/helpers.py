@@ -1,5 +1,6 @@
-"""Helpers shared by tests: a tensor source that records its reads, the names a stage needs, and
-Hugging Face's own greedy continuation of prompts (the reference the swarm's output must equal)."""
+"""Helpers shared by tests: a tensor source that records its reads, the names a stage needs,
+Hugging Face's own greedy continuation of prompts (the reference the swarm's output must equal),
+and a tiny Llama config."""
 
 from __future__ import annotations
 
@@ -76,3 +77,19 @@ def hf_greedy(files: Any, prompts: list[str], max_tokens: int) -> dict[str, list
             stop = next((i for i, t in enumerate(new) if t in tokenizer.eos_token_ids), None)
             out[prompt] = new[: stop + 1] if stop is not None else new
     return out
+
+
+def tiny_config(**overrides: Any) -> Any:
+    """A tiny Llama config (3 layers, hidden 64), with `overrides`."""
+    from transformers import LlamaConfig
+
+    base = {
+        "vocab_size": 300,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": False,
+    }
+    return LlamaConfig(**{**base, **overrides})

@@ -9,19 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from peer.errors import UnsupportedModel
 from peer.profile import ModelProfile
-
-
-def tiny_config(**overrides) -> LlamaConfig:
-    base = {
-        "vocab_size": 300,
-        "hidden_size": 64,
-        "intermediate_size": 96,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "tie_word_embeddings": False,
-    }
-    return LlamaConfig(**{**base, **overrides})
+from tests.helpers import tiny_config
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ from swarm.daemon import PeerServer
 from swarm.identity import STATE_FILE, Identity
 from swarm.membership import Event, MemberInfo, State
 from swarm.node import Node
-from tests.swarm.test_security import hostport, members, peer, until
+from tests.swarm.inproc import hostport, members, peer, until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -132,7 +132,7 @@ async def test_a_starting_peer_answers_status_with_503(tmp_path: Path, model_dir
 
     from swarm.api import make_app
     from swarm.daemon import build_node
-    from tests.swarm.test_security import make_config
+    from tests.swarm.inproc import make_config
 
     node = build_node(make_config(tmp_path, model_dir, "a", []), Keyring(), show_progress=False)
     async with TestClient(TestServer(make_app(node), host="127.0.0.1")) as client:

@@ -10,8 +10,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,66 +19,17 @@ import msgpack
 import pytest
 
 from swarm.auth import Keyring, Sealer, key_fingerprint, write_keyring
-from swarm.config import swarm_config_from_dict
-from swarm.daemon import PeerServer, build_node
+from swarm.daemon import PeerServer
 from swarm.identity import Identity
 from swarm.membership import MemberInfo
 from swarm.node import MSG_PATH, Node
-from tests.swarm.procs import FAST
+from tests.swarm.inproc import hostport, members, peer, until
 
 pytestmark = pytest.mark.timeout(120)
-
-WAIT_S = 30.0
-
 
 @pytest.fixture
 def model_dir(tiny_llama) -> Path:
     return tiny_llama(layers=4)
-
-
-def make_config(tmp_path: Path, model: Path, name: str, join: list[str], **extra: Any) -> Any:
-    raw: dict[str, Any] = {k: dict(v) for k, v in FAST.items()}
-    raw["node"] = {"host": "127.0.0.1", "port": 0, "node_id": name, "state_dir": str(tmp_path / f"state-{name}")}
-    raw["discovery"] = {"mdns": False, "join": join}
-    raw["model"] = {"spec": str(model)}
-    raw["store"] = {"cache_dir": str(tmp_path / "cache")}
-    raw["resources"] = {"max_memory_mb": 64}
-    for section, values in extra.items():
-        raw.setdefault(section, {}).update(values)
-    return swarm_config_from_dict(raw)
-
-
-@asynccontextmanager
-async def peer(
-    tmp_path: Path,
-    model: Path,
-    name: str,
-    key: bytes | None,
-    join: list[str] = (),
-    **extra: Any,  # type: ignore[assignment]
-) -> AsyncIterator[PeerServer]:
-    node = build_node(make_config(tmp_path, model, name, list(join), **extra), Keyring.of(key), show_progress=False)
-    async with PeerServer(node) as server:
-        yield server
-
-
-async def until(predicate: Callable[[], Any], what: str) -> Any:
-    """Wait for a condition the peers reach on their own timers (polled, with a deadline)."""
-    deadline = asyncio.get_running_loop().time() + WAIT_S
-    while not (result := predicate()):
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-    return result
-
-
-def members(server: PeerServer) -> set[str]:
-    assert server.node.membership is not None
-    return set(server.node.membership.members)
-
-
-def hostport(server: PeerServer) -> str:
-    return server.url.removeprefix("http://")
 
 
 async def test_a_peer_with_another_swarm_key_is_never_admitted(tmp_path: Path, model_dir: Path) -> None:

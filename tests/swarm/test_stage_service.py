@@ -19,7 +19,7 @@ from swarm.layer_map import LayerMap, Stage
 from swarm.node import Checked
 from swarm.stage_service import StageService, route_json
 from swarm.tensors import pack
-from tests.peer.test_profile import tiny_config
+from tests.helpers import tiny_config
 
 PEER = "a" * 32
 
