@@ -61,13 +61,15 @@ def default_config() -> SwarmConfig:
 
 @pytest.fixture(scope="module")
 def reference(smollm2) -> dict[str, str]:
-    """Hugging Face's greedy continuation of each prompt, as text."""
+    """Hugging Face's greedy continuation of each prompt, as text (and, under "tokens", token by token)."""
     from peer.tokenizer import Tokenizer
 
     _, files = smollm2
     tokenizer = Tokenizer.from_dir(files.meta_dir, files.load_config())
     ids = hf_greedy(files, PROMPTS, MAX_TOKENS)
-    return {p: tokenizer.decode(ids[p], skip_special_tokens=True) for p in PROMPTS}
+    out: dict[str, Any] = {p: tokenizer.decode(ids[p], skip_special_tokens=True) for p in PROMPTS}
+    out["tokens"] = {p: [tokenizer.decode([t], skip_special_tokens=False) for t in ids[p]] for p in PROMPTS}
+    return out
 
 
 def machine(host: Host, tmp: Path, cache: Path, name: str | None = None) -> tuple[Path, dict[str, str]]:
@@ -109,7 +111,8 @@ def readme(request, smollm2, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 def complete_from(host: Host, url: str, prompt: str) -> tuple[int, Any]:
-    return host.post_json(url + "/v1/completions", {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0})
+    body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "logprobs": 1}
+    return host.post_json(url + "/v1/completions", body)
 
 
 def test_three_hosts_form_one_swarm_at_addresses_the_others_reach(readme) -> None:
@@ -124,11 +127,12 @@ def test_three_hosts_form_one_swarm_at_addresses_the_others_reach(readme) -> Non
         assert "Traceback" not in p.log(), p.log()
 
 
-def test_a_fourth_host_gets_hugging_faces_text(readme, reference) -> None:
+def test_a_fourth_host_gets_hugging_faces_tokens(readme, reference) -> None:
     client, peers = readme["bed"].hosts[3], readme["peers"]
     for prompt, peer in zip(PROMPTS, peers, strict=True):  # every peer takes prompts
         status, body = complete_from(client, str(peer.url), prompt)
         assert status == 200, body
+        assert body["choices"][0]["logprobs"]["tokens"] == reference["tokens"][prompt], prompt  # token for token
         assert body["choices"][0]["text"] == reference[prompt], prompt
 
 
