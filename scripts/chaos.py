@@ -339,13 +339,16 @@ def inject(swarm: ChaosSwarm, args: argparse.Namespace, rng: random.Random, dead
             if kind != "delay":
                 swarm.down[target.name] = kind
         log(f"fault {len(faults.done)}: {kind} {name}{' (the leader)' if fault.leader else ''}")
-        heal = threading.Thread(target=_fault, args=(swarm, target, fault, rng.uniform(1.0, 4.0), dead_after_s))
+        spike = rng.uniform(*DELAY_SPIKE_S)  # drawn here, from the run's seed, like every other choice
+        heal = threading.Thread(target=_fault, args=(swarm, target, fault, rng.uniform(1.0, 4.0), dead_after_s, spike))
         heal.start()
         faults.pending.append(heal)
     return faults
 
 
-def _fault(swarm: ChaosSwarm, peer: PeerProcess, fault: Fault, extra_s: float, dead_after_s: float) -> None:
+def _fault(
+    swarm: ChaosSwarm, peer: PeerProcess, fault: Fault, extra_s: float, dead_after_s: float, spike_s: float
+) -> None:
     """Make `fault` happen to `peer`, hold it (the sleeps are part of the fault), and heal it."""
     bed = swarm.bed
     if fault.kind == "kill":
@@ -378,7 +381,7 @@ def _fault(swarm: ChaosSwarm, peer: PeerProcess, fault: Fault, extra_s: float, d
             swarm.groups = None
     elif fault.kind == "delay":
         relay = swarm.relays[peer.name]
-        relay.set_delay(random.uniform(*DELAY_SPIKE_S))
+        relay.set_delay(spike_s)
         time.sleep(2 * extra_s)
         relay.set_delay(0.0)
     with swarm.lock:
@@ -408,8 +411,10 @@ def judge(outcomes: list[Outcome], faults: list[Fault]) -> list[str]:
         elif o.kind in ("lost", "error") and entry_down:  # nothing but its own entry peer could answer it
             o.kind += "_with_entry"
             continue
-        elif o.kind == "error" and "cannot hold the model" in o.detail and any(
-            f.at <= ended and o.started <= (f.healed or ended) for f in faults
+        elif (
+            o.kind == "error"
+            and "cannot hold the model" in o.detail
+            and any(f.at <= ended and o.started <= (f.healed or ended) for f in faults)
         ):
             continue  # the explicit error the design allows, while a fault left too few peers on its side
         if o.kind != "ok":

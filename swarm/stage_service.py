@@ -67,12 +67,6 @@ def route_json(route: list[Stage]) -> list[dict[str, Any]]:
     return [{"peer_id": s.peer_id, "url": s.url, "start": s.start, "end": s.end} for s in route]
 
 
-def stage_index(route: list[Stage], node: Node) -> int:
-    """Where a checked route's first stage stands in the current layer map."""
-    assert node.layer_map is not None
-    return len(node.layer_map.stages) - len(route)
-
-
 @dataclass(frozen=True)
 class Opened:
     """What a stage remembers of a session it opened."""
@@ -207,7 +201,7 @@ class StageService:
         assert batcher is not None and batcher.executor is executor
         session, start, opening = body.get("session"), body.get("start"), body.get("open")
         # The entry peer owns the session: the first stage hears from it, later stages from the stage before.
-        entry = checked.msg.sender if stage_index(route, self.node) == 0 else body.get("entry")
+        entry = checked.msg.sender if route[0].start == 0 else body.get("entry")
         if not isinstance(entry, str) or len(entry) > 64:
             raise MessageRejected("malformed", "entry must be the entry peer's id")
         stage = executor.stage
