@@ -10,7 +10,8 @@ evidence:
 - every request ended exactly once: with its full output, equal to an undisturbed greedy run of
   the same prompt, or with an explicit error (an HTTP error status or an SSE error event); a
   stream cut short counts only when its entry peer was itself killed or restarted meanwhile, and
-  an error only when it says the swarm cannot hold the model while a fault was under way;
+  an error only when it says the swarm cannot hold the model while a fault was under way, or
+  within the convergence bound after it healed;
 - at most one leader per term on each side of the network (Bully has no quorum: during a split
   each side may elect its own), from polling every peer's status, and from the peers' logs when
   the run split nothing;
@@ -48,6 +49,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from peer.config import default_config_path, read_config_file
+from swarm.config import convergence_bound_s, swarm_config_from_dict
 from swarm.local import PEER_PORT, PeerProcess, Swarm, stream_completion, wait_for, write_config
 from swarm.testbed import TestBed, unavailable
 
@@ -393,11 +395,12 @@ def _fault(
 # ---- the run -------------------------------------------------------------------------------------
 
 
-def judge(outcomes: list[Outcome], faults: list[Fault]) -> list[str]:
+def judge(outcomes: list[Outcome], faults: list[Fault], converge_s: float) -> list[str]:
     """Violations among the requests: a wrong text, a hang, two endings, a stream lost (refused or
     cut short) while its entry peer was up, or an error where the swarm owed the client a pause:
-    any error but "cannot hold the model" while a fault was under way (a peer down, cut off or
-    split away, which with --max-down 1 and the default caps only a split makes true)."""
+    any error but "cannot hold the model" while a fault was under way or its side had not yet
+    merged back (`converge_s` after it healed: a peer split away still sees itself alone until the
+    sides take each other back, with --max-down 1 and the default caps the only way to be short)."""
     violations = []
     now = time.monotonic()
     for o in outcomes:
@@ -414,7 +417,7 @@ def judge(outcomes: list[Outcome], faults: list[Fault]) -> list[str]:
         elif (
             o.kind == "error"
             and "cannot hold the model" in o.detail
-            and any(f.at <= ended and o.started <= (f.healed or ended) for f in faults)
+            and any(f.at <= ended and o.started <= (f.healed or ended) + converge_s for f in faults)
         ):
             continue  # the explicit error the design allows, while a fault left too few peers on its side
         if o.kind != "ok":
@@ -483,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
             if outcome.kind != "ok":
                 violations.append(f"after healing, {p.name} answered {outcome.kind}: {outcome.detail}")
 
-        violations += judge(clients.outcomes, faults.done)
+        bound = convergence_bound_s(swarm_config_from_dict(read_config_file(swarm.config)))
+        violations += judge(clients.outcomes, faults.done, bound)
         split = any(f.kind == "split" for f in faults.done)
         term_report = check_terms(swarm, monitor, violations, split)
         counts = Counter(o.kind for o in clients.outcomes)
