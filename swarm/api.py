@@ -1,6 +1,8 @@
 """The peer's HTTP server: an aiohttp application factory with thin handlers. It serves the
-control-plane message endpoint and the data-plane stage endpoint (sealed msgpack envelopes in and
-out), `GET /swarm/status`, `GET /healthz`, and mounts the OpenAI-compatible API. With API keys
+control-plane message endpoint (sealed msgpack envelopes in and out), the data plane's links
+(`swarm.link`, WebSockets the transport accepts), `GET /swarm/status`, `GET /healthz`, and mounts
+the OpenAI-compatible API. The application owns the node's lifetime: its cleanup context closes
+the node (links, tasks, client session) when the server stops. With API keys
 configured, everything but liveness and the sealed peer endpoints needs a Bearer key. Handlers
 only translate between HTTP and the node: errors become JSON bodies with the right status code,
 and refusals are counted and logged once per kind (`Node.flood`), never line by line."""
@@ -9,18 +11,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from swarm.errors import MessageRejected, Relayed
+from swarm.errors import MessageRejected
 from swarm.guard import API_KEYS, ApiKeys
-from swarm.node import MSG_PATH, MSGPACK, Node
+from swarm.link import LINK_PATH
+from swarm.node import MSG_PATH, Node
 from swarm.openai_api import add_routes
-from swarm.stage_service import STAGE_PATH
-from swarm.stage_service import STATUS as STAGE_STATUS
+from swarm.transport import MSGPACK, status_of
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +30,7 @@ NODE = web.AppKey("node", Node)
 API_KEY_RECHECK_S = 1.0  # the API key file is checked for changes at most this often
 # Paths anyone may reach without an API key: liveness, and the sealed peer endpoints (every message
 # there is authenticated with the swarm key instead).
-OPEN_PATHS = ("/healthz", MSG_PATH, STAGE_PATH)
-
-# HTTP status for each reason a peer message is dropped.
-REJECT_STATUS = {
-    "malformed": 400,
-    "forged": 401,
-    "unknown_key": 401,
-    "oversized": 413,
-    "not_ready": 503,
-}
+OPEN_PATHS = ("/healthz", MSG_PATH, LINK_PATH)
 
 
 def error_response(status: int, kind: str, message: str) -> web.Response:
@@ -71,30 +64,9 @@ async def read_sealed(request: web.Request, limit: int) -> bytes | web.Response:
     return error_response(413, "oversized", f"body exceeds {limit} bytes")
 
 
-async def post_stage(request: web.Request) -> web.Response:
-    """One sealed data-plane message (a step or a close) in, its sealed result out."""
-    node = request.app[NODE]
-    data = await read_sealed(request, node.data_limit)
-    if isinstance(data, web.Response):
-        return data
-    try:
-        checked = node.check_data(data)  # counts what it drops
-    except MessageRejected as e:
-        node.flood.refused(e.reason, f"a stage message from {request.remote}: {e}")
-        return error_response(STAGE_STATUS.get(e.reason, 409), e.reason, str(e))
-    try:
-        if checked.msg.kind == "step":
-            body = await node.service.step(checked)
-        else:
-            body = await node.service.close(checked)
-    except Relayed as e:
-        return error_response(e.status, e.reason, str(e))
-    except MessageRejected as e:
-        node.drops[e.reason] += 1
-        log.debug("refused %s from %s: %s", checked.msg.kind, checked.msg.sender, e)  # a peer's honest miss
-        return error_response(STAGE_STATUS.get(e.reason, 409), e.reason, str(e))
-    return web.Response(body=node.seal_reply(f"{checked.msg.kind}_result", body, checked.msg.sender),
-                        content_type=MSGPACK)  # fmt: skip
+async def get_link(request: web.Request) -> web.StreamResponse:
+    """A peer link: the transport runs its handshake and reads its frames until it closes."""
+    return await request.app[NODE].transport.accept(request)
 
 
 async def post_message(request: web.Request) -> web.Response:
@@ -107,7 +79,7 @@ async def post_message(request: web.Request) -> web.Response:
         reply = node.handle(data, request.remote)
     except MessageRejected as e:
         node.flood.refused(e.reason, f"a peer message from {request.remote}: {e}")
-        return error_response(REJECT_STATUS.get(e.reason, 409), e.reason, str(e))
+        return error_response(status_of(e.reason), e.reason, str(e))
     return web.Response(body=reply, content_type=MSGPACK)
 
 
@@ -148,6 +120,17 @@ def require_api_key(keys: ApiKeys, node: Node) -> Callable[..., Any]:
     return check
 
 
+async def close_links(app: web.Application) -> None:
+    """On shutdown, before the server waits for its handlers: a link's handler would wait forever."""
+    await app[NODE].transport.close_links()
+
+
+async def node_lifetime(app: web.Application) -> AsyncIterator[None]:
+    """The node lives as long as the application: closed (safe twice) when the server stops."""
+    yield
+    await app[NODE].close()
+
+
 def make_app(node: Node) -> web.Application:
     """The peer's aiohttp application: peer messages, the data plane, status and the OpenAI API.
     Raises SwarmKeyError when the configured API key file cannot be read."""
@@ -160,7 +143,9 @@ def make_app(node: Node) -> web.Application:
     app[API_KEYS] = keys
     app[NODE] = node
     app.router.add_post(MSG_PATH, post_message)
-    app.router.add_post(STAGE_PATH, post_stage)
+    app.router.add_get(LINK_PATH, get_link)
+    app.on_shutdown.append(close_links)
+    app.cleanup_ctx.append(node_lifetime)
     add_routes(app, node)
     app.router.add_get("/swarm/status", get_status)
     app.router.add_get("/healthz", get_healthz)

@@ -10,6 +10,7 @@ body, and counts every drop by reason. It knows nothing of what the bodies mean 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import math
@@ -213,6 +214,7 @@ class Message:
     seq: int
     timestamp_s: float
     body: Any
+    key_fingerprint: str = ""  # the swarm key it was sealed under
 
 
 @functools.lru_cache(maxsize=MAX_KEYS)
@@ -334,7 +336,7 @@ class Opener:
         if not (isinstance(outer, list) and len(outer) == 3 and all(isinstance(p, bytes) for p in outer)):
             raise MessageRejected("malformed", "envelope must be [header, nonce, ciphertext]")
         header, nonce, sealed = outer
-        cipher = self._check_header(header)
+        cipher, fingerprint = self._check_header(header)
         if len(nonce) != NONCE_BYTES:
             raise MessageRejected("malformed", f"nonce must be {NONCE_BYTES} bytes")
         try:
@@ -360,10 +362,10 @@ class Opener:
         if abs(self._clock() - message.timestamp_s) > self.max_clock_skew_s:
             raise MessageRejected("stale", f"timestamp {message.timestamp_s:.3f} is off by more than the allowed skew")
         self._check_sequence(message)
-        return message
+        return dataclasses.replace(message, key_fingerprint=fingerprint)
 
-    def _check_header(self, header: bytes) -> ChaCha20Poly1305:
-        """The cipher that opens an envelope with this clear header."""
+    def _check_header(self, header: bytes) -> tuple[ChaCha20Poly1305, str]:
+        """The cipher that opens an envelope with this clear header, and its key's fingerprint."""
         if len(header) > MAX_HEADER_BYTES:
             raise MessageRejected("malformed", f"header of {len(header)} bytes; at most {MAX_HEADER_BYTES}")
         try:
@@ -383,7 +385,7 @@ class Opener:
             raise MessageRejected(
                 "unknown_key", f"sealed under swarm key {str(fields['key'])[:16]!r}, which this peer does not hold"
             )
-        return cipher
+        return cipher, fields["key"]
 
     def _check_sequence(self, message: Message) -> None:
         windows = self._windows.get(message.sender)

@@ -3,18 +3,26 @@ forward pass, when the current one ends. A pass also waits, briefly, for the ses
 those that stepped here lately and whose next step is expected within `batch_wait_s` (each
 session's pace is the time between its last two steps here). Sessions that share the pipeline thus
 fall into step and stay there, instead of running in fragments that contend for the same cores,
-while a lone session never waits. The queue is bounded; a step beyond it is refused at once. It
-knows executors and asyncio; what the steps mean and where their results go is the stage
-service's business."""
+while a lone session never waits.
+
+At the head of a pipeline (the first stage) passes are also micro-batches: with K micro-batches
+(`micro_batches`), a pass takes at most 1/K of the open sessions, and at most K passes are in flight
+at once, a pass being in flight until each of its sessions steps here again (or closes, or
+`in_flight_s` passes). Every stage then computes at once on a different micro-batch; with K = 1 the
+sessions move as one gang and a stage idles while the others compute. The queue is bounded; a step
+beyond it is refused at once. It knows executors and asyncio; what the steps mean and where their
+results go is the stage service's business (`on_pass`)."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from peer.errors import ExecutorError
 from peer.executor import StageExecutor, StepRequest, StepResult
@@ -43,8 +51,18 @@ class _Pace:
 @dataclass
 class _Queued:
     request: StepRequest
-    future: asyncio.Future[StepResult]
+    future: asyncio.Future[StepResult] | None  # None: the outcome goes to on_pass alone
     arrived_s: float
+    tag: Any = None  # the caller's, handed back with the outcome
+
+    def abandoned(self) -> bool:
+        return self.future is not None and self.future.done()
+
+
+Outcome = StepResult | ExecutorError | MessageRejected
+# Called after each pass (and for steps refused when the batcher closes) with each enqueued step,
+# its tag and its outcome, in queue order: the stage sends one frame per pass from here.
+OnPass = Callable[[list[tuple[StepRequest, Any, Outcome]]], None]
 
 
 class Batcher:
@@ -58,6 +76,10 @@ class Batcher:
         stats: BatchStats | None = None,
         clock: Callable[[], float] = time.monotonic,
         threads: concurrent.futures.Executor | None = None,
+        *,
+        on_pass: OnPass | None = None,
+        micro_batches: Callable[[], int] | None = None,
+        in_flight_s: float = 2.0,
     ) -> None:
         self.executor = executor
         self.threads = threads  # where forward passes run; None: asyncio's default thread pool
@@ -65,26 +87,36 @@ class Batcher:
         self.batch_wait_s = batch_wait_s
         self.stats = stats or BatchStats()
         self.clock = clock  # paces the sessions; the waits themselves run on the event loop
+        self.on_pass = on_pass
+        # K, the micro-batches kept in flight (the pipeline's head); None: no cap, no window.
+        self.micro_batches = micro_batches
+        self.in_flight_s = in_flight_s  # a pass whose sessions have not all come back counts this long at most
         # Steps that may wait here at once: one per session the executor can hold (an entry sends
-        # a session's next step only after the last one's reply).
+        # a session's next step only after the last one's token came home).
         self.max_queued = executor.config.max_sessions
         self.gathering = asyncio.Event()  # set while a pass waits for sessions that are due
         self.closed = False
         self._queue: list[_Queued] = []
         self._worker: asyncio.Task[None] | None = None
         self._pace: dict[str, _Pace] = {}  # open sessions that ran here (pruned after every pass)
-        self._arrival: asyncio.Future[None] | None = None  # resolved by the next submit, while gathering
+        self._arrival: asyncio.Future[None] | None = None  # resolved by the next submit, while waiting
+        self._in_flight: list[tuple[set[str], float]] = []  # (sessions not back yet, when the pass ran)
 
     def close(self) -> None:
         """Take no more steps: queued ones, and any sent later, are refused as `not_ready` (the entry
         sends them again on the current layer map); a pass under way still delivers its results.
         Safe to call twice."""
         self.closed = True
+        refused: list[tuple[StepRequest, Any, Outcome]] = [
+            (q.request, q.tag, _closed()) for q in self._queue if q.future is None
+        ]
         for q in self._queue:
-            if not q.future.done():
+            if q.future is not None and not q.future.done():
                 q.future.set_exception(_closed())
         self._queue.clear()
         self._wake()
+        if refused and self.on_pass is not None:
+            self.on_pass(refused)
 
     async def step(self, request: StepRequest) -> StepResult:
         """The step's result once a forward pass has run it; its ExecutorError if it was refused."""
@@ -94,34 +126,61 @@ class Batcher:
         """Queue a step (a pass starts at once if none is running); cancel the future to withdraw it.
         Refused at once (MessageRejected) when the batcher is closed or its queue is full."""
         future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
-        self._queue = [q for q in self._queue if not q.future.done()]
-        if self.closed:
-            future.set_exception(_closed())
-        elif len(self._queue) >= self.max_queued:
-            future.set_exception(
-                MessageRejected("cache_full", f"this stage is overloaded: {len(self._queue)} steps are queued")
-            )
-        else:
-            self._queue.append(_Queued(request, future, self.clock()))
-            self._wake()
-            if self._worker is None or self._worker.done():
-                self._worker = asyncio.create_task(self._drain())
+        refusal = self._admit(request, future, None)
+        if refusal is not None:
+            future.set_exception(refusal)
         return future
+
+    def enqueue(self, request: StepRequest, tag: Any) -> None:
+        """Queue a step whose outcome goes to `on_pass` with `tag` (at once, if it is refused)."""
+        refusal = self._admit(request, None, tag)
+        if refusal is not None and self.on_pass is not None:
+            self.on_pass([(request, tag, refusal)])
+
+    def _admit(
+        self, request: StepRequest, future: asyncio.Future[StepResult] | None, tag: Any
+    ) -> MessageRejected | None:
+        self._queue = [q for q in self._queue if not q.abandoned()]
+        if self.closed:
+            return _closed()
+        if len(self._queue) >= self.max_queued:
+            return MessageRejected("cache_full", f"this stage is overloaded: {len(self._queue)} steps are queued")
+        self._back(request.session_id)
+        self._queue.append(_Queued(request, future, self.clock(), tag))
+        self._wake()
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._drain())
+        return None
 
     def forget(self, session_id: str) -> None:
         """A session closed: no pass waits for it any more."""
         self._pace.pop(session_id, None)
+        self._back(session_id)
+        self._wake()
+
+    def _back(self, session_id: str) -> None:
+        """A session stepped here again (or closed): its last pass is no longer in flight for it."""
+        for sessions, _ in self._in_flight:
+            sessions.discard(session_id)
 
     def _wake(self) -> None:
         if self._arrival is not None and not self._arrival.done():
             self._arrival.set_result(None)
 
+    def _rows_cap(self) -> int:
+        """Most steps one pass takes: at the head, one micro-batch's share of the open sessions."""
+        if self.micro_batches is None:
+            return self.max_queued
+        k = max(1, self.micro_batches())
+        return max(1, math.ceil(len(self.executor.session_ids()) / k))
+
     def _take(self) -> list[_Queued]:
-        """The oldest queued steps up to max_batch_tokens (at least one), dropping abandoned ones."""
-        self._queue = [q for q in self._queue if not q.future.done()]
+        """The oldest queued steps up to max_batch_tokens and the row cap (at least one), dropping
+        abandoned ones."""
+        self._queue = [q for q in self._queue if not q.abandoned()]
         batch: list[_Queued] = []
-        tokens = 0
-        while self._queue:
+        tokens, cap = 0, self._rows_cap()
+        while self._queue and len(batch) < cap:
             n = _tokens(self._queue[0].request)
             if batch and tokens + n > self.max_batch_tokens:
                 break
@@ -131,8 +190,10 @@ class Batcher:
 
     def _due_until(self, now: float) -> float | None:
         """Until when to wait for the sessions that are due and not queued (None: none is due)."""
-        live = [q for q in self._queue if not q.future.done()]
+        live = [q for q in self._queue if not q.abandoned()]
         if self.closed or sum(_tokens(q.request) for q in live) >= self.max_batch_tokens:
+            return None
+        if len(live) >= self._rows_cap():
             return None
         queued, open_now = {q.request.session_id for q in live}, set(self.executor.session_ids())
         until = None
@@ -146,45 +207,67 @@ class Batcher:
                 until = max(until or now, expected + LATE_ROUNDS * pace.round_s)
         return until
 
+    async def _wait_arrival(self, timeout_s: float) -> bool:
+        """Wait for the next submit (or forget) at most `timeout_s`; False if none came."""
+        self._arrival = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(self._arrival, timeout_s)
+            return True
+        except asyncio.TimeoutError:  # builtin TimeoutError only from Python 3.11
+            return False
+        finally:
+            self._arrival = None
+
     async def _gather(self) -> None:
         """Wait for the sessions that are due until the queue holds a full pass, at most batch_wait_s."""
         deadline = self.clock() + self.batch_wait_s
         while (until := self._due_until(self.clock())) is not None and (
             remaining := min(until, deadline) - self.clock()
         ) > 0:
-            self._arrival = asyncio.get_running_loop().create_future()
             self.gathering.set()
             try:
-                await asyncio.wait_for(self._arrival, remaining)
-            except asyncio.TimeoutError:  # builtin TimeoutError only from Python 3.11
-                return
+                if not await self._wait_arrival(remaining):
+                    return
             finally:
                 self.gathering.clear()
-                self._arrival = None
+
+    async def _window(self) -> None:
+        """At the head, wait until fewer than K passes are in flight."""
+        if self.micro_batches is None:
+            return
+        while not self.closed:
+            now, open_now = time.monotonic(), set(self.executor.session_ids())
+            self._in_flight = [
+                (sessions & open_now, ran) for sessions, ran in self._in_flight
+                if sessions & open_now and now - ran < self.in_flight_s
+            ]  # fmt: skip
+            if len(self._in_flight) < max(1, self.micro_batches()):
+                return
+            await self._wait_arrival(max(0.001, self._in_flight[0][1] + self.in_flight_s - now))
 
     async def _drain(self) -> None:
         while not self.closed:
             waited = time.monotonic()
+            await self._window()
             if self.batch_wait_s > 0:
                 await self._gather()
             started = time.monotonic()
             batch = [] if self.closed else self._take()
             if not batch:
                 return
+            outcomes: list[Outcome]
             try:
                 requests = [q.request for q in batch]
                 loop = asyncio.get_running_loop()
-                outcomes = await loop.run_in_executor(self.threads, self.executor.step_many, requests)
+                outcomes = list(await loop.run_in_executor(self.threads, self.executor.step_many, requests))
             except asyncio.CancelledError:
                 for q in batch:
-                    q.future.cancel()
+                    if q.future is not None:
+                        q.future.cancel()
                 raise
             except Exception as e:  # a fault in the forward pass itself (out of memory?): every step in it fails
                 log.exception("forward pass of %d step(s) failed", len(batch))
-                for q in batch:
-                    if not q.future.done():
-                        q.future.set_exception(MessageRejected("stage_failed", f"the forward pass failed: {e}"))
-                continue
+                outcomes = [MessageRejected("stage_failed", f"the forward pass failed: {e}") for _ in batch]
             ran_ms, waited_ms = 1000 * (time.monotonic() - started), 1000 * (started - waited)
             ran = [q for q, outcome in zip(batch, outcomes, strict=True) if isinstance(outcome, StepResult)]
             self.stats.passes += bool(ran)
@@ -192,13 +275,26 @@ class Batcher:
             log.debug("pass of %d step(s), %d token(s): waited %.1f ms, ran %.1f ms",
                       len(ran), sum(_tokens(q.request) for q in ran), waited_ms, ran_ms)  # fmt: skip
             self._paced(ran)
-            for q, outcome in zip(batch, outcomes, strict=True):
-                if q.future.done():  # its caller went away meanwhile
-                    continue
-                if isinstance(outcome, ExecutorError):
-                    q.future.set_exception(outcome)
-                else:
-                    q.future.set_result(outcome)
+            if self.micro_batches is not None and ran:
+                self._in_flight.append(({q.request.session_id for q in ran}, time.monotonic()))
+            self._deliver(batch, outcomes)
+
+    def _deliver(self, batch: list[_Queued], outcomes: list[Outcome]) -> None:
+        tagged = []
+        for q, outcome in zip(batch, outcomes, strict=True):
+            if q.future is None:
+                tagged.append((q.request, q.tag, outcome))
+            elif q.future.done():  # its caller went away meanwhile
+                continue
+            elif isinstance(outcome, StepResult):
+                q.future.set_result(outcome)
+            else:
+                q.future.set_exception(outcome)  # an ExecutorError or a MessageRejected
+        if tagged and self.on_pass is not None:
+            try:
+                self.on_pass(tagged)
+            except Exception:
+                log.exception("delivering a pass of %d step(s) failed", len(tagged))
 
     def _paced(self, ran: list[_Queued]) -> None:
         """Note the sessions that stepped; forget those the executor no longer holds (closed,

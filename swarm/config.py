@@ -210,6 +210,12 @@ class ServingConfig:
     # due, so that sessions sharing the pipeline run in one pass (0: never wait). A lone session never
     # waits; others wait for each other at most about half of their own time between steps.
     batch_wait_s: float = 1.0
+    # Micro-batches the first stage keeps in flight at once, each of 1/K of its sessions, so that every
+    # stage computes at once on a different one (0: one per stage of the layer map; 1: no pipelining).
+    micro_batches: int = 0
+    # A link between peers whose ping goes unanswered for this long is closed (a host gone silent), in
+    # seconds; the steps sent over it are then replayed.
+    link_heartbeat_s: float = 5.0
     # Niceness added to a `swarm-peer`'s event-loop thread (0-19; 0: none), above its forward passes:
     # peers sharing cores then do not preempt each other's forward passes with their messages.
     loop_nice: int = 10
@@ -235,7 +241,9 @@ class ServingConfig:
         ):
             if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
                 raise ConfigError(f"serving.{name} must be a positive integer, not {getattr(self, name)!r}")
-        for name in ("step_timeout_s", "recovery_timeout_s", "hop_check_after_s"):
+        if not _is_int(self.micro_batches) or not 0 <= self.micro_batches <= 64:
+            raise ConfigError(f"serving.micro_batches must be an integer from 0 to 64, not {self.micro_batches!r}")
+        for name in ("step_timeout_s", "recovery_timeout_s", "hop_check_after_s", "link_heartbeat_s"):
             if not _is_number(getattr(self, name)) or getattr(self, name) <= 0:
                 raise ConfigError(f"serving.{name} must be positive, not {getattr(self, name)!r}")
         if not _is_int(self.loop_nice) or not 0 <= self.loop_nice <= 19:

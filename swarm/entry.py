@@ -1,43 +1,43 @@
 """The entry peer's side of a request: whichever peer a client reached owns the session. It holds
 the token history, sends the prompt and then one token per step to the first stage of the current
-layer map, receives each sampled token back from the last, decodes text as it streams, and stops
-on an end-of-sequence token, a stop string or `max_tokens`. It also adds up the request's timings.
-It knows tokens and text; HTTP formats (OpenAI's or the CLI's) are the API module's business."""
+layer map (a `pass` frame), receives each sampled token straight from the last stage (a `tokens`
+frame: the pipeline is a ring), decodes text as it streams, and stops on an end-of-sequence token,
+a stop string or `max_tokens`. A step that a stage refuses, or whose stage stops answering, is
+replayed with the whole history on the pipeline the swarm moves on to. It also adds up the
+request's timings. It receives the transport, a task group and a read-only view of the swarm; it
+knows tokens and text, and HTTP formats (OpenAI's or the CLI's) are the API module's business."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from peer.errors import InvalidInput
 from peer.sampling import SamplingParams
-from swarm.errors import MessageRejected
-from swarm.stage_service import route_json
+from peer.tokenizer import Tokenizer
+from swarm.config import SwarmConfig
+from swarm.errors import MessageRejected, NotReady, Relayed
+from swarm.frames import Opening, Row, Trail, close_frame, parse_refusal, parse_tokens, pass_frame
+from swarm.layer_map import MAX_STAGES, LayerMap
+from swarm.tasks import TaskGroup
 from swarm.tensors import pack
-
-if TYPE_CHECKING:
-    from swarm.layer_map import LayerMap
-    from swarm.node import Node
+from swarm.transport import Transport, status_of
+from swarm.view import SwarmView
 
 log = logging.getLogger(__name__)
 
 MAX_STOP_STRINGS = 4
-RENEW_POLL_S = 0.1  # how often a session waiting for a new pipeline looks again
 MAX_BACKOFF_S = 2.0  # longest wait before retrying the same layer map after a failure
+FIRST_BACKOFF_S = 0.1  # the first such wait; it doubles with each failure in a row
 # Refusals that a new pipeline can cure: a stage gone or moved on, or its session lost with it.
 RECOVERABLE = frozenset({"unreachable", "stale_epoch", "unknown_session", "not_ready", "mismatch", "session_exists"})
-
-
-class NotReady(Exception):
-    """The swarm has no complete, loaded layer map right now, or this peer has too much queued."""
 
 
 @dataclass(frozen=True)
@@ -60,26 +60,21 @@ class Timings:
     total_s: float = 0.0
     tokens: int = 0
     compute_s: dict[str, float] = field(default_factory=dict)  # per stage (node id)
-    wire_s: dict[str, float] = field(default_factory=dict)  # per hop "a->b", and "entry->first"
+    wire_s: dict[str, float] = field(default_factory=dict)  # per hop: "entry->a", "a->b", ..., "z->entry"
     bytes_sent: int = 0
 
-    def add_step(self, timings: Any, names: list[str], entry_wire_s: float, entry_bytes: int) -> None:
-        """Fold one step's per-stage timings in; `names` are the route's stages, which name them.
-
-        What the stages report is checked: an entry that is not a sane set of numbers is ignored."""
-        self.wire_s[f"entry->{names[0]}"] = self.wire_s.get(f"entry->{names[0]}", 0.0) + entry_wire_s
-        self.bytes_sent += entry_bytes
-        if not isinstance(timings, list):
-            return
-        for i, (name, this) in enumerate(zip(names, timings, strict=False)):
-            compute, wire, sent = _seconds(this, "compute_s"), _seconds(this, "wire_s"), _count(this, "bytes_out")
-            if compute is None or wire is None or sent is None:
-                continue
+    def add_step(self, trail: Trail, names: list[str], home_wire_s: float, home_bytes: int) -> None:
+        """Fold one step's trail in: per stage of the route (`names`), the wire time and bytes of the
+        hop into it and its compute time; then the hop home from the last stage."""
+        for i, (name, (wire, size, compute)) in enumerate(zip(names, trail, strict=False)):
+            hop = f"entry->{name}" if i == 0 else f"{names[i - 1]}->{name}"
+            self.wire_s[hop] = self.wire_s.get(hop, 0.0) + wire
             self.compute_s[name] = self.compute_s.get(name, 0.0) + compute
-            if i + 1 < len(names):
-                hop = f"{name}->{names[i + 1]}"
-                self.wire_s[hop] = self.wire_s.get(hop, 0.0) + wire
-            self.bytes_sent += sent
+            self.bytes_sent += size
+        if names:
+            hop = f"{names[-1]}->entry"
+            self.wire_s[hop] = self.wire_s.get(hop, 0.0) + home_wire_s
+            self.bytes_sent += home_bytes
 
     def to_json(self) -> dict[str, Any]:
         """The `timings` object of a response."""
@@ -107,18 +102,59 @@ class Event:
     finish_reason: str | None = None  # "stop" or "length" on the last event
 
 
+@dataclass(frozen=True)
+class _Home:
+    """A step's token as it came home."""
+
+    token: int
+    logprob: float
+    trail: Trail
+    wire_s: float  # the hop home from the last stage
+    bytes_in: int  # this row's share of that hop's frame
+
+
+@dataclass
+class _Waiting:
+    """A session's step in flight, waiting for its token."""
+
+    step: int
+    route: frozenset[str]  # the stages that may refuse it
+    last: str  # the stage whose tokens frame answers it
+    home: asyncio.Future[_Home]
+
+
 class Entry:
     """Runs generations from this peer through the swarm's current pipeline."""
 
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self.limit = asyncio.Semaphore(node.config.serving.max_concurrent_requests)
+    def __init__(
+        self,
+        peer_id: str,
+        config: SwarmConfig,
+        *,
+        view: SwarmView,
+        transport: Transport,
+        tasks: TaskGroup,
+        tokenizer: Tokenizer | None,
+        context_tokens: int,
+    ) -> None:
+        self.peer_id = peer_id
+        self.config = config
+        self.view = view
+        self.transport = transport
+        self.tasks = tasks
+        self.tokenizer = tokenizer
+        self.context_tokens = context_tokens  # the model's context (max_position_embeddings)
+        self.limit = asyncio.Semaphore(config.serving.max_concurrent_requests)
         self.waiting = 0  # requests queued for a free slot
-        self.max_waiting = 4 * node.config.serving.max_concurrent_requests
+        self.max_waiting = 4 * config.serving.max_concurrent_requests
+        self._steps: dict[str, _Waiting] = {}  # session -> its step in flight (one per generation)
+        transport.handlers["tokens"] = self.on_tokens
+        transport.handlers["refused"] = self.on_refused
+        transport.on_link_closed.append(self.on_link_closed)
 
     def check(self, request: Request) -> None:
         """Refuse a request this swarm cannot run, before anything is sent."""
-        context = self.node.model.profile.max_position_embeddings
+        context = self.context_tokens
         if not request.prompt_ids:
             raise InvalidInput("the prompt must have at least one token")
         if request.max_tokens < 1:
@@ -132,7 +168,7 @@ class Entry:
     async def generate(self, request: Request, timings: Timings) -> AsyncGenerator[Event, None]:
         """Yield the generation's events; the session is closed on every stage however it ends."""
         self.check(request)
-        node, tokenizer = self.node, self.node.tokenizer
+        tokenizer = self.tokenizer
         assert tokenizer is not None
         if self.limit.locked() and self.waiting >= self.max_waiting:
             raise NotReady(f"this peer is busy: {self.waiting} requests are already waiting; try again shortly")
@@ -142,26 +178,20 @@ class Entry:
         finally:
             self.waiting -= 1
         try:
-            pipe = _Pipeline(node, await self.wait_ready())  # the map of the moment the request gets its turn
-            opening = {"max_length": len(request.prompt_ids) + request.max_tokens, "sampling": _sampling_json(request)}
+            pipe = _Pipeline(self.view, await self.wait_ready())  # the map of the moment the request gets its turn
+            opening = Opening(len(request.prompt_ids) + request.max_tokens, request.sampling)
             decoder = tokenizer.stream(request.prompt_ids)
             text, emitted, hold = "", 0, max(0, max((len(s) for s in request.stop), default=1) - 1)
             history = list(request.prompt_ids)  # every token the session has, prompt and generated
             ids, start = list(request.prompt_ids), 0
             try:
                 for n in range(request.max_tokens):
-                    t0 = time.perf_counter()
-                    reply, sent, ids, start = await self._step(pipe, history, ids, start, opening, first=n == 0)
-                    token, logprob = _token_of(reply)
-                    elapsed = time.perf_counter() - t0
-                    pipeline = reply.get("elapsed_s")
-                    pipeline_s = (
-                        float(pipeline) if isinstance(pipeline, float) and 0 <= pipeline <= elapsed else elapsed
-                    )
-                    timings.add_step(reply.get("timings"), pipe.names, elapsed - pipeline_s, sent)
+                    home, ids, start = await self._step(pipe, history, ids, start, opening, first=n == 0)
+                    timings.add_step(home.trail, pipe.names, home.wire_s, home.bytes_in)
                     timings.tokens += 1
                     if timings.first_token_s is None:
                         timings.first_token_s = time.perf_counter() - timings.started
+                    token, logprob = home.token, home.logprob
                     start += len(ids)
                     ids = [token]
                     history.append(token)
@@ -186,171 +216,206 @@ class Entry:
                     emitted = safe
             finally:
                 timings.total_s = time.perf_counter() - timings.started
-                node._spawn(self._close(pipe.route[0], dict(pipe.base)))
+                self._steps.pop(pipe.session, None)
+                self._close(pipe)
         finally:
             self.limit.release()
 
     async def wait_ready(self) -> LayerMap:
         """The current layer map once every stage of it is loaded. NotReady at once when the live
         peers cannot hold the model, or after `serving.recovery_timeout_s` of waiting."""
-        node = self.node
-        deadline = time.monotonic() + node.config.serving.recovery_timeout_s
+        view = self.view
+        deadline = time.monotonic() + self.config.serving.recovery_timeout_s
         while True:
-            _check_running(node)
-            if node.layer_map is not None and node.ready():
-                return node.layer_map
-            too_small = node.capacity_error()
+            _check_running(view)
+            layer_map = view.layer_map
+            if layer_map is not None and view.ready():
+                return layer_map
+            too_small = view.capacity_error()
             if too_small is not None:
                 raise NotReady(too_small)
-            if time.monotonic() >= deadline:
-                errors = "; ".join(node.status()["errors"]) or "its layers are still being assigned or loaded"
+            left = deadline - time.monotonic()
+            if left <= 0:
+                errors = "; ".join(view.errors()) or "its layers are still being assigned or loaded"
                 raise NotReady(f"the swarm is not ready: {errors}")
-            await asyncio.sleep(RENEW_POLL_S)
+            await view.changes.wait(left)
 
     async def _step(
-        self, pipe: _Pipeline, history: list[int], ids: list[int], start: int, opening: dict[str, Any], first: bool
-    ) -> tuple[dict[str, Any], int, list[int], int]:
+        self, pipe: _Pipeline, history: list[int], ids: list[int], start: int, opening: Opening, first: bool
+    ) -> tuple[_Home, list[int], int]:
         """One step through the pipeline; if a stage fails or the layer map moves on, wait for the
-        new map to be ready and replay the whole history through it. Returns the reply, the bytes
-        sent, and the input and start actually used (the history from 0 after a replay)."""
-        deadline = time.monotonic() + self.node.config.serving.recovery_timeout_s
+        new map to be ready and replay the whole history through it. Returns the token as it came
+        home, and the input and start actually used (the history from 0 after a replay)."""
+        deadline = time.monotonic() + self.config.serving.recovery_timeout_s
         while True:
-            _check_running(self.node)
-            body = {**pipe.base, "start": start, "input": pack(torch.tensor([ids], dtype=torch.int64))}
-            if first:
-                body["open"] = opening
+            _check_running(self.view)
             try:
-                reply, sent = await self._watched(pipe, body)
+                home = await self._watched(pipe, ids, start, opening if first else None)
                 pipe.retries = 0
-                return reply, sent, ids, start
+                return home, ids, start
             except MessageRejected as e:
                 if e.reason not in RECOVERABLE:
                     raise
                 failed = e
             if failed.reason == "unreachable":  # probe the route now; gossip would take its timeouts
                 for stage in pipe.route:
-                    self.node._spawn(self.node.check_peer(stage.peer_id, str(failed)))
+                    self.tasks.spawn(self.view.check_peer(stage.peer_id, str(failed)))
             log.warning("session %s on epoch %d: %s; replaying %d tokens once the swarm is ready again",
                         pipe.session[:8], pipe.epoch, failed, len(history))  # fmt: skip
-            old = (pipe.route[0], dict(pipe.base))
-            await pipe.renew(deadline, failed)
-            self.node._spawn(self._close(*old))
+            old = (pipe.route[0], pipe.map_id, pipe.epoch, pipe.session)
+            self._steps.pop(pipe.session, None)
+            await pipe.renew(deadline, failed, self.config)
+            self._send_close(*old)
             ids, start, first = list(history), 0, True
 
-    async def _watched(self, pipe: _Pipeline, body: dict[str, Any]) -> tuple[dict[str, Any], int]:
-        """Send a step and watch it, so that a stage that stops answering (paused, its host gone
-        silent) is caught by this peer itself: a step with no reply for `serving.hop_check_after_s`
-        has its route's stages probed, again every gossip interval. A stage found dead, or the map
-        moving on to a new epoch that is ready, abandons the step as a recoverable failure."""
-        node = self.node
-        step = asyncio.ensure_future(node.data_request(pipe.route[0], "step", body))
-        check: asyncio.Future[tuple[str, str] | None] | None = None
+    async def _watched(self, pipe: _Pipeline, ids: list[int], start: int, opening: Opening | None) -> _Home:
+        """Send a step and wait for its token, watching it, so that a stage that stops answering
+        (paused, its host gone silent) is caught by this peer itself: a step with no token for
+        `serving.hop_check_after_s` has its route's stages probed, again every gossip interval. A
+        stage found dead, the map moving on to a new epoch that is ready, or no token within
+        `serving.step_timeout_s` abandons the step as a recoverable failure."""
+        serving = self.config.serving
+        pipe.steps += 1
+        home: asyncio.Future[_Home] = asyncio.get_running_loop().create_future()
+        waiting = _Waiting(pipe.steps, frozenset(s.peer_id for s in pipe.route), pipe.route[-1].peer_id, home)
+        self._steps[pipe.session] = waiting
+        row = Row(pipe.session, self.peer_id, pipe.steps, start, len(ids), opening)
+        frame = pass_frame(pipe.map_id, pipe.epoch, [row], pack(torch.tensor([ids], dtype=torch.int64)))
+        first = pipe.route[0]
+        check: asyncio.Task[tuple[str, str] | None] | None = None
+        give_up = time.monotonic() + serving.step_timeout_s
         try:
-            done, _ = await asyncio.wait({step}, timeout=node.config.serving.hop_check_after_s)
+            await self.transport.send(first.peer_id, first.url, frame)
+            done, _ = await asyncio.wait({home}, timeout=serving.hop_check_after_s)
             while not done:
-                check = asyncio.ensure_future(self._check_route(pipe))
-                await asyncio.wait([step, check], return_when=asyncio.FIRST_COMPLETED)
-                if step.done():
+                if time.monotonic() >= give_up:
+                    raise MessageRejected("unreachable", f"no token within {serving.step_timeout_s:g} s")
+                check = asyncio.create_task(self._check_route(pipe))
+                await asyncio.wait([home, check], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
+                if home.done():
                     break
                 problem = check.result()
                 if problem is not None:
                     raise MessageRejected(*problem)
-                done, _ = await asyncio.wait({step}, timeout=node.config.gossip.interval_s)
-            return step.result()
+                done, _ = await asyncio.wait({home}, timeout=self.config.gossip.interval_s)
+            return home.result()
         finally:
-            for task in (step, check):
+            if self._steps.get(pipe.session) is waiting:
+                del self._steps[pipe.session]
+            for task in (home, check):
                 if task is not None and not task.done():
                     task.cancel()
+                elif task is not None and not task.cancelled():
+                    task.exception()  # seen: a refusal that came after the step was given up is no error
 
     async def _check_route(self, pipe: _Pipeline) -> tuple[str, str] | None:
         """Why the pipeline of a step that is taking long cannot answer, if it cannot."""
-        node = self.node
-        layer_map = node.layer_map
-        if layer_map is not None and layer_map.id != pipe.map_id and node.ready():
+        view = self.view
+        layer_map = view.layer_map
+        if layer_map is not None and layer_map.id != pipe.map_id and view.ready():
             return "stale_epoch", f"the layer map moved on to epoch {layer_map.epoch} during the step"
-        why = f"no reply to a step for over {node.config.serving.hop_check_after_s:g} s"
-        dead = await asyncio.gather(*(node.check_peer(s.peer_id, why) for s in pipe.route))
+        why = f"no token for over {self.config.serving.hop_check_after_s:g} s"
+        dead = await asyncio.gather(*(view.check_peer(s.peer_id, why) for s in pipe.route))
         gone = [name for name, is_dead in zip(pipe.names, dead, strict=True) if is_dead]
         return ("unreachable", f"stage(s) {', '.join(gone)} stopped answering ({why})") if gone else None
 
-    async def _close(self, first: Any, base: dict[str, Any]) -> None:
-        with contextlib.suppress(MessageRejected):  # stages evict abandoned sessions on their own
-            await self.node.data_request(first, "close", base)
+    # ---- frames home ----------------------------------------------------------------------------------
 
+    def on_tokens(self, sender: str, body: dict[str, Any], wire_s: float, size: int) -> None:
+        """Tokens from a last stage: each answers its session's step in flight, if it is the one."""
+        rows = parse_tokens(body, max_rows=self.config.peer.executor.max_sessions, max_stages=MAX_STAGES)
+        for row in rows:
+            waiting = self._steps.get(row.session)
+            if waiting is None or waiting.step != row.step or waiting.last != sender or waiting.home.done():
+                log.debug("a token from %s for session %s step %d that nobody waits for", sender, row.session[:8],
+                          row.step)  # fmt: skip
+                continue
+            waiting.home.set_result(_Home(row.token, row.logprob, row.trail, wire_s, size // len(rows)))
 
-def _seconds(entry: Any, key: str) -> float | None:
-    value = entry.get(key, 0.0) if isinstance(entry, dict) else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1e6:
-        return None  # also NaN, which fails every comparison
-    return float(value)
+    def on_refused(self, sender: str, body: dict[str, Any], wire_s: float = 0.0, size: int = 0) -> None:
+        """A stage refused steps: each fails with the stage's reason, if it is the step in flight."""
+        refusal = parse_refusal(body, max_rows=self.config.peer.executor.max_sessions)
+        for session, step in refusal.rows:
+            waiting = self._steps.get(session)
+            if waiting is None or waiting.step != step or sender not in waiting.route or waiting.home.done():
+                continue
+            where = f"stage {self.view.name_of(sender)}"
+            waiting.home.set_exception(
+                Relayed(refusal.reason, f"{where}: {refusal.message}", status_of(refusal.reason))
+            )
 
+    def on_link_closed(self, peer_id: str) -> None:
+        """The link to a stage closed: the steps that went that way may be lost; they are replayed."""
+        for waiting in self._steps.values():
+            if peer_id in waiting.route and not waiting.home.done():
+                why = f"the link to stage {self.view.name_of(peer_id)} closed"
+                waiting.home.set_exception(MessageRejected("unreachable", why))
 
-def _count(entry: Any, key: str) -> int | None:
-    value = entry.get(key, 0) if isinstance(entry, dict) else None
-    return value if type(value) is int and 0 <= value < 1 << 40 else None
+    def stop(self) -> None:
+        """This peer is shutting down: every step in flight ends now, with NotReady."""
+        for waiting in self._steps.values():
+            if not waiting.home.done():
+                waiting.home.set_exception(NotReady("this peer is shutting down; send the request to another peer"))
+
+    def _close(self, pipe: _Pipeline) -> None:
+        self._send_close(pipe.route[0], pipe.map_id, pipe.epoch, pipe.session)
+
+    def _send_close(self, first: Any, map_id: str, epoch: int, session: str) -> None:
+        async def send() -> None:
+            try:
+                await self.transport.send(first.peer_id, first.url, close_frame(map_id, epoch, [session]))
+            except MessageRejected as e:  # stages evict abandoned sessions on their own
+                log.debug("closing session %s: %s", session[:8], e)
+
+        self.tasks.spawn(send())
 
 
 class _Pipeline:
     """The route a session runs on, and its renewal after a failure."""
 
-    def __init__(self, node: Node, layer_map: LayerMap) -> None:
-        self.node = node
+    def __init__(self, view: SwarmView, layer_map: LayerMap) -> None:
+        self.view = view
         self.retries = 0  # renewals so far
+        self.steps = 0  # steps sent on this pipeline (echoed home, so a late token is told apart)
         self._use(layer_map)
 
     def _use(self, layer_map: LayerMap) -> None:
         self.epoch, self.map_id = layer_map.epoch, layer_map.id
         self.route = list(layer_map.stages)
         self.session = uuid.uuid4().hex
-        self.base: dict[str, Any] = {"session": self.session, "epoch": layer_map.epoch, "map": layer_map.id}
-        self.base["route"] = route_json(self.route)
-        self.names = [self.node.name_of(s.peer_id) for s in self.route]
+        self.names = [self.view.name_of(s.peer_id) for s in self.route]
 
-    async def renew(self, deadline: float, failed: MessageRejected) -> None:
+    async def renew(self, deadline: float, failed: MessageRejected, config: SwarmConfig) -> None:
         """Wait until the swarm is ready on a new pipeline. After a stage was unreachable that is a
         newer map (or the same one, if after a dead timeout its stage still answers gossip); after
         any other failure (a stage behind or ahead by an epoch, its session lost) the same map may
         serve again, after a short backoff. NotReady at once when the live peers cannot hold the
         model, or at the deadline."""
-        node = self.node
+        view = self.view
         self.retries += 1
-        wait = (
-            0.0
-            if failed.reason != "unreachable"
-            else node.config.gossip.dead_after_s + 2 * node.config.gossip.interval_s
-        )
-        same_epoch_after = time.monotonic() + max(wait, min(MAX_BACKOFF_S, RENEW_POLL_S * 2 ** (self.retries - 1)))
+        wait = 0.0 if failed.reason != "unreachable" else config.gossip.dead_after_s + 2 * config.gossip.interval_s
+        backoff = min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** (self.retries - 1))
+        same_map_after = time.monotonic() + max(wait, backoff)
         while True:
-            _check_running(node)
-            too_small = node.capacity_error()
+            _check_running(view)
+            too_small = view.capacity_error()
             if too_small is not None:
                 raise NotReady(f"the swarm could not continue the generation ({failed}): {too_small}")
-            layer_map = node.layer_map
-            moved_on = layer_map is not None and (layer_map.id != self.map_id or time.monotonic() >= same_epoch_after)
-            if layer_map is not None and moved_on and node.ready():
+            layer_map, now = view.layer_map, time.monotonic()
+            moved_on = layer_map is not None and (layer_map.id != self.map_id or now >= same_map_after)
+            if layer_map is not None and moved_on and view.ready():
                 self._use(layer_map)
                 return
-            if time.monotonic() >= deadline:
-                missing = "; ".join(node.status()["errors"]) or "no layer map is ready"
+            if now >= deadline:
+                missing = "; ".join(view.errors()) or "no layer map is ready"
                 raise NotReady(f"the swarm could not continue the generation ({failed}): {missing}")
-            await asyncio.sleep(RENEW_POLL_S)
+            wake = deadline if layer_map is None or layer_map.id != self.map_id else min(deadline, same_map_after)
+            await view.changes.wait(max(0.0, wake - now))
 
 
-def _check_running(node: Node) -> None:
-    if node.stopping:
+def _check_running(view: SwarmView) -> None:
+    if view.stopping:
         raise NotReady("this peer is shutting down; send the request to another peer")
-
-
-def _sampling_json(request: Request) -> dict[str, Any]:
-    s = request.sampling
-    return {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "seed": s.seed}
-
-
-def _token_of(reply: dict[str, Any]) -> tuple[int, float]:
-    token, logprob = reply.get("token"), reply.get("logprob")
-    if type(token) is not int or not isinstance(logprob, float):
-        raise MessageRejected("malformed", "the last stage's reply has no token")
-    return token, logprob
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:

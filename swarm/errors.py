@@ -58,3 +58,7 @@ class SwarmTooSmall(SwarmError):
         super().__init__(f"{message}; {detail}" if detail else message)
         self.needed_bytes = needed_bytes
         self.available_bytes = available_bytes
+
+
+class NotReady(SwarmError):
+    """The swarm has no complete, loaded layer map right now, or this peer has too much queued."""

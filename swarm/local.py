@@ -48,8 +48,10 @@ class PeerProcess:
         cwd: Path | None = None,
         named: bool = True,
         own_session: bool = False,
+        command: list[str] | None = None,
     ) -> None:
         self.name = name
+        self.command = command or peer_command()  # what starts a peer: `swarm-peer`, or a stand-in
         self.args = args
         self.threads = threads
         self.host = host
@@ -74,7 +76,7 @@ class PeerProcess:
         env.pop("SWARM_KEY", None)
         env.update(self.env)
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        argv = [*peer_command(), *(["--node-id", self.name, "--threads", str(self.threads)] if self.named else [])]
+        argv = [*self.command, *(["--node-id", self.name, "--threads", str(self.threads)] if self.named else [])]
         argv += self.args
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -220,6 +222,7 @@ class Swarm:
         own_session: bool = False,
         behind_relays: bool = False,
         peers: list[PeerProcess] | None = None,
+        command: list[str] | None = None,
     ) -> None:
         if seeds not in ("first", "all", "mdns"):
             raise ValueError(f"seeds must be first, all or mdns, not {seeds!r}")
@@ -228,6 +231,7 @@ class Swarm:
         self.workdir, self.config, self.caps_mb = workdir, config, caps_mb
         self.hosts, self.seeds, self.threads = hosts, seeds, threads
         self.extra_args, self.extra_by_name = extra_args, extra_by_name or {}
+        self.command = command  # what starts each peer (None: `swarm-peer`)
         self.own_keyrings, self.api_key, self.env = own_keyrings, api_key, env or {}
         self.own_session = own_session
         # On the test bed: each peer listens on its host's address and advertises its relay's
@@ -269,7 +273,7 @@ class Swarm:
                 args += ["--no-mdns"]
                 args += ["--join", str(self.peers[0].url).removeprefix("http://")] if self.peers else []
             peer = PeerProcess(name, args, self.workdir, self.threads, host=host, env=self.env,
-                               own_session=self.own_session)  # fmt: skip
+                               own_session=self.own_session, command=self.command)  # fmt: skip
             peer.api_key = self.api_key
             self.peers.append(peer.start())
             if self.seeds == "first":

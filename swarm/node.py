@@ -32,7 +32,8 @@ from swarm.auth import PROTOCOL_VERSION, Keyring, Message, Opener, Sealer, load_
 from swarm.config import SwarmConfig
 from swarm.discovery import Announcement
 from swarm.election import Announce, Elect, Election, Rank
-from swarm.errors import Answered, LayerMapError, MessageRejected, Relayed, SwarmTooSmall
+from swarm.entry import Entry
+from swarm.errors import Answered, LayerMapError, MessageRejected, SwarmTooSmall
 from swarm.guard import FloodLog, file_stamp
 from swarm.identity import Identity, PersistentState, StateFile
 from swarm.layer_map import LayerMap, Stage, next_map, should_follow
@@ -40,12 +41,14 @@ from swarm.membership import Claim, Event, MemberInfo, Membership, State, judge_
 from swarm.netif import interfaces
 from swarm.partitioner import Candidate, Share, partition
 from swarm.stage_host import StageHost
-from swarm.stage_service import STAGE_PATH, StageService
+from swarm.stage_service import StageService
+from swarm.tasks import TaskGroup
+from swarm.transport import Transport
+from swarm.view import Signal
 
 log = logging.getLogger("swarm")
 
 MSG_PATH = "/swarm/msg"
-MSGPACK = "application/msgpack"
 # The election loop sleeps until its next deadline (at most this long; woken at once when a message
 # changes the election): no timer fires while nothing is due, so an idle peer does not interrupt
 # the peers that compute on the same cores.
@@ -105,7 +108,6 @@ class Node:
         self.resources = resources
         self.host = host
         self.tokenizer = tokenizer
-        self.service = StageService(self)
         self.clock = clock
         self.rng = rng or random.Random()
         self.keyring = keyring  # shared by the sealer and the opener; reloaded from its file in place
@@ -164,17 +166,59 @@ class Node:
         # Set when this peer must stop: another process holds its identity (`fatal` says so).
         self.failed = asyncio.Event()
         self.fatal: str | None = None
-        self._session: aiohttp.ClientSession | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.tasks = TaskGroup()  # every background task; cancelled by close()
+        # Notified when the layer map, a stage's readiness or the membership may have changed.
+        self.changes = Signal()
         self._loops: list[asyncio.Task[None]] = []
         self._loading: asyncio.Task[None] | None = None
         self._checks: dict[str, asyncio.Task[bool]] = {}  # peer id -> its probe in flight
         self._last_round: float | None = None  # when the gossip loop last ran
         self._election_wake = asyncio.Event()  # set when the election's state (and deadline) changed
         self._closed = False
-        self.stopping = False  # set when the peer begins to shut down: its generations end at once
+        self._stopping = False
+        self.transport = Transport(
+            self.peer_id,
+            seal=lambda kind, body, to: self._seal(kind, body, to=to),
+            check=self._check_link,
+            drops=self.drops,
+            flood=self.flood,
+            request_timeout_s=config.gossip.request_timeout_s,
+            heartbeat_s=config.serving.link_heartbeat_s,
+            max_message_bytes=sec.max_message_bytes,
+            max_frame_bytes=self.data_limit,
+        )
+        self.service = StageService(
+            self.peer_id,
+            config,
+            stage=lambda: host.stage if host is not None else None,
+            view=self,
+            transport=self.transport,
+            tasks=self.tasks,
+            on_unreachable=lambda peer_id, why: self._spawn(self.check_peer(peer_id, why)),
+        )
+        self.entry = Entry(
+            self.peer_id,
+            config,
+            view=self,
+            transport=self.transport,
+            tasks=self.tasks,
+            tokenizer=tokenizer,
+            context_tokens=model.profile.max_position_embeddings,
+        )
 
     # ---- lifetime -------------------------------------------------------------------------------
+
+    @property
+    def stopping(self) -> bool:
+        """Set when the peer begins to shut down: its generations end at once."""
+        return self._stopping
+
+    @stopping.setter
+    def stopping(self, value: bool) -> None:
+        self._stopping = value
+        self.changes.notify()
+        if value:
+            self.entry.stop()
 
     async def start(self, url: str, *, learn_url: bool = False) -> None:
         """Begin gossiping and electing as the peer reachable at `url`. With `learn_url` (a peer
@@ -202,8 +246,6 @@ class Node:
             dtype=str(self.model.profile.dtype).removeprefix("torch."),
         )
         self.membership = Membership(me, self.config.gossip)
-        timeout = aiohttp.ClientTimeout(total=self.config.gossip.request_timeout_s)
-        self._session = aiohttp.ClientSession(timeout=timeout)
         now = self.clock()
         for seed in self.config.discovery.join:
             self._introductions[f"http://{seed}"] = now
@@ -220,29 +262,19 @@ class Node:
         if self._closed:
             return
         self._closed = True
-        tasks = [*self._loops, *self._tasks] + ([self._loading] if self._loading else [])
+        tasks = [*self._loops] + ([self._loading] if self._loading else [])
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self.tasks.close()
         self.service.stop()
-        if self._session is not None:
-            await self._session.close()
+        await self.transport.close()
         self._persist()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        if self._closed:
-            coro.close()
-            return
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background task failed", exc_info=task.exception())
+        self.tasks.spawn(coro)
 
     def _persist(self) -> None:
         incarnation = self.membership.me.incarnation if self.membership else self.persisted.incarnation
@@ -319,64 +351,20 @@ class Node:
         # Where the message came from: a peer on several interfaces learns which address others reach.
         return self._seal(kind, {**body, "observed": remote}, to=msg.sender)
 
-    def check_data(self, data: bytes) -> Checked:
-        """Open and check a data-plane message (counting what is dropped); its sender's news is not taken in."""
-        msg = self.opener.open(data, max_bytes=self.data_limit)  # counts its own drops
+    def _check_link(self, data: bytes) -> Message:
+        """Open and check a link handshake (counting what is dropped); its sender's news is not taken in."""
+        msg = self.opener.open(data)  # counts its own drops
         try:
-            if msg.kind not in ("step", "close"):
-                raise MessageRejected("malformed", f"unknown data-plane message kind {msg.kind!r}")
-            checked = self._check(msg)
-            self._check_identity(checked)
-            return checked
+            if msg.kind not in ("link", "link_ok"):
+                raise MessageRejected("malformed", f"a {msg.kind!r} message cannot open a link")
+            self._check_identity(self._check(msg))
+            return msg
+        except Answered as e:
+            self.drops[e.reason] += 1
+            raise MessageRejected(e.reason, str(e)) from e
         except MessageRejected as e:
             self.drops[e.reason] += 1
             raise
-
-    def seal_reply(self, kind: str, body: dict[str, Any], to: str) -> bytes:
-        """A sealed answer to peer `to`."""
-        return self._seal(kind, body, to=to)
-
-    async def data_request(self, stage: Stage, kind: str, body: dict[str, Any]) -> tuple[dict[str, Any], int]:
-        """Send a data-plane message to a stage; its reply body and the bytes sent.
-
-        Raises Relayed with the stage's own refusal, or MessageRejected("unreachable")."""
-        if self._session is None or self._closed or self.membership is None:
-            raise MessageRejected("not_ready", "this peer is not serving")
-        if stage.peer_id == self.peer_id:
-            # This peer is the stage: no wire, no envelope; the message goes straight to the service.
-            me = self.membership.me
-            msg = Message(kind, self.peer_id, self.peer_id, self.identity.public_key, me.incarnation,
-                          self.election.term, 0, time.time(), body)  # fmt: skip
-            checked = Checked(msg, me, None)
-            local = await (self.service.step(checked) if kind == "step" else self.service.close(checked))
-            return local, 0
-        data = self._seal(kind, body, to=stage.peer_id)
-        timeout = aiohttp.ClientTimeout(total=self.config.serving.step_timeout_s)
-        where = f"stage {self._name(stage.peer_id)} at {stage.url}"
-        try:
-            async with self._session.post(
-                stage.url + STAGE_PATH, data=data, headers={"Content-Type": MSGPACK}, timeout=timeout
-            ) as resp:
-                payload = await _read_bounded(resp, self.data_limit)
-                status = resp.status
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
-            raise MessageRejected("unreachable", f"{where}: {e or type(e).__name__}") from e
-        if status != 200:
-            try:
-                error = json.loads(payload)["error"]
-                reason, message = str(error["type"]), str(error["message"])
-            except (ValueError, KeyError, TypeError):
-                reason, message = "unreachable", payload[:200].decode(errors="replace")
-            raise Relayed(reason, f"{where}: {message}", status)
-        answer = self.opener.open(payload, max_bytes=self.data_limit)  # counts its own drops
-        try:
-            if answer.recipient != self.peer_id or answer.sender != stage.peer_id:
-                raise MessageRejected("misdirected", f"reply from {answer.sender} for {answer.recipient}")
-            self._check(answer)
-        except MessageRejected as e:
-            self.drops[e.reason] += 1
-            raise
-        return answer.body, len(data)
 
     def _check(self, msg: Message) -> Checked:
         """Validate what every message and reply carries: the sender's own info and its leader."""
@@ -584,21 +572,20 @@ class Node:
     async def _exchange(self, url: str, kind: str, body: dict[str, Any], to: str | None) -> Checked | str:
         """Like `_request`, but a failure says what it was: "timeout", "refused" (nobody answered:
         connection refused or reset) or "rejected" (an answer, but not an acceptable one)."""
-        if self._session is None or self._closed:
+        if self._closed:
             return "rejected"
         data = self._seal(kind, body, to=to)
         limit = self.config.security.max_message_bytes
         try:
-            async with self._session.post(url + MSG_PATH, data=data, headers={"Content-Type": MSGPACK}) as resp:
-                payload = await _read_bounded(resp, limit)
-                if resp.status != 200:
-                    log.debug("%s to %s: HTTP %d %s", kind, url, resp.status, payload[:200].decode(errors="replace"))
-                    refusal, why = _error_of(payload)
-                    if resp.status == 409 and (refusal == "replayed" or (refusal == "stale" and "incarnation" in why)):
-                        self._behind(url)
-                    elif refusal == "stale":
-                        self.flood.refused("clock_skew", f"the peer at {url} refuses our messages: {why}")
-                    return "rejected"
+            status, payload = await self.transport.post(url + MSG_PATH, data, limit)
+            if status != 200:
+                log.debug("%s to %s: HTTP %d %s", kind, url, status, payload[:200].decode(errors="replace"))
+                refusal, why = _error_of(payload)
+                if status == 409 and (refusal == "replayed" or (refusal == "stale" and "incarnation" in why)):
+                    self._behind(url)
+                elif refusal == "stale":
+                    self.flood.refused("clock_skew", f"the peer at {url} refuses our messages: {why}")
+                return "rejected"
             reply = self.opener.open(payload)  # counts its own drops
         except asyncio.TimeoutError:
             log.debug("%s to %s timed out", kind, url)
@@ -698,11 +685,12 @@ class Node:
         if task is None:
             if self._closed:
                 return False
-            task = asyncio.create_task(self._probe(peer_id, why))
+            spawned = self.tasks.spawn(self._probe(peer_id, why))  # cancelled by close() like every task
+            if spawned is None:
+                return False
+            task = spawned
             self._checks[peer_id] = task
-            self._tasks.add(task)  # cancelled by close() like every background task
             task.add_done_callback(lambda _: self._checks.pop(peer_id, None))
-            task.add_done_callback(self._tasks.discard)
         return await asyncio.shield(task)
 
     async def _probe(self, peer_id: str, why: str) -> bool:
@@ -824,6 +812,7 @@ class Node:
             return False
         primary = self.keyring.primary_fingerprint
         self.keyring.replace(fresh)
+        self.transport.drop_keys(self.keyring.fingerprints)  # links made under a retired key are made again
         if self.on_new_primary is not None and self.keyring.primary_fingerprint != primary:
             self._spawn(self.on_new_primary(self.keyring.primary_fingerprint))
         log.info("swarm keys reloaded from %s: primary %s, accepted %s", path, self.keyring.primary_fingerprint,
@@ -1027,6 +1016,7 @@ class Node:
         stages = " ".join(f"{self._name(s.peer_id)}[{s.start},{s.end})" for s in new.stages)
         log.info("layer map epoch %d (term %d): %s", new.epoch, new.term, stages)
         self.service.drop_other_maps(new)
+        self.changes.notify()
         self._reconcile()
 
     def _reconcile(self) -> None:
@@ -1075,6 +1065,7 @@ class Node:
         self._reconcile()
 
     def _check_ready(self) -> None:
+        self.changes.notify()  # a waiting entry rechecks: the map, a stage or a member changed
         if self.layer_map is not None and self.ready() and self._ready_epoch != self.layer_map.epoch:
             self._ready_epoch = self.layer_map.epoch
             log.info("swarm ready: every stage of epoch %d is loaded", self.layer_map.epoch)
@@ -1108,6 +1099,14 @@ class Node:
     def _priority_of(self, peer_id: str | None) -> int | None:
         info = self._info_of(peer_id)
         return info.priority if info else None
+
+    def url_of(self, peer_id: str) -> str | None:
+        """A member's address (this peer's own too), if it is one."""
+        return self._url_of(peer_id)
+
+    def errors(self) -> list[str]:
+        """Why the swarm cannot serve, as far as this peer knows (partitioning, loading)."""
+        return [e for e in (self.partition_error, self.load_error) if e]
 
     def _url_of(self, peer_id: str) -> str | None:
         info = self._info_of(peer_id)
@@ -1160,7 +1159,9 @@ class Node:
             "peers": peers,
             "dropped_messages": dict(self.drops),
             "swarm_keys": self.keyring.describe(),
-            "errors": [e for e in (self.partition_error, self.load_error) if e],
+            "errors": self.errors(),
+            "links": self.transport.links(),
+            "sessions": self.service.sessions(),
         }
 
 
@@ -1189,16 +1190,3 @@ def _error_of(payload: bytes) -> tuple[str | None, str]:
     except (ValueError, KeyError, TypeError):
         return None, ""
     return (kind if isinstance(kind, str) else None), str(message)[:200]
-
-
-async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The response body, refusing more than `limit` bytes."""
-    if resp.content_length is not None and resp.content_length > limit:
-        raise ValueError(f"reply of {resp.content_length} bytes exceeds {limit}")
-    chunks, size = [], 0
-    async for chunk in resp.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > limit:
-            raise ValueError(f"reply exceeds {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)

@@ -21,8 +21,8 @@ from jinja2 import TemplateError
 
 from peer.errors import InvalidInput, SwarmError
 from peer.sampling import SamplingParams
-from swarm.entry import MAX_STOP_STRINGS, Entry, Event, NotReady, Request, Timings
-from swarm.errors import MessageRejected
+from swarm.entry import MAX_STOP_STRINGS, Entry, Event, Request, Timings
+from swarm.errors import MessageRejected, NotReady
 from swarm.guard import API_KEYS, ClientSlots, client_of
 from swarm.metrics import Metrics
 from swarm.node import Node
@@ -35,8 +35,8 @@ METRICS = web.AppKey("metrics", Metrics)
 SLOTS = web.AppKey("slots", ClientSlots)
 
 
-class ApiError(Exception):
-    """An error in OpenAI's shape."""
+class ApiError(SwarmError):
+    """An error in OpenAI's shape, with its HTTP status."""
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None) -> None:  # fmt: skip
@@ -404,7 +404,7 @@ async def get_metrics(request: web.Request) -> web.Response:
 def add_routes(app: web.Application, node: Node) -> None:
     """Mount the public API on the peer's application."""
     app[NODE] = node
-    app[ENTRY] = Entry(node)
+    app[ENTRY] = node.entry
     app[METRICS] = Metrics()
     app[SLOTS] = ClientSlots(node.config.serving.max_sessions_per_client)
     app.middlewares.append(openai_errors)

@@ -1,70 +1,49 @@
-"""This peer's stage in the data plane. A `step` message names a session, the layer map (its epoch
-and id), its entry peer, the
-route of stages still to run (this peer first) and the input: token ids on the first stage,
-hidden states after. The stage checks all of it, runs its layers in a worker thread (batched with
-other sessions' steps that arrive while the stage is busy, see `swarm.batcher`), and sends its
-hidden states straight to the next stage; the last stage samples and the token travels back
-along the chain of replies, each stage adding its compute time, the wire time of its hop and the
-bytes it sent. `close` walks the same route. Every message is a sealed envelope of the swarm."""
+"""This peer's stage in the data plane. A `pass` frame (`swarm.frames`) brings rows, each one
+session's step, from the entry peer (to the first stage) or from the stage before. The stage checks
+the frame against the layer map it follows, opens the sessions that start here, and queues the rows
+on its batcher (`swarm.batcher`), which runs them in forward passes in a worker thread. Each pass
+leaves as one frame: hidden states to the next stage, or, from the last stage, the sampled tokens
+straight home to each session's entry peer, so that no stage waits on a reply. Rows that cannot run
+are refused to their entry peer with the reason; a link to the next stage that breaks is reported
+the same way for the rows sent over it, and the peer behind it is probed (`on_unreachable`). A
+`close` frame walks the pipeline the same way. The service receives the transport, a task group, a
+read-only view of the swarm and the stage it holds; it never reaches into the node."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
-import time
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from peer.errors import CacheFull, ExecutorError, SessionExists, UnknownSession
-from peer.executor import StageExecutor, StepRequest
-from peer.sampling import SamplingParams
+from peer.executor import StageExecutor, StepRequest, StepResult
 from peer.stage import StageModel
-from swarm.batcher import Batcher, BatchStats
-from swarm.errors import MessageRejected, Relayed
-from swarm.layer_map import LayerMap, Stage
+from swarm.batcher import Batcher, BatchStats, Outcome
+from swarm.config import SwarmConfig
+from swarm.errors import MessageRejected
+from swarm.frames import (
+    Pass,
+    Row,
+    Sampled,
+    close_frame,
+    parse_close,
+    parse_pass,
+    pass_frame,
+    refusal_frame,
+    tokens_frame,
+)
+from swarm.layer_map import MAX_STAGES, LayerMap, Stage
+from swarm.tasks import TaskGroup
 from swarm.tensors import pack, unpack
-
-if TYPE_CHECKING:
-    from swarm.node import Checked, Node
+from swarm.transport import Transport
+from swarm.view import SwarmView
 
 log = logging.getLogger(__name__)
-
-STAGE_PATH = "/swarm/stage"
-
-# HTTP status for each reason a data-plane message is refused.
-STATUS = {
-    "malformed": 400,
-    "forged": 401,
-    "unknown_key": 401,
-    "oversized": 413,
-    "not_ready": 503,
-    "cache_full": 503,
-    "unreachable": 502,
-    "stage_failed": 500,
-}
-
-
-def route_of(raw: Any) -> list[Stage]:
-    """Parse a hostile route: the stages still to run, in order."""
-    if not isinstance(raw, list) or not 0 < len(raw) <= 256:
-        raise MessageRejected("malformed", "route must be a non-empty list of stages")
-    stages = []
-    for s in raw:
-        if not isinstance(s, dict):
-            raise MessageRejected("malformed", "a route stage is {peer_id, url, start, end}")
-        peer_id, url, start, end = (s.get(k) for k in ("peer_id", "url", "start", "end"))
-        if not (isinstance(peer_id, str) and isinstance(url, str) and type(start) is int and type(end) is int):
-            raise MessageRejected("malformed", "a route stage is {peer_id, url, start, end}")
-        stages.append(Stage(peer_id, url, start, end))
-    return stages
-
-
-def route_json(route: list[Stage]) -> list[dict[str, Any]]:
-    """Wire form of a route."""
-    return [{"peer_id": s.peer_id, "url": s.url, "start": s.start, "end": s.end} for s in route]
 
 
 @dataclass(frozen=True)
@@ -76,54 +55,96 @@ class Opened:
     entry: str  # the peer that owns it
 
 
-def sampling_of(raw: Any) -> SamplingParams:
-    """Parse hostile sampling parameters."""
-    if not isinstance(raw, dict):
-        raise MessageRejected("malformed", "sampling must be a mapping")
-    try:
-        return SamplingParams(**{k: raw[k] for k in ("temperature", "top_k", "top_p", "seed") if k in raw})
-    except (ExecutorError, TypeError) as e:
-        raise MessageRejected("malformed", f"sampling: {e}") from e
+@dataclass(frozen=True)
+class _Queued:
+    """A row on its way through this stage's batcher."""
+
+    row: Row  # its entry resolved
+    map_id: str
+    epoch: int
+    next: Stage | None  # where its hidden states go; None on the last stage
+    wire_s: float  # the hop into this stage
+    bytes_in: int  # this row's share of that hop's frame
+    opened: bool  # opened by this step: closed again if the step fails
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """The latest step of a session this stage sent on, and to whom."""
+
+    entry: str
+    step: int
+    next: str
 
 
 class StageService:
     """Runs this peer's layers for every session that passes through it."""
 
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    def __init__(
+        self,
+        peer_id: str,
+        config: SwarmConfig,
+        *,
+        stage: Callable[[], StageModel | None],
+        view: SwarmView,
+        transport: Transport,
+        tasks: TaskGroup,
+        on_unreachable: Callable[[str, str], None],
+    ) -> None:
+        self.peer_id = peer_id
+        self.config = config
+        self._stage_source = stage  # the stage model held now (None while standing by)
+        self.view = view
+        self.transport = transport
+        self.tasks = tasks
+        self.on_unreachable = on_unreachable  # a peer this stage could not send to, and why
+        self.max_rows = config.peer.executor.max_sessions
         self._executor: StageExecutor | None = None
         self._batcher: Batcher | None = None
         self.batches = BatchStats()  # over every executor this stage has had
         self._stage: StageModel | None = None
         self._opened: dict[str, Opened] = {}  # session -> its layer map and entry peer
+        self._sent: dict[str, _Sent] = {}  # session -> the latest step sent on from here
         self.dropped = 0  # sessions dropped because their layer map was abandoned or their entry died
         # Where forward passes run (set by the daemon to a thread of normal priority, see
         # `swarm.daemon.lower_loop_priority`); None: asyncio's default thread pool.
         self.compute_threads: concurrent.futures.Executor | None = None
+        transport.handlers["pass"] = self.on_pass
+        transport.handlers["close"] = self.on_close
+        transport.on_link_closed.append(self.on_link_closed)
 
     def executor(self) -> StageExecutor | None:
         """The executor over the stage held now (a new one, with no sessions, after each load)."""
-        host = self.node.host
-        stage = host.stage if host is not None else None
+        stage = self._stage_source()
         if stage is not self._stage:
             self._stage = stage
             if self._batcher is not None:
                 self._batcher.close()
-            self._executor = StageExecutor(stage, self.node.config.peer.executor) if stage is not None else None
-            serving = self.node.config.serving
+            self._executor = StageExecutor(stage, self.config.peer.executor) if stage is not None else None
+            serving = self.config.serving
+            head = stage is not None and stage.is_first
             self._batcher = (
                 Batcher(
                     self._executor,
                     serving.max_batch_tokens,
-                    serving.batch_wait_s,
+                    serving.batch_wait_s if head else 0.0,  # later stages run each frame as it comes
                     self.batches,
                     threads=self.compute_threads,
+                    on_pass=self._on_pass,
+                    micro_batches=self._micro_batches if head else None,
+                    in_flight_s=serving.hop_check_after_s,
                 )
                 if self._executor is not None
                 else None
             )
             self._opened.clear()
+            self._sent.clear()
         return self._executor
+
+    def _micro_batches(self) -> int:
+        """K: the configured number, or one per stage of the layer map."""
+        layer_map = self.view.layer_map
+        return self.config.serving.micro_batches or (len(layer_map.stages) if layer_map else 1)
 
     def stop(self) -> None:
         """Stop the stage's forward passes (the node is closing); safe to call twice."""
@@ -152,158 +173,232 @@ class StageService:
         if executor is None:
             return
         dropped = sum(executor.close_session(sid) for sid in doomed)
-        if self._batcher is not None:
-            for sid in doomed:
-                self._batcher.forget(sid)
+        for sid in doomed:
+            self._forget(sid)
         if dropped:
             self.dropped += dropped
             log.info("dropped %d session(s) %s", dropped, why)
+
+    def _forget(self, session: str) -> None:
+        self._sent.pop(session, None)
+        if self._batcher is not None:
+            self._batcher.forget(session)
 
     def sessions(self) -> int:
         """Sessions open on this stage."""
         ex = self._executor
         return len(ex.session_ids()) if ex is not None else 0
 
-    def _route_here(self, checked: Checked) -> list[Stage]:
-        """The message's route, checked: the rest of the current map from this peer on, sent by the
-        stage before this one (or, to the first stage, by any member: the entry peer)."""
-        body = checked.msg.body
-        epoch, map_id, route = body.get("epoch"), body.get("map"), route_of(body.get("route"))
-        layer_map = self.node.layer_map
-        if type(epoch) is not int or not isinstance(map_id, str):
-            raise MessageRejected("malformed", "epoch must be an integer and map a layer-map id")
-        if layer_map is None or map_id != layer_map.id or epoch != layer_map.epoch:
+    # ---- a pass comes in ------------------------------------------------------------------------------
+
+    def on_pass(self, sender: str, body: dict[str, Any], wire_s: float, size: int) -> None:
+        """Take in a pass frame: queue its rows, or refuse them to their entry peers."""
+        frame = parse_pass(body, max_rows=self.max_rows, max_stages=MAX_STAGES)
+        # A row that has been through no stage yet comes from its entry peer itself.
+        rows = [row if row.trail else _with_entry(row, sender) for row in frame.rows]
+        try:
+            index, layer_map, executor = self._check_frame(sender, frame, rows)
+            inputs = self._inputs(frame, rows, executor)
+        except MessageRejected as e:
+            self._refuse(rows, e)  # their entry peers learn why at once, rather than at their watchdog
+            if e.reason in ("malformed", "mismatch"):
+                raise  # counted and logged (once per kind) by the transport
+            self.transport.drops[e.reason] += 1  # an honest miss: a map that moved on, layers loading
+            log.debug("refused a pass from %s: %s", sender, e)
+            return
+        batcher = self._batcher
+        assert batcher is not None
+        nxt = layer_map.stages[index + 1] if index + 1 < len(layer_map.stages) else None
+        total, offset = sum(r.length for r in rows), 0
+        for row in rows:
+            x = inputs[:, offset : offset + row.length]
+            offset += row.length
+            opened = False
+            if row.opening is not None:
+                try:
+                    executor.open_session(row.session, row.opening.max_length, row.opening.sampling)
+                except ExecutorError as e:
+                    self._refuse([row], _rejection(e))
+                    continue
+                opened = True
+                open_now = set(executor.session_ids())  # forget sessions closed or evicted meanwhile
+                self._opened = {sid: o for sid, o in self._opened.items() if sid in open_now}
+                self._opened[row.session] = Opened(frame.map_id, frame.epoch, row.entry)
+            positions = torch.arange(row.start, row.start + row.length, dtype=torch.int64)
+            tag = _Queued(row, frame.map_id, frame.epoch, nxt, wire_s, size * row.length // total, opened)
+            batcher.enqueue(StepRequest(row.session, x, positions), tag)
+
+    def _check_frame(self, sender: str, frame: Pass, rows: list[Row]) -> tuple[int, LayerMap, StageExecutor]:
+        """This stage's index in the map the frame is for, the map, and the executor; MessageRejected
+        when the frame is not for the map this stage follows, not from the stage before, or the layers
+        are not loaded."""
+        layer_map = self.view.layer_map
+        if layer_map is None or frame.map_id != layer_map.id or frame.epoch != layer_map.epoch:
             # The id names the map's leader and term too: two leaders on two sides of a partition may
             # each have made an epoch N, and a stage must never run a session of one on the other.
             have = layer_map.id if layer_map else None
-            raise MessageRejected("stale_epoch", f"message for layer map {map_id}, this peer follows {have}")
-        index = len(layer_map.stages) - len(route)
-        if index < 0 or tuple(route) != layer_map.stages[index:] or route[0].peer_id != self.node.peer_id:
-            raise MessageRejected("mismatch", "the route is not the rest of the current layer map from this peer")
-        if index > 0 and checked.msg.sender != layer_map.stages[index - 1].peer_id:
+            raise MessageRejected("stale_epoch", f"a pass for layer map {frame.map_id}, this peer follows {have}")
+        index = _index_of(layer_map, self.peer_id)
+        if index is None:
+            raise MessageRejected("mismatch", "this peer holds no stage of that layer map")
+        if any(len(r.trail) != index for r in rows):
+            raise MessageRejected("mismatch", f"rows that have not been through the {index} stage(s) before this one")
+        if index > 0 and sender != layer_map.stages[index - 1].peer_id:
             raise MessageRejected("mismatch", "only the previous stage sends to this one")
-        return route
-
-    def _my_stage(self, checked: Checked) -> tuple[list[Stage], StageExecutor]:
-        route = self._route_here(checked)
+        mine = layer_map.stages[index]
         executor = self.executor()
-        held = self.node.host.range if self.node.host else None
-        if executor is None or held != (route[0].start, route[0].end):
-            raise MessageRejected("not_ready", f"layers [{route[0].start}, {route[0].end}) are not loaded here yet")
-        return route, executor
+        if executor is None or (executor.stage.start, executor.stage.end) != (mine.start, mine.end):
+            raise MessageRejected("not_ready", f"layers [{mine.start}, {mine.end}) are not loaded here yet")
+        return index, layer_map, executor
 
-    async def step(self, checked: Checked) -> dict[str, Any]:
-        """Run one step here and on every later stage; the sampled token and the timings come back."""
-        t_in = time.perf_counter()
-        body = checked.msg.body
-        route, executor = self._my_stage(checked)
-        batcher = self._batcher
-        assert batcher is not None and batcher.executor is executor
-        session, start, opening = body.get("session"), body.get("start"), body.get("open")
-        # The entry peer owns the session: the first stage hears from it, later stages from the stage before.
-        entry = checked.msg.sender if route[0].start == 0 else body.get("entry")
-        if not isinstance(entry, str) or len(entry) > 64:
-            raise MessageRejected("malformed", "entry must be the entry peer's id")
-        stage = executor.stage
+    def _inputs(self, frame: Pass, rows: list[Row], executor: StageExecutor) -> torch.Tensor:
+        """The frame's inputs, checked: token ids [1, ΣT] on the first stage, hidden states [1, ΣT, D] after."""
+        stage, limit = executor.stage, self.config.serving.max_activation_bytes
+        total = sum(r.length for r in rows)
         context = stage.config.max_position_embeddings
-        if not isinstance(session, str) or type(start) is not int or not 0 <= start < context:
-            raise MessageRejected("malformed", f"session must be a string and start an integer in [0, {context})")
-        limit = self.node.config.serving.max_activation_bytes
-        if stage.is_first:
-            inputs = unpack(body.get("input"), dtype=torch.int64, shape=(1, None), max_bytes=limit)
-        else:
-            width = stage.config.hidden_size
-            inputs = unpack(body.get("input"), shape=(1, None, width), max_bytes=limit)
-            if not inputs.is_floating_point():
-                raise MessageRejected("mismatch", f"hidden states must be floating point, not {inputs.dtype}")
-            # Peers may compute in different dtypes (a GPU in bfloat16, a CPU in float32): the hidden
-            # states are cast at the stage boundary, as they would be between two layers of mixed precision.
-            inputs = inputs.to(executor.dtype)
-        if inputs.shape[1] == 0:
-            raise MessageRejected("malformed", "a step needs at least one position")
-        if stage.is_first and (int(inputs.min()) < 0 or int(inputs.max()) >= stage.config.vocab_size):
-            raise MessageRejected("malformed", "token ids outside the vocabulary")
-        if start + inputs.shape[1] > context:
+        if any(r.start + r.length > context for r in rows):
             raise MessageRejected("malformed", f"positions beyond the model's context of {context}")
-        positions = torch.arange(start, start + inputs.shape[1], dtype=torch.int64)
-        if opening is not None:
-            if not isinstance(opening, dict) or type(opening.get("max_length")) is not int:
-                raise MessageRejected("malformed", "open must be {max_length, sampling}")
-            sampling = sampling_of(opening.get("sampling", {}))
-            self._run(executor.open_session, session, opening["max_length"], sampling)
-            open_now = set(executor.session_ids())  # forget sessions closed or evicted meanwhile
-            self._opened = {sid: o for sid, o in self._opened.items() if sid in open_now}
-            self._opened[session] = Opened(body["map"], body["epoch"], entry)
-        try:
-            result = await batcher.step(StepRequest(session, inputs, positions))
-        except ExecutorError as e:
-            if opening is not None:
-                executor.close_session(session)
-                self._opened.pop(session, None)
-            raise _rejection(e) from e
-        except BaseException:
-            if opening is not None:
-                executor.close_session(session)
-                self._opened.pop(session, None)
-            raise
-        me = {"peer_id": self.node.peer_id, "node_id": self.node.node_id, "compute_s": result.compute_s}
-        if stage.is_last:
+        if stage.is_first:
+            inputs = unpack(frame.input, dtype=torch.int64, shape=(1, total), max_bytes=limit)
+            if int(inputs.min()) < 0 or int(inputs.max()) >= stage.config.vocab_size:
+                raise MessageRejected("malformed", "token ids outside the vocabulary")
+            return inputs
+        inputs = unpack(frame.input, shape=(1, total, stage.config.hidden_size), max_bytes=limit)
+        if not inputs.is_floating_point():
+            raise MessageRejected("mismatch", f"hidden states must be floating point, not {inputs.dtype}")
+        # Peers may compute in different dtypes (a GPU in bfloat16, a CPU in float32): the hidden
+        # states are cast at the stage boundary, as they would be between two layers of mixed precision.
+        return inputs.to(executor.dtype)
+
+    # ---- a pass goes out ------------------------------------------------------------------------------
+
+    def _on_pass(self, items: list[tuple[StepRequest, Any, Outcome]]) -> None:
+        """One pass ran: send its hidden states on as one frame, or its tokens home; refuse what failed."""
+        ran: list[tuple[_Queued, StepResult]] = []
+        for _, tag, outcome in items:
+            assert isinstance(tag, _Queued)
+            if isinstance(outcome, StepResult):
+                ran.append((tag, outcome))
+                continue
+            if tag.opened and self._executor is not None:
+                self._executor.close_session(tag.row.session)
+                self._opened.pop(tag.row.session, None)
+            self._refuse([tag.row], outcome if isinstance(outcome, MessageRejected) else _rejection(outcome))
+        home: dict[str, list[Sampled]] = defaultdict(list)
+        onward: dict[tuple[str, int, Stage], list[tuple[_Queued, StepResult]]] = defaultdict(list)
+        for tag, result in ran:  # one frame per pass, unless the map moved on in the middle of it
+            if tag.next is not None:
+                onward[(tag.map_id, tag.epoch, tag.next)].append((tag, result))
+                continue
             assert result.tokens is not None and result.logprobs is not None
-            token, logprob = int(result.tokens[0]), float(result.logprobs[0])
-            me.update(wire_s=0.0, bytes_out=0)
-            return {"token": token, "logprob": logprob, "timings": [me], "elapsed_s": time.perf_counter() - t_in}
-        assert result.hidden is not None
-        forward = {"session": session, "epoch": body["epoch"], "map": body["map"], "start": start, "open": opening}
-        forward["entry"] = entry
-        forward.update(route=route_json(route[1:]), input=pack(result.hidden))
-        t_out = time.perf_counter()
+            row = tag.row
+            trail = (*row.trail, (tag.wire_s, tag.bytes_in, result.compute_s))
+            home[row.entry].append(Sampled(row.session, row.step, int(result.tokens[0]),
+                                           float(result.logprobs[0]), trail))  # fmt: skip
+        for entry, sampled in home.items():
+            self.tasks.spawn(self._send_home(entry, sampled))
+        for (map_id, epoch, nxt), group in onward.items():
+            rows = [_onward(tag, result) for tag, result in group]
+            hidden = torch.cat([result.hidden for _, result in group if result.hidden is not None], dim=1)
+            self.tasks.spawn(self._forward(nxt, pass_frame(map_id, epoch, rows, pack(hidden)), rows))
+
+    async def _forward(self, nxt: Stage, frame: dict[str, Any], rows: list[Row]) -> None:
         try:
-            reply, sent = await self.node.data_request(route[1], "step", forward)
+            await self.transport.send(nxt.peer_id, nxt.url, frame)
         except MessageRejected as e:
-            if e.reason == "unreachable" and not isinstance(e, Relayed):  # this hop: probe it now, not on gossip
-                self.node._spawn(self.node.check_peer(route[1].peer_id, str(e)))
-            raise
-        hop_s = time.perf_counter() - t_out
-        downstream = reply.get("elapsed_s")
-        downstream_s = float(downstream) if isinstance(downstream, float) else 0.0
-        me.update(wire_s=max(0.0, hop_s - downstream_s), bytes_out=sent)
-        timings = reply.get("timings")
-        later = list(timings) if isinstance(timings, list) else []
-        elapsed = time.perf_counter() - t_in
-        return {
-            "token": reply.get("token"),
-            "logprob": reply.get("logprob"),
-            "timings": [me, *later],
-            "elapsed_s": elapsed,
-        }
+            self._refuse(rows, e)
+            if e.reason == "unreachable":  # this hop: probe it now, not on gossip
+                self.on_unreachable(nxt.peer_id, str(e))
+            return
+        for row in rows:
+            self._sent[row.session] = _Sent(row.entry, row.step, nxt.peer_id)
 
-    async def close(self, checked: Checked) -> dict[str, Any]:
-        """Close a session here and on every later stage; unknown sessions are not an error."""
-        body = checked.msg.body
-        session, route = body.get("session"), self._route_here(checked)
-        if not isinstance(session, str):
-            raise MessageRejected("malformed", "session must be a string")
-        executor = self._executor
-        closed = executor.close_session(session) if executor is not None else False
-        if self._batcher is not None:
-            self._batcher.forget(session)
-        self._opened.pop(session, None)
-        if len(route) > 1 and route[0].peer_id == self.node.peer_id:
-            try:
-                forward = {"session": session, "epoch": body.get("epoch"), "map": body.get("map")}
-                forward["route"] = route_json(route[1:])
-                await self.node.data_request(route[1], "close", forward)
-            except MessageRejected as e:
-                log.debug("closing session %s downstream: %s", session, e)
-        return {"closed": closed}
-
-    @staticmethod
-    def _run(fn: Any, *args: Any) -> Any:
-        """Call an executor method, turning its refusals into message rejections."""
+    async def _send_home(self, entry: str, rows: list[Sampled]) -> None:
         try:
-            return fn(*args)
-        except ExecutorError as e:
-            raise _rejection(e) from e
+            await self.transport.send(entry, self.view.url_of(entry), tokens_frame(rows))
+        except MessageRejected as e:  # the entry is gone: nobody waits for these tokens
+            log.debug("tokens for %d session(s) could not go home to %s: %s", len(rows), entry, e)
+
+    def _refuse(self, rows: list[Row], error: MessageRejected) -> None:
+        """Tell each row's entry peer that it did not run, and why."""
+        by_entry: dict[str, list[tuple[str, int]]] = defaultdict(list)
+        for row in rows:
+            by_entry[row.entry].append((row.session, row.step))
+        for entry, refused in by_entry.items():
+            self.tasks.spawn(self._send_refusal(entry, refusal_frame(refused, error.reason, str(error))))
+
+    async def _send_refusal(self, entry: str, frame: dict[str, Any]) -> None:
+        try:
+            await self.transport.send(entry, self.view.url_of(entry), frame)
+        except MessageRejected as e:
+            log.debug("a refusal could not reach %s: %s", entry, e)
+
+    def on_link_closed(self, peer_id: str) -> None:
+        """The link to `peer_id` closed: the steps last sent over it may be lost, so their entry
+        peers hear so now (they replay them), and the peer is probed."""
+        lost = [(sid, sent) for sid, sent in self._sent.items() if sent.next == peer_id]
+        if not lost:
+            return
+        for sid, _ in lost:
+            del self._sent[sid]
+        error = MessageRejected("unreachable", f"the link to the next stage, {self.view.name_of(peer_id)}, closed")
+        by_entry: dict[str, list[tuple[str, int]]] = defaultdict(list)
+        for sid, sent in lost:
+            by_entry[sent.entry].append((sid, sent.step))
+        for entry, refused in by_entry.items():
+            self.tasks.spawn(self._send_refusal(entry, refusal_frame(refused, error.reason, str(error))))
+        self.on_unreachable(peer_id, str(error))
+
+    # ---- close ----------------------------------------------------------------------------------------
+
+    def on_close(self, sender: str, body: dict[str, Any], wire_s: float = 0.0, size: int = 0) -> None:
+        """Close sessions here and on the later stages: at the first stage only their entry peer may,
+        after it only the stage before. Unknown sessions are not an error."""
+        map_id, sessions = parse_close(body, max_rows=self.max_rows)
+        layer_map = self.view.layer_map
+        index = _index_of(layer_map, self.peer_id)
+        if layer_map is not None and index is not None and index > 0 and map_id == layer_map.id:
+            if sender != layer_map.stages[index - 1].peer_id:
+                raise MessageRejected("mismatch", "only the previous stage sends to this one")
+            mine = sessions
+        else:
+            mine = [s for s in sessions if (o := self._opened.get(s)) is not None and o.entry == sender]
+        executor = self._executor
+        for session in mine:
+            if executor is not None:
+                executor.close_session(session)
+            self._opened.pop(session, None)
+            self._forget(session)
+        if layer_map is None or index is None or map_id != layer_map.id or not mine:
+            return
+        if index + 1 >= len(layer_map.stages):
+            return
+        nxt = layer_map.stages[index + 1]
+        self.tasks.spawn(self._send_close(nxt, close_frame(map_id, layer_map.epoch, mine)))
+
+    async def _send_close(self, nxt: Stage, frame: dict[str, Any]) -> None:
+        try:
+            await self.transport.send(nxt.peer_id, nxt.url, frame)
+        except MessageRejected as e:  # stages evict abandoned sessions on their own
+            log.debug("closing %d session(s) downstream: %s", len(frame["sessions"]), e)
+
+
+def _index_of(layer_map: LayerMap | None, peer_id: str) -> int | None:
+    """The index of `peer_id`'s stage in `layer_map`, if it holds one."""
+    if layer_map is None:
+        return None
+    return next((i for i, s in enumerate(layer_map.stages) if s.peer_id == peer_id), None)
+
+
+def _with_entry(row: Row, entry: str) -> Row:
+    return Row(row.session, entry, row.step, row.start, row.length, row.opening, row.trail)
+
+
+def _onward(tag: _Queued, result: StepResult) -> Row:
+    """The row as the next stage gets it: its trail one stage longer."""
+    row = tag.row
+    trail = (*row.trail, (tag.wire_s, tag.bytes_in, result.compute_s))
+    return Row(row.session, row.entry, row.step, row.start, row.length, row.opening, trail)
 
 
 def _rejection(error: ExecutorError) -> MessageRejected:

@@ -1,14 +1,16 @@
 """A rogue process on 127.0.0.1 that does not hold the swarm key, run by the hardening tests as a
 process of its own: `python -m tests.swarm.rogue` reads a JSON plan on stdin (the peers' URLs and
-ids, the layer map's epoch, a session id in flight, and captured envelopes to replay) and tries
-everything an outsider on the network can: join, win an election by claiming the highest
-priority, push a layer map naming itself, open a session and inject activations, close a session,
-route a stage's output to itself, and replay captured traffic. Each attempt is made three ways:
+ids, the layer map's epoch, and a captured link handshake to replay) and tries everything an
+outsider on the network can: join, win an election by claiming the highest priority, push a layer
+map naming itself, gossip itself in, open a data-plane link to every stage (to open sessions,
+inject activations or close them), and replay captured traffic. Each attempt is made three ways:
 sealed under a key of its own, under no key (the insecure keyring), and as plain msgpack. It
 prints one JSON object: each attempt's HTTP status and error type."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import os
 import sys
@@ -16,15 +18,14 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+import aiohttp
 import msgpack
-import torch
 
 from swarm.auth import Keyring, Sealer
 from swarm.identity import Identity
+from swarm.link import LINK_HEADER, LINK_PATH, REFUSAL_HEADER, new_ephemeral
 from swarm.membership import MemberInfo
 from swarm.node import MSG_PATH
-from swarm.stage_service import STAGE_PATH
-from swarm.tensors import pack
 
 TOP_PRIORITY = 2**62
 
@@ -42,6 +43,21 @@ def post(url: str, data: bytes) -> tuple[int, str]:
             return e.code, "unparsed"
 
 
+def link(url: str, data: bytes) -> tuple[int, str]:
+    """Ask for a link with `data` as its handshake; the HTTP status and error type (101 and "ok"
+    when the link is opened)."""
+
+    async def attempt() -> tuple[int, str]:
+        async with aiohttp.ClientSession() as session:
+            try:
+                async with session.ws_connect(url + LINK_PATH, headers={LINK_HEADER: base64.b64encode(data).decode()}):
+                    return 101, "ok"
+            except aiohttp.WSServerHandshakeError as e:
+                return e.status, (e.headers or {}).get(REFUSAL_HEADER, "unparsed")
+
+    return asyncio.run(attempt())
+
+
 def main() -> int:
     plan: dict[str, Any] = json.load(sys.stdin)
     me = Identity.generate()
@@ -53,11 +69,9 @@ def main() -> int:
         "no_key": Sealer(me, Keyring()),
     }
     stages = plan["stages"]  # [{peer_id, url, start, end}] in pipeline order
-    hidden = pack(torch.randn(1, 1, plan["hidden_size"]))
     mine = [{"peer_id": me.peer_id, "url": "http://127.0.0.1:9", "start": 0, "end": plan["num_layers"]}]
     evil_map = {"term": plan["term"] + 100, "epoch": plan["epoch"] + 100, "model": plan["fingerprint"],
                 "num_layers": plan["num_layers"], "stages": mine, "leader": me.peer_id}  # fmt: skip
-    session = plan["session"]
     attempts: list[tuple[str, str, str, dict[str, Any], str]] = []  # name, url, kind, body, recipient
     for s in stages:
         base = s["url"]
@@ -67,31 +81,19 @@ def main() -> int:
             ("coordinator", base + MSG_PATH, "coordinator", {}, s["peer_id"]),
             ("layer_map", base + MSG_PATH, "layer_map", {"map": evil_map}, s["peer_id"]),
             ("gossip", base + MSG_PATH, "gossip", {"digest": [{"info": info, "dead": False}]}, s["peer_id"]),
+            # A data-plane link: every session frame (open, activations, close) needs one first.
+            ("link", base, "link", {"eph": new_ephemeral()[1]}, s["peer_id"]),
         ]
-    first, middle = stages[0], stages[1]
-    route = stages
-    attempts += [
-        ("open_session", first["url"] + STAGE_PATH, "step",
-         {"session": "rogue-session", "epoch": plan["epoch"], "map": plan["map"], "route": route, "start": 0,
-          "input": pack(torch.tensor([[1, 2, 3]])), "open": {"max_length": 8, "sampling": {}}}, first["peer_id"]),
-        ("inject_activations", middle["url"] + STAGE_PATH, "step",
-         {"session": session, "epoch": plan["epoch"], "map": plan["map"], "route": route[1:], "start": plan["position"],
-          "input": hidden}, middle["peer_id"]),
-        ("steal_activations", first["url"] + STAGE_PATH, "step",
-         {"session": session, "epoch": plan["epoch"], "map": plan["map"], "route": [first, *mine],
-          "start": plan["position"], "input": pack(torch.tensor([[1]]))}, first["peer_id"]),
-        ("close_session", first["url"] + STAGE_PATH, "close",
-         {"session": session, "epoch": plan["epoch"], "map": plan["map"], "route": route}, first["peer_id"]),
-    ]  # fmt: skip
     results: dict[str, list[Any]] = {}
     for i, captured in enumerate(plan["captured"]):  # first, well within the clock skew allowed
-        results[f"replay/{i}"] = [post(captured["url"], bytes.fromhex(captured["data"]))]
+        results[f"replay/{i}"] = [link(captured["url"], bytes.fromhex(captured["data"]))]
     for name, url, kind, body, to in attempts:
+        send = link if kind == "link" else post
         for way, sealer in ways.items():
             data = sealer.seal(kind, {**common, **body}, term=plan["term"] + 100, incarnation=1, to=to)
-            results.setdefault(f"{name}/{way}", []).append(post(url, data))
+            results.setdefault(f"{name}/{way}", []).append(send(url, data))
         plain = msgpack.packb({"kind": kind, "sender": me.peer_id, "to": to, "body": {**common, **body}})
-        results.setdefault(f"{name}/plain", []).append(post(url, plain))
+        results.setdefault(f"{name}/plain", []).append(send(url, plain))
     print(json.dumps(results))
     return 0
 

@@ -2,7 +2,7 @@
 output equals Hugging Face's single-process model token for token, the official `openai` client
 works (chat and completions, streaming and not), every peer gives the same answer, eight
 concurrent requests each match their lone run, and bad input of every kind, on the public API and
-on the stage endpoint, gets a clear 4xx while other sessions carry on undisturbed."""
+on the stage links, gets a clear refusal while other sessions carry on undisturbed."""
 
 from __future__ import annotations
 
@@ -13,16 +13,15 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import msgpack
 import pytest
 import torch
 
-from swarm.auth import Keyring, Sealer, load_swarm_key
-from swarm.identity import Identity
+from swarm.auth import Keyring, load_swarm_key
+from swarm.errors import MessageRejected
+from swarm.frames import Row, pass_frame
 from swarm.layer_map import LayerMap
-from swarm.membership import MemberInfo
-from swarm.stage_service import STAGE_PATH
 from swarm.tensors import pack
+from tests.swarm.prober import Prober
 from tests.swarm.procs import PeerProcess, start_seeded_swarm, write_config
 
 pytestmark = [pytest.mark.real_model, pytest.mark.timeout(600)]
@@ -175,56 +174,44 @@ def test_public_endpoints_answer_bad_input_in_openais_shape(swarm, path: str, bo
     assert complete(url, PROMPTS[0], max_tokens=2)["choices"][0]["text"]  # and it keeps serving
 
 
-def test_stage_endpoints_refuse_bad_messages_without_disturbing_sessions(swarm, reference) -> None:
+def test_stage_links_refuse_bad_frames_without_disturbing_sessions(swarm, reference) -> None:
+    """Frames a key holder sends by hand, each wrong in one way, come back refused with their reason
+    (a link without the key is refused at its handshake), while a real session runs undisturbed."""
     stages = swarm["stages"]
     status = json.loads(urllib.request.urlopen(stages[0] + "/swarm/status", timeout=10).read())
-    layer_map = status["layer_map"]
-    first, second = layer_map["stages"][0], layer_map["stages"][1]
-    me = Identity.generate()
-    fingerprint = status["model"]["fingerprint"]
-    info = MemberInfo(me.peer_id, "prober", "http://127.0.0.1:9", 1, 1, 0, 1 << 20, "cpu", fingerprint,
-                      0, 0, 0, True).to_dict()  # fmt: skip
-    sealers = {key: Sealer(me, Keyring.of(key)) for key in (swarm["key"], None)}
-
-    def send(stage: dict[str, Any], body: dict[str, Any], key: bytes | None) -> tuple[int, Any]:
-        envelope = sealers[key].seal("step", {"info": info, "leader": None, "leader_priority": None, **body},
-                                     term=0, incarnation=1, to=stage["peer_id"])  # fmt: skip
-        req = urllib.request.Request(stage["url"] + STAGE_PATH, data=envelope)
-        try:
-            with urllib.request.urlopen(req, timeout=60) as resp:
-                return resp.status, msgpack.unpackb(resp.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())["error"]["type"]
-
-    route = layer_map["stages"]
+    layer_map, fingerprint = status["layer_map"], status["model"]["fingerprint"]
+    prober = Prober(layer_map, fingerprint, Keyring.of(swarm["key"]))
+    keyless = Prober(layer_map, fingerprint, Keyring())
+    map_id, epoch = LayerMap.from_dict(layer_map).id, layer_map["epoch"]
     tokens = pack(torch.tensor([[1, 2, 3]], dtype=torch.int64))
-    base = {"session": "probe", "epoch": layer_map["epoch"], "map": LayerMap.from_dict(layer_map).id, "route": route,
-            "start": 0}  # fmt: skip
-    opening = {"max_length": 8, "sampling": {"temperature": 0.0}}
-    key = swarm["key"]
+
+    def row(opening: bool = True, trail: tuple = ()) -> Row:
+        base = prober.row("probe", 3, 0, opening)
+        return Row(base.session, base.entry, base.step, base.start, base.length, base.opening, trail)
+
     bad = [
-        (first, {**base, "input": tokens, "open": opening}, None, 401, "unknown_key"),  # no swarm key
-        (first, {**base, "input": tokens, "open": opening, "epoch": layer_map["epoch"] + 7}, key, 409, "stale_epoch"),
-        (first, {**base, "input": tokens, "open": opening, "map": "1.1.another-leader"}, key, 409, "stale_epoch"),
-        (first, {**base, "input": pack(torch.ones(1, 3)), "open": opening}, key, 409, "mismatch"),  # floats, not ids
-        (first, {**base, "input": pack(torch.tensor([[[1, 2]]], dtype=torch.int64))}, key, 409, "mismatch"),  # 3-D
-        (first, {**base, "input": tokens}, key, 409, "unknown_session"),  # a session never opened
-        (first, {**base, "input": {"dtype": "float32", "shape": [1, 3], "data": b"xx"}}, key, 400, "malformed"),
-        (
-            second,
-            {**base, "route": route[1:], "input": pack(torch.ones(1, 3, 576))},
-            key,
-            409,
-            "mismatch",
-        ),  # not from stage 0
-        (second, {**base, "route": route, "input": tokens}, key, 409, "mismatch"),  # not this peer's route
-    ]
+        (0, pass_frame(map_id, epoch + 7, [row()], tokens), "stale_epoch"),
+        (0, pass_frame("1.1.another-leader", epoch, [row()], tokens), "stale_epoch"),
+        (0, pass_frame(map_id, epoch, [row()], pack(torch.ones(1, 3))), "mismatch"),  # floats, not ids
+        (0, pass_frame(map_id, epoch, [row()], pack(torch.ones(1, 3, 2, dtype=torch.int64))), "mismatch"),  # 3-D
+        (0, pass_frame(map_id, epoch, [row(opening=False)], tokens), "unknown_session"),  # never opened
+        (0, pass_frame(map_id, epoch, [row()], {"dtype": "float32", "shape": [1, 3], "data": b"xx"}), "malformed"),
+        (1, pass_frame(map_id, epoch, [row()], pack(torch.ones(1, 3, 576))), "mismatch"),  # not through stage 0
+        (1, pass_frame(map_id, epoch, [row(trail=((0.0, 0, 0.0),))], pack(torch.ones(1, 3, 576))), "mismatch"),
+    ]  # the last: rows that claim stage 0's trail, but not from stage 0
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(complete, stages[0], PROMPTS[1])  # a real session in flight meanwhile
-        for stage, body, with_key, want, reason in bad:
-            assert send(stage, body, with_key) == (want, reason)
+        with pytest.raises(MessageRejected) as refused:
+            keyless.step("probe", [1, 2, 3], 0, opening=True)
+        assert refused.value.reason == "unknown_key"
+        for stage, frame, reason in bad:
+            answer = prober.send(stage, frame)
+            assert (answer.kind, answer.value) == ("refused", reason), (stage, frame["rows"], answer)
         text = running.result()["choices"][0]
     assert text["logprobs"]["tokens"] == reference["_pieces"][PROMPTS[1]]  # type: ignore[index]
+    first = prober.step("fine", [1, 2, 3], 0, opening=True)  # the prober's own session runs too
+    assert 0 <= first < 49152
+    prober.close("fine")
 
 
 def test_swarm_generate_and_chat_stream_to_the_terminal(

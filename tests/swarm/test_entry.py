@@ -5,35 +5,24 @@ anything is sent. The generation loop itself runs against a real swarm in the da
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 
 from peer.errors import InvalidInput
+from swarm.config import ServingConfig, SwarmConfig
 from swarm.entry import Entry, Request, Timings, _first_stop
 
 
-def fold(t: Timings, stages: list[dict[str, Any]], entry_wire_s: float, entry_bytes: int) -> None:
-    """One step's timings, the stages named (as the entry names them) by their route position."""
-    t.add_step(stages, [str(s.get("node_id")) for s in stages], entry_wire_s=entry_wire_s, entry_bytes=entry_bytes)
-
-
-def stage(node_id: str, compute_s: float, wire_s: float = 0.0, bytes_out: int = 0) -> dict[str, Any]:
-    return {
-        "peer_id": f"peer-{node_id}",
-        "node_id": node_id,
-        "compute_s": compute_s,
-        "wire_s": wire_s,
-        "bytes_out": bytes_out,
-    }
+def hop(wire_s: float, bytes_in: int, compute_s: float) -> tuple[float, int, float]:
+    """One stage's trail entry: the hop into it (seconds, bytes) and its compute time."""
+    return (wire_s, bytes_in, compute_s)
 
 
 def entry(context: int = 32) -> Entry:
-    node = SimpleNamespace(
-        model=SimpleNamespace(profile=SimpleNamespace(max_position_embeddings=context)),
-        config=SimpleNamespace(serving=SimpleNamespace(max_concurrent_requests=2)),
-    )
-    return Entry(node)  # type: ignore[arg-type]
+    config = SwarmConfig(serving=ServingConfig(max_concurrent_requests=2))
+    transport = SimpleNamespace(handlers={}, on_link_closed=[])
+    return Entry("me", config, view=None, transport=transport, tasks=None, tokenizer=None,  # type: ignore[arg-type]
+                 context_tokens=context)  # fmt: skip
 
 
 # ---- stop strings ---------------------------------------------------------------------------------
@@ -69,52 +58,52 @@ def test_first_stop_is_where_the_text_is_cut() -> None:
 # ---- timings --------------------------------------------------------------------------------------
 
 
-def test_add_step_sums_compute_per_stage_and_wire_per_hop() -> None:
+def test_add_step_sums_compute_per_stage_and_wire_per_hop_around_the_ring() -> None:
     t = Timings(started=0.0)
-    fold(t, [stage("a", 0.5, 0.25, 1000), stage("b", 0.75, 0.0, 0)], entry_wire_s=0.125, entry_bytes=40)
-    fold(t, [stage("a", 0.25, 0.5, 1000), stage("b", 0.25, 0.0, 0)], entry_wire_s=0.375, entry_bytes=8)
+    t.add_step((hop(0.125, 40, 0.5), hop(0.25, 1000, 0.75)), ["a", "b"], home_wire_s=0.5, home_bytes=8)
+    t.add_step((hop(0.375, 8, 0.25), hop(0.5, 1000, 0.25)), ["a", "b"], home_wire_s=0.25, home_bytes=8)
     assert t.compute_s == {"a": 0.75, "b": 1.0}
-    assert t.wire_s == {"entry->a": 0.5, "a->b": 0.75}
-    assert t.bytes_sent == 40 + 8 + 2000
+    # The token goes home from the last stage straight to the entry: the ring's last hop.
+    assert t.wire_s == {"entry->a": 0.5, "a->b": 0.75, "b->entry": 0.75}
+    assert t.bytes_sent == 40 + 8 + 2000 + 16
 
 
 def test_add_step_names_every_hop_of_a_longer_pipeline() -> None:
     t = Timings(started=0.0)
-    route = [stage("x", 1.0, 0.5, 300), stage("y", 2.0, 0.25, 200), stage("z", 4.0, 0.0, 0)]
-    fold(t, route, entry_wire_s=0.0, entry_bytes=10)
+    trail = (hop(0.0, 10, 1.0), hop(0.5, 300, 2.0), hop(0.25, 200, 4.0))
+    t.add_step(trail, ["x", "y", "z"], home_wire_s=0.125, home_bytes=5)
     assert t.compute_s == {"x": 1.0, "y": 2.0, "z": 4.0}
-    # The last stage's wire_s goes nowhere: its token travels back inside the replies.
-    assert t.wire_s == {"entry->x": 0.0, "x->y": 0.5, "y->z": 0.25}
-    assert t.bytes_sent == 510
+    assert t.wire_s == {"entry->x": 0.0, "x->y": 0.5, "y->z": 0.25, "z->entry": 0.125}
+    assert t.bytes_sent == 515
 
 
-def test_add_step_with_a_single_stage_has_only_the_entry_hop() -> None:
+def test_add_step_with_a_single_stage_has_the_hop_there_and_back() -> None:
     t = Timings(started=0.0)
     for _ in range(3):
-        fold(t, [stage("solo", 0.5, 9.0, 7)], entry_wire_s=0.25, entry_bytes=16)
+        t.add_step((hop(0.25, 16, 0.5),), ["solo"], home_wire_s=0.0, home_bytes=7)
     assert t.compute_s == {"solo": 1.5}
-    assert t.wire_s == {"entry->solo": 0.75}
+    assert t.wire_s == {"entry->solo": 0.75, "solo->entry": 0.0}
     assert t.bytes_sent == 3 * (16 + 7)
 
 
-def test_add_step_treats_missing_numbers_as_zero() -> None:
+def test_add_step_names_stages_by_their_place_in_the_route_and_ignores_extra_entries() -> None:
     t = Timings(started=0.0)
-    fold(t, [{"node_id": "a"}, {"node_id": "b", "compute_s": 1.0}], entry_wire_s=0.0, entry_bytes=0)
-    assert t.compute_s == {"a": 0.0, "b": 1.0}
-    assert t.wire_s == {"entry->a": 0.0, "a->b": 0.0}
-    assert t.bytes_sent == 0
+    t.add_step((hop(0.0, 0, 1.0), hop(0.0, 0, 9.0)), ["a"], home_wire_s=0.0, home_bytes=0)
+    assert t.compute_s == {"a": 1.0}  # a trail longer than the route says nothing of stages it does not have
+    t.add_step((), ["a", "b"], home_wire_s=0.5, home_bytes=3)
+    assert t.wire_s["b->entry"] == 0.5 and t.bytes_sent == 3
 
 
 def test_to_json_computes_rates_from_the_sums() -> None:
     t = Timings(started=0.0, first_token_s=0.5, total_s=2.5, tokens=5)
-    fold(t, [stage("a", 1.0, 0.5, 100), stage("b", 2.0)], entry_wire_s=0.5, entry_bytes=20)
+    t.add_step((hop(0.5, 20, 1.0), hop(0.5, 100, 2.0)), ["a", "b"], home_wire_s=0.0, home_bytes=0)
     assert t.to_json() == {
         "time_to_first_token_s": 0.5,
         "total_s": 2.5,
         "tokens": 5,
         "tokens_per_s": 2.0,  # 4 tokens after the first, in 2 s
         "compute_s_per_stage": {"a": 1.0, "b": 2.0},
-        "wire_s_per_hop": {"entry->a": 0.5, "a->b": 0.5},
+        "wire_s_per_hop": {"entry->a": 0.5, "a->b": 0.5, "b->entry": 0.0},
         "bytes_sent": 120,
         "communication_overhead": 0.25,  # 1 s of wire against 3 s of compute
     }
@@ -122,13 +111,13 @@ def test_to_json_computes_rates_from_the_sums() -> None:
 
 def test_to_json_rounds() -> None:
     t = Timings(started=0.0, first_token_s=1 / 3, total_s=10 / 3, tokens=3)
-    fold(t, [stage("a", 1 / 3)], entry_wire_s=1 / 6, entry_bytes=0)
+    t.add_step((hop(1 / 6, 0, 1 / 3),), ["a"], home_wire_s=0.0, home_bytes=0)
     out = t.to_json()
     assert out["time_to_first_token_s"] == 0.333333
     assert out["total_s"] == 3.333333
     assert out["tokens_per_s"] == 0.667  # 2 tokens in 3 s
     assert out["compute_s_per_stage"] == {"a": 0.333333}
-    assert out["wire_s_per_hop"] == {"entry->a": 0.166667}
+    assert out["wire_s_per_hop"] == {"entry->a": 0.166667, "a->entry": 0.0}
     assert out["communication_overhead"] == 0.3333  # 1/6 against 1/3
 
 
@@ -149,10 +138,10 @@ def test_to_json_has_no_rate_when_undefined(tokens: int, first: float | None, to
 
 def test_to_json_overhead_is_zero_or_one_at_the_extremes() -> None:
     only_compute = Timings(started=0.0)
-    fold(only_compute, [stage("a", 2.0)], entry_wire_s=0.0, entry_bytes=0)
+    only_compute.add_step((hop(0.0, 0, 2.0),), ["a"], home_wire_s=0.0, home_bytes=0)
     assert only_compute.to_json()["communication_overhead"] == 0.0
     only_wire = Timings(started=0.0)
-    fold(only_wire, [stage("a", 0.0)], entry_wire_s=1.0, entry_bytes=0)
+    only_wire.add_step((hop(1.0, 0, 0.0),), ["a"], home_wire_s=0.0, home_bytes=0)
     assert only_wire.to_json()["communication_overhead"] == 1.0
 
 
@@ -182,15 +171,3 @@ def test_check_refuses_requests_over_the_context(prompt_len: int, max_tokens: in
     with pytest.raises(InvalidInput, match="context of 32 tokens") as info:
         entry(context=32).check(Request([1] * prompt_len, max_tokens=max_tokens))
     assert f"prompt's {prompt_len} tokens" in str(info.value)
-
-
-def test_add_step_ignores_what_a_stage_should_not_have_sent() -> None:
-    t = Timings(started=0.0)
-    t.add_step([], ["a", "b"], entry_wire_s=0.5, entry_bytes=3)  # no timings at all
-    t.add_step("nonsense", ["a", "b"], entry_wire_s=0.0, entry_bytes=0)
-    hostile = [1, {"compute_s": None}, {"compute_s": "x"}, {"bytes_out": float("inf")}, {"compute_s": float("nan")}]
-    t.add_step(hostile, ["a", "b", "c", "d", "e"], entry_wire_s=0.0, entry_bytes=0)
-    assert t.compute_s == {} and t.bytes_sent == 3 and t.wire_s == {"entry->a": 0.5}
-    # Stages are named by their place in the route, never by what they call themselves.
-    t.add_step([{"node_id": "evil\n", "compute_s": 1.0}], ["a"], entry_wire_s=0.0, entry_bytes=0)
-    assert t.compute_s == {"a": 1.0}

@@ -51,11 +51,6 @@ class FakeTokenizer:
         return list(CHAT_IDS)
 
 
-def fold(t: Timings, stages: list[dict[str, Any]], entry_wire_s: float, entry_bytes: int) -> None:
-    """One step's timings, the stages named (as the entry names them) by their route position."""
-    t.add_step(stages, [str(s.get("node_id")) for s in stages], entry_wire_s=entry_wire_s, entry_bytes=entry_bytes)
-
-
 VOCAB = 100
 
 
@@ -390,12 +385,8 @@ def test_metrics_record_sums_requests() -> None:
     metrics = Metrics()
     for first, total, tokens in ((0.25, 1.0, 4), (0.5, 2.0, 6)):
         t = Timings(started=0.0, first_token_s=first, total_s=total, tokens=tokens)
-        fold(
-            t,
-            [{"node_id": "a", "compute_s": 0.5, "wire_s": 0.25, "bytes_out": 100}, {"node_id": "b", "compute_s": 1.0}],
-            entry_wire_s=0.125,
-            entry_bytes=10,
-        )
+        # entry -> a: 0.125 s, 10 bytes; a -> b: 0.25 s, 100 bytes; b -> entry: 0.0625 s, 0 bytes.
+        t.add_step(((0.125, 10, 0.5), (0.25, 100, 1.0)), ["a", "b"], home_wire_s=0.0625, home_bytes=0)
         metrics.record(t)
     assert metrics.requests_completed == 2
     assert metrics.tokens_generated == 10
@@ -403,18 +394,13 @@ def test_metrics_record_sums_requests() -> None:
     assert metrics.request_s_sum == 3.0
     assert metrics.bytes_sent == 220
     assert dict(metrics.compute_s) == {"a": 1.0, "b": 2.0}
-    assert dict(metrics.wire_s) == {"entry->a": 0.25, "a->b": 0.5}
+    assert dict(metrics.wire_s) == {"entry->a": 0.25, "a->b": 0.5, "b->entry": 0.125}
 
 
 def test_metrics_render_is_prometheus_text() -> None:
     metrics = Metrics(requests_started=3, requests_failed=1)
     t = Timings(started=0.0, first_token_s=0.5, total_s=2.5, tokens=8)
-    fold(
-        t,
-        [{"node_id": "a", "compute_s": 0.75, "wire_s": 0.5, "bytes_out": 4096}, {"node_id": "b", "compute_s": 1.25}],
-        entry_wire_s=0.25,
-        entry_bytes=64,
-    )
+    t.add_step(((0.25, 64, 0.75), (0.5, 4096, 1.25)), ["a", "b"], home_wire_s=0.125, home_bytes=0)
     metrics.record(t)
     node = metrics_node(
         [State.ALIVE, State.ALIVE, State.SUSPECT, State.DEAD, State.DEAD, State.DEAD],
@@ -463,6 +449,7 @@ def test_metrics_render_is_prometheus_text() -> None:
         'swarm_stage_compute_seconds_total{stage="a"}': 0.75,
         'swarm_stage_compute_seconds_total{stage="b"}': 1.25,
         'swarm_hop_wire_seconds_total{hop="a->b"}': 0.5,
+        'swarm_hop_wire_seconds_total{hop="b->entry"}': 0.125,
         'swarm_hop_wire_seconds_total{hop="entry->a"}': 0.25,
         "swarm_ready": 1,
         "swarm_term": 7,

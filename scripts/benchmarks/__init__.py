@@ -1,0 +1,1 @@
+"""The benchmark families of `scripts/bench.py`, one module each."""

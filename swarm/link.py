@@ -1,0 +1,205 @@
+"""A persistent link between two peers: one WebSocket, authenticated once, then cheap frames both
+ways. The handshake is two sealed envelopes (`swarm.auth`: signed by each peer's Ed25519 identity
+and encrypted under the swarm key) carrying fresh X25519 keys: the dialler's rides in a header of
+the upgrade request (`LINK_HEADER`, so that nothing unauthenticated is ever read from the socket as
+a message, and a refusal is a plain HTTP error), the acceptor's is the link's first message. Their
+shared secret, bound to both peer ids and both ephemeral keys, gives one ChaCha20-Poly1305 key per
+direction. After that a data
+frame costs one AEAD seal and no signature: its nonce is its counter, which must grow on every
+frame, so a frame replayed, reordered or copied from another link is dropped and counted. A link
+also learns the other clock's offset from the handshake (as NTP does: half the round trip), so a
+receiver can tell how long a frame spent on the wire. It knows bytes and WebSockets; who may open a
+link, and what frames mean, is the transport's and the data plane's business."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgpack
+from aiohttp import WSMsgType, web
+from aiohttp.client_ws import ClientWebSocketResponse
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from swarm.errors import MessageRejected
+
+log = logging.getLogger(__name__)
+
+LINK_PATH = "/swarm/link"
+LINK_HEADER = "X-Swarm-Link"  # the dialler's handshake envelope, base64
+REFUSAL_HEADER = "X-Swarm-Refused"  # on a refused upgrade: the reason, as the dialler may act on it
+COUNTER_BYTES = 8  # a frame starts with its counter, big-endian; the AEAD nonce is 4 zero bytes and it
+EPHEMERAL_BYTES = 32  # an X25519 public key
+KEY_INFO = b"swarm-inference link keys v1"
+# WebSocket close code (4000-4999 are the application's): the link ends because the swarm key it
+# was made under is no longer held.
+CLOSE_REKEY = 4002
+WebSocket = web.WebSocketResponse | ClientWebSocketResponse
+
+
+def new_ephemeral() -> tuple[X25519PrivateKey, bytes]:
+    """A fresh X25519 key pair for one handshake: the private key and the raw public key."""
+    private = X25519PrivateKey.generate()
+    public = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return private, public
+
+
+def ephemeral_of(raw: Any) -> bytes:
+    """A handshake's X25519 public key, checked."""
+    if not isinstance(raw, bytes) or len(raw) != EPHEMERAL_BYTES:
+        raise MessageRejected("malformed", f"a link key is {EPHEMERAL_BYTES} bytes")
+    return raw
+
+
+def link_keys(
+    private: X25519PrivateKey, their_public: bytes, *, dialler: str, acceptor: str, transcript: bytes
+) -> tuple[bytes, bytes]:
+    """The (dialler-to-acceptor, acceptor-to-dialler) frame keys of a link. `transcript` is the
+    dialler's ephemeral public key followed by the acceptor's, so each link's keys are its own.
+    MessageRejected("malformed") for a public key that is not one (the all-zero shared secret)."""
+    try:
+        shared = private.exchange(X25519PublicKey.from_public_bytes(their_public))
+    except ValueError as e:  # a low-order point: no secret at all
+        raise MessageRejected("malformed", f"link key: {e}") from e
+    info = KEY_INFO + b"\0" + dialler.encode() + b"\0" + acceptor.encode() + b"\0" + transcript
+    both = HKDF(algorithm=hashes.SHA256(), length=64, salt=None, info=info).derive(shared)
+    return both[:32], both[32:]
+
+
+class FrameCipher:
+    """Seals the frames one way and opens those of the other way on one link."""
+
+    def __init__(self, send_key: bytes, recv_key: bytes) -> None:
+        self._send = ChaCha20Poly1305(send_key)
+        self._recv = ChaCha20Poly1305(recv_key)
+        self._sent = 0  # the last counter sealed
+        self._received = 0  # the highest counter opened
+
+    def seal(self, body: Any) -> bytes:
+        """The wire bytes of one frame: its counter, then the sealed msgpack of `body`."""
+        self._sent += 1
+        counter = self._sent.to_bytes(COUNTER_BYTES, "big")
+        return counter + self._send.encrypt(bytes(12 - COUNTER_BYTES) + counter, msgpack.packb(body), counter)
+
+    def open(self, data: bytes, max_bytes: int) -> Any:
+        """The body of a frame from the other side; MessageRejected (forged, replayed, oversized,
+        malformed) otherwise, and then nothing changes."""
+        if len(data) > max_bytes:
+            raise MessageRejected("oversized", f"a frame of {len(data)} bytes > {max_bytes}")
+        if len(data) < COUNTER_BYTES + 16:
+            raise MessageRejected("malformed", "a frame is a counter and a sealed body")
+        counter = data[:COUNTER_BYTES]
+        number = int.from_bytes(counter, "big")
+        if number <= self._received:
+            raise MessageRejected("replayed", f"frame {number} after frame {self._received}")
+        try:
+            plain = self._recv.decrypt(bytes(12 - COUNTER_BYTES) + counter, data[COUNTER_BYTES:], counter)
+        except InvalidTag as e:
+            raise MessageRejected("forged", "a frame that does not open under its link's key") from e
+        self._received = number
+        try:
+            return msgpack.unpackb(plain, raw=False, max_bin_len=max_bytes)
+        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+            raise MessageRejected("malformed", f"a frame that is not msgpack: {e}") from e
+
+
+OnFrame = Callable[["Link", Any, float, int], Awaitable[None] | None]
+
+
+class Link:
+    """One authenticated WebSocket to `peer_id`, either side may send on. `run()` reads frames until
+    the socket closes, handing each opened body to `on_frame(link, body, wire_s, size)`; frames that
+    fail to open are counted in `drops` and skipped. `closed` is set when it ends, however."""
+
+    def __init__(
+        self,
+        ws: WebSocket,
+        peer_id: str,
+        cipher: FrameCipher,
+        *,
+        key_fingerprint: str,
+        clock_offset_s: float,
+        dialled: bool,
+        max_frame_bytes: int,
+        drops: Counter[str],
+    ) -> None:
+        self.ws = ws
+        self.peer_id = peer_id
+        self.key_fingerprint = key_fingerprint  # the swarm key the handshake was sealed under
+        self.clock_offset_s = clock_offset_s  # the other clock minus ours, in seconds
+        self.dialled = dialled  # this peer dialled it (else the other side did)
+        self.max_frame_bytes = max_frame_bytes
+        self.drops = drops
+        self.closed = asyncio.Event()
+        self.frames_in = 0
+        self.frames_out = 0
+        self._cipher = cipher
+        self._send_lock = asyncio.Lock()  # counters reach the wire in the order they were sealed
+
+    @property
+    def open(self) -> bool:
+        """Whether frames can still be sent on it."""
+        return not self.closed.is_set() and not self.ws.closed
+
+    async def send(self, body: Any) -> int:
+        """Seal and send one frame, stamped with the send time in the other side's clock; the bytes
+        sent. MessageRejected("unreachable") once the link is closed."""
+        async with self._send_lock:
+            if not self.open:
+                raise MessageRejected("unreachable", f"the link to {self.peer_id} is closed")
+            data = self._cipher.seal([time.time() + self.clock_offset_s, body])
+            try:
+                await self.ws.send_bytes(data)
+            except (ConnectionError, RuntimeError) as e:
+                self.closed.set()
+                raise MessageRejected("unreachable", f"the link to {self.peer_id}: {e}") from e
+        self.frames_out += 1
+        return len(data)
+
+    async def run(self, on_frame: OnFrame) -> None:
+        """Read frames until the link closes."""
+        try:
+            async for msg in self.ws:
+                if msg.type is WSMsgType.ERROR:  # a frame over the size limit, or a broken one: the link ends
+                    self.drops["oversized" if "size" in str(msg.data).lower() else "malformed"] += 1
+                    break
+                if msg.type is not WSMsgType.BINARY:
+                    self.drops["malformed"] += 1
+                    continue
+                try:
+                    sent, body = self._unwrap(self._cipher.open(msg.data, self.max_frame_bytes))
+                except MessageRejected as e:
+                    self.drops[e.reason] += 1
+                    log.debug("frame from %s dropped: %s", self.peer_id, e)
+                    continue
+                self.frames_in += 1
+                done = on_frame(self, body, max(0.0, time.time() - sent), len(msg.data))
+                if done is not None:
+                    await done
+        except (ConnectionError, asyncio.TimeoutError) as e:
+            log.debug("link to %s broke: %s", self.peer_id, e)
+        finally:
+            self.closed.set()
+            await self.close()
+
+    async def close(self, code: int = 1000, why: str = "") -> None:
+        """Close the socket; safe to call twice."""
+        self.closed.set()
+        if not self.ws.closed:
+            with contextlib.suppress(ConnectionError, RuntimeError, asyncio.TimeoutError):
+                await self.ws.close(code=code, message=why.encode()[:120])
+
+    @staticmethod
+    def _unwrap(frame: Any) -> tuple[float, Any]:
+        if not (isinstance(frame, list) and len(frame) == 2 and isinstance(frame[0], float)):
+            raise MessageRejected("malformed", "a frame is [sent_s, body]")
+        return frame[0], frame[1]

@@ -1,0 +1,251 @@
+"""Links between peers: the frame cipher drops replayed, reordered, tampered and foreign frames
+and counts them; both sides of a handshake derive the same keys, which no other link shares; and
+two transports on 127.0.0.1 open a link with a handshake of sealed envelopes, send frames both
+ways over it, refuse a peer without the swarm key or a replayed handshake, notice the link closing,
+and make their links again under a new key when the keyring retires the old one."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from swarm.auth import Keyring, Message, Opener, Sealer
+from swarm.errors import MessageRejected
+from swarm.guard import FloodLog
+from swarm.identity import Identity
+from swarm.link import LINK_HEADER, LINK_PATH, REFUSAL_HEADER, FrameCipher, link_keys, new_ephemeral
+from swarm.transport import Transport
+
+pytestmark = pytest.mark.timeout(120)
+LIMIT = 1 << 20
+
+
+# ---- the frame cipher --------------------------------------------------------------------------------
+
+
+def pair() -> tuple[FrameCipher, FrameCipher]:
+    """The two ends of one link."""
+    a_to_b, b_to_a = os.urandom(32), os.urandom(32)
+    return FrameCipher(a_to_b, b_to_a), FrameCipher(b_to_a, a_to_b)
+
+
+def test_frames_open_in_order_on_the_other_end() -> None:
+    a, b = pair()
+    for i in range(5):
+        assert b.open(a.seal({"n": i}), LIMIT) == {"n": i}
+    assert a.open(b.seal([1, 2.5, b"x"]), LIMIT) == [1, 2.5, b"x"]
+
+
+def test_a_replayed_or_reordered_frame_is_dropped_and_the_link_goes_on() -> None:
+    a, b = pair()
+    first, second, third = a.seal("one"), a.seal("two"), a.seal("three")
+    assert b.open(first, LIMIT) == "one"
+    assert b.open(third, LIMIT) == "three"
+    for stale in (first, second, third):
+        with pytest.raises(MessageRejected) as e:
+            b.open(stale, LIMIT)
+        assert e.value.reason == "replayed"
+    assert b.open(a.seal("four"), LIMIT) == "four"
+
+
+def test_a_tampered_or_foreign_frame_is_forged_and_moves_no_counter() -> None:
+    a, b = pair()
+    other, _ = pair()
+    genuine = a.seal("hello")
+    tampered = genuine[:-1] + bytes([genuine[-1] ^ 1])
+    for bad in (tampered, other.seal("from another link"), genuine[:8] + b"\0" * 16 + genuine[24:]):
+        with pytest.raises(MessageRejected) as e:
+            b.open(bad, LIMIT)
+        assert e.value.reason == "forged"
+    assert b.open(genuine, LIMIT) == "hello"  # its counter was never taken by the forgeries
+
+
+@pytest.mark.parametrize(("data", "reason"), [(b"", "malformed"), (b"x" * 23, "malformed"), (b"x" * 100, "oversized")])
+def test_short_and_oversized_frames_are_refused(data: bytes, reason: str) -> None:
+    _, b = pair()
+    with pytest.raises(MessageRejected) as e:
+        b.open(data, 64)
+    assert e.value.reason == reason
+
+
+def test_both_ends_derive_the_same_keys_and_no_other_handshake_does() -> None:
+    d_private, d_public = new_ephemeral()
+    a_private, a_public = new_ephemeral()
+    transcript = d_public + a_public
+    dialler = link_keys(d_private, a_public, dialler="d", acceptor="a", transcript=transcript)
+    acceptor = link_keys(a_private, d_public, dialler="d", acceptor="a", transcript=transcript)
+    assert dialler == acceptor and dialler[0] != dialler[1]
+    again_private, again_public = new_ephemeral()
+    other = link_keys(again_private, a_public, dialler="d", acceptor="a", transcript=again_public + a_public)
+    assert not set(other) & set(dialler)
+    with pytest.raises(MessageRejected) as e:
+        link_keys(d_private, bytes(32), dialler="d", acceptor="a", transcript=transcript)  # a low-order point
+    assert e.value.reason == "malformed"
+
+
+# ---- two transports ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Peer:
+    """A transport with its server: what a node gives the transport, and nothing more."""
+
+    identity: Identity
+    keyring: Keyring
+    transport: Transport = field(init=False)
+    url: str = ""
+    frames: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
+    closed: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
+    runner: web.AppRunner | None = None
+
+    def __post_init__(self) -> None:
+        sealer = Sealer(self.identity, self.keyring)
+        opener = Opener(self.keyring, max_clock_skew_s=30, replay_window=64, max_message_bytes=LIMIT,
+                        peer_id=self.identity.peer_id)  # fmt: skip
+
+        def seal(kind: str, body: dict[str, Any], to: str | None) -> bytes:
+            return sealer.seal(kind, body, term=0, incarnation=1, to=to)
+
+        def check(data: bytes) -> Message:
+            return opener.open(data)
+
+        self.transport = Transport(self.identity.peer_id, seal=seal, check=check, drops=opener.drops,
+                                   flood=FloodLog(logging.getLogger("test")), request_timeout_s=5.0,
+                                   heartbeat_s=30.0, max_message_bytes=LIMIT, max_frame_bytes=LIMIT)  # fmt: skip
+        self.transport.handlers["note"] = lambda sender, body, *_: self.frames.put_nowait((sender, body["text"]))
+        self.transport.on_link_closed.append(self.closed.put_nowait)
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get(LINK_PATH, self.transport.accept)
+        app.on_shutdown.append(lambda _: self.transport.close_links())
+        self.runner = web.AppRunner(app, shutdown_timeout=1.0)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+        await self.transport.close()
+
+    async def next_frame(self) -> tuple[str, Any]:
+        return await asyncio.wait_for(self.frames.get(), 30)
+
+
+@pytest.fixture
+async def two() -> AsyncIterator[tuple[Peer, Peer]]:
+    key = Keyring.of(os.urandom(32))
+    a, b = Peer(Identity.generate(), Keyring(key.keys, key.primary)), Peer(Identity.generate(), Keyring(key.keys))
+    await a.start()
+    await b.start()
+    try:
+        yield a, b
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_a_link_carries_frames_both_ways_after_one_handshake(two: tuple[Peer, Peer]) -> None:
+    a, b = two
+    sent = await a.transport.send(b.peer_id, b.url, {"kind": "note", "text": "to b"})
+    assert sent > 0 and await b.next_frame() == (a.peer_id, "to b")
+    # b answers over the link a dialled: it needs no address for a.
+    await b.transport.send(a.peer_id, None, {"kind": "note", "text": "to a"})
+    assert await a.next_frame() == (b.peer_id, "to a")
+    for i in range(20):
+        await a.transport.send(b.peer_id, b.url, {"kind": "note", "text": str(i)})
+    assert [(await b.next_frame())[1] for _ in range(20)] == [str(i) for i in range(20)]
+    assert a.transport.links() == {b.peer_id: 1} and b.transport.links() == {a.peer_id: 1}
+    assert sum(a.transport.drops.values()) == 0 and sum(b.transport.drops.values()) == 0
+
+
+async def test_a_frame_to_this_peer_itself_skips_the_wire(two: tuple[Peer, Peer]) -> None:
+    a, _ = two
+    assert await a.transport.send(a.peer_id, None, {"kind": "note", "text": "self"}) == 0
+    assert await a.next_frame() == (a.peer_id, "self")
+    assert a.transport.links() == {}
+
+
+async def test_a_peer_without_the_swarm_key_is_refused_at_the_handshake(two: tuple[Peer, Peer]) -> None:
+    _, b = two
+    stranger = Peer(Identity.generate(), Keyring.of(os.urandom(32)))
+    try:
+        with pytest.raises(MessageRejected) as e:
+            await stranger.transport.send(b.peer_id, b.url, {"kind": "note", "text": "let me in"})
+        assert e.value.reason == "unknown_key"
+        assert b.transport.drops["unknown_key"] == 1 and b.frames.empty() and b.transport.links() == {}
+    finally:
+        await stranger.stop()
+
+
+async def test_a_replayed_or_missing_handshake_is_refused_before_the_upgrade(two: tuple[Peer, Peer]) -> None:
+    import base64
+
+    import aiohttp
+
+    a, b = two
+    hello = base64.b64encode(a.transport._seal("link", {"eph": new_ephemeral()[1]}, b.peer_id)).decode()
+    answers = []
+    async with aiohttp.ClientSession() as session:
+        for headers in ({LINK_HEADER: hello}, {LINK_HEADER: hello}, {}, {LINK_HEADER: "not base64!"}):
+            try:
+                async with session.ws_connect(b.url + LINK_PATH, headers=headers):
+                    answers.append((101, "ok"))
+            except aiohttp.WSServerHandshakeError as e:
+                answers.append((e.status, (e.headers or {}).get(REFUSAL_HEADER)))
+    assert answers == [(101, "ok"), (409, "replayed"), (400, "malformed"), (400, "malformed")]
+    assert b.transport.drops["replayed"] == 1 and b.transport.drops["malformed"] == 2
+
+
+async def test_an_oversized_frame_ends_the_link_and_is_counted(two: tuple[Peer, Peer]) -> None:
+    a, b = two
+    await a.transport.send(b.peer_id, b.url, {"kind": "note", "text": "fine"})
+    await b.next_frame()
+    link = a.transport.link_to(b.peer_id)
+    assert link is not None
+    await link.ws.send_bytes(b"x" * (LIMIT + 1))
+    assert await asyncio.wait_for(b.closed.get(), 30) == a.peer_id
+    assert b.transport.drops["oversized"] == 1
+
+
+async def test_a_closed_link_is_reported_and_the_next_frame_dials_again(two: tuple[Peer, Peer]) -> None:
+    a, b = two
+    await a.transport.send(b.peer_id, b.url, {"kind": "note", "text": "one"})
+    await b.next_frame()
+    link = b.transport.link_to(a.peer_id)
+    assert link is not None
+    await link.close()
+    assert await asyncio.wait_for(a.closed.get(), 30) == b.peer_id
+    assert await asyncio.wait_for(b.closed.get(), 30) == a.peer_id
+    await a.transport.send(b.peer_id, b.url, {"kind": "note", "text": "two"})
+    assert await b.next_frame() == (a.peer_id, "two")
+
+
+async def test_links_made_under_a_retired_key_are_made_again_under_the_new_one(two: tuple[Peer, Peer]) -> None:
+    a, b = two
+    await a.transport.send(b.peer_id, b.url, {"kind": "note", "text": "old key"})
+    await b.next_frame()
+    old = a.transport.link_to(b.peer_id)
+    assert old is not None
+    new_key = os.urandom(32)
+    for peer in (a, b):  # both take the new key as primary, and drop the old one
+        peer.keyring.replace(Keyring([new_key], new_key))
+        peer.transport.drop_keys(peer.keyring.fingerprints)
+    await asyncio.wait_for(old.closed.wait(), 30)
+    await a.transport.send(b.peer_id, b.url, {"kind": "note", "text": "new key"})
+    assert await b.next_frame() == (a.peer_id, "new key")
+    link = a.transport.link_to(b.peer_id)
+    assert link is not None and link is not old and link.key_fingerprint == a.keyring.primary_fingerprint
