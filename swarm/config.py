@@ -211,7 +211,8 @@ class ServingConfig:
     # waits; others wait for each other at most about half of their own time between steps.
     batch_wait_s: float = 1.0
     # Micro-batches the first stage keeps in flight at once, each of 1/K of its sessions, so that every
-    # stage computes at once on a different one (0: one per stage of the layer map; 1: no pipelining).
+    # stage computes at once on a different one (0: one per machine the stages run on, as their
+    # addresses tell; 1: no pipelining, the sessions move as one batch).
     micro_batches: int = 0
     # A link between peers whose ping goes unanswered for this long is closed (a host gone silent), in
     # seconds; the steps sent over it are then replayed.

@@ -86,6 +86,8 @@ class Metrics:
                "more sessions' steps.", [("", node.service.batches.passes)])  # fmt: skip
         metric("stage_steps_total", "counter", "Session steps this peer's stage ran (over forward passes: the "
                "mean batch).", [("", node.service.batches.steps)])  # fmt: skip
+        metric("frames_sent_total", "counter", "Data-plane frames this peer sent over its links, by kind.",
+               [(f'{{kind="{_label(k)}"}}', v) for k, v in sorted(node.transport.frames_sent.items())])  # fmt: skip
         metric("dropped_messages_total", "counter", "Peer messages dropped, by reason.",
                [(f'{{reason="{_label(k)}"}}', v) for k, v in sorted(node.drops.items())])  # fmt: skip
         return "\n".join(lines) + "\n"

@@ -108,6 +108,7 @@ class Transport:
         self.max_frame_bytes = max_frame_bytes
         self.handlers: dict[str, Handler] = {}  # frame kind -> what takes it in
         self.faults = 0  # frames whose handler failed with something other than a refusal (a bug)
+        self.frames_sent: Counter[str] = Counter()  # frames sent over links, by kind (our own kinds only)
         # Called with the peer id when a link to it closes (a stage then tells the entries of the
         # steps it sent that way; an entry fails the steps waiting on it).
         self.on_link_closed: list[Callable[[str], None]] = []
@@ -175,7 +176,9 @@ class Transport:
             if url is None:
                 raise MessageRejected("unreachable", f"no link to {peer_id}, and no address to dial")
             link = await self._dial_once(peer_id, url)
-        return await link.send(body)
+        sent = await link.send(body)
+        self.frames_sent[str(body.get("kind"))] += 1
+        return sent
 
     async def connect(self, peer_id: str, url: str) -> Link:
         """An open link to `peer_id`: the one there is, or a new one dialled at `url`."""

@@ -102,7 +102,9 @@ def concurrency(args: argparse.Namespace) -> int:
     for model in models_of(args.models, args.checkpoints):
         prompts = [model.prompt_ids(args.prompt_tokens, seed=i) for i in range(max(levels))]
         standby = standby_rss(model, args.threads, swarm_config(args), args.device)
-        with Swarm(model, args.num_peers, args.threads, swarm_config(args), args.device) as swarm:
+        # One client runs every session: its per-client limit must let it.
+        config = config_with(args, "concurrency", serving={"max_sessions_per_client": max(levels)})
+        with Swarm(model, args.num_peers, args.threads, config, args.device) as swarm:
             complete(swarm.url, prompts[0], 2)  # warm-up
             log(f"sequential reference: {len(prompts)} prompts one at a time …")
             alone = []
@@ -208,7 +210,7 @@ def pipeline(args: argparse.Namespace) -> int:
         prompts = [model.prompt_ids(4, seed=i) for i in range(args.sessions)]
         alone: list[str] = []
         for k in (args.micro_batches, 1):
-            serving = {"micro_batches": k, "max_batch_tokens": args.rows}
+            serving = {"micro_batches": k, "max_batch_tokens": args.rows, "max_sessions_per_client": args.sessions}
             config = config_with(args, f"pipeline-k{k}", serving=serving)
             with Swarm(model, args.num_peers, args.threads, config, args.device, command=standin) as swarm:
                 complete(swarm.url, prompts[0], 2)  # warm-up

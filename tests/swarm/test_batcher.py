@@ -1,6 +1,8 @@
 """Batching at a stage: a step that finds the stage idle runs at once; the steps that arrive while a
 forward pass runs go together into the next one, up to the token limit; each caller gets its own
-result or refusal, and a caller that gave up is skipped. The executor here is a stand-in that
+result or refusal, and a caller that gave up is skipped. At the head of a pipeline a pass is one
+micro-batch (1/K of the open sessions), at most K are in flight, and steps enqueued with a tag
+come back, pass by pass, to the `on_pass` callback. The executor here is a stand-in that
 records each pass and can be held inside one, so the test decides what is queued when."""
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import asyncio
 import threading
 from collections.abc import Iterator, Sequence
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -318,3 +321,82 @@ def test_passes_run_on_the_thread_pool_given_to_the_batcher() -> None:
     finally:
         pool.shutdown(wait=True)
     assert names == ["stage-compute_0", "stage-compute_0"]
+
+
+# ---- micro-batches at the head of the pipeline ---------------------------------------------------
+
+
+def head(recorder: Recorder, k: int, on_pass: Any = None) -> Batcher:
+    """A head-of-pipeline batcher with K = `k` micro-batches in flight; a pass stays in flight until
+    its sessions step again (no time limit here)."""
+    b = Batcher(recorder, 64, 0.0, BatchStats(), on_pass=on_pass, micro_batches=lambda: k,  # type: ignore[arg-type]
+                in_flight_s=3600.0)  # fmt: skip
+    CREATED.append(b)
+    return b
+
+
+async def turns(n: int = 50) -> None:
+    """Let the event loop run `n` rounds: whatever can happen without new input has happened."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def test_a_pass_at_the_head_takes_one_micro_batch_of_the_open_sessions() -> None:
+    recorder = Recorder(hold_first=True)
+    recorder.open = {f"s{i}" for i in range(6)}
+
+    async def main() -> None:
+        b = head(recorder, k=3)
+        first = await hold_first_pass(b, recorder, "s0")
+        later = [b.submit(request(f"s{i}")) for i in range(1, 5)]
+        recorder.release.set()
+        await asyncio.gather(first, *later)
+
+    asyncio.run(main())
+    # Six open sessions, K = 3: at most two rows a pass, oldest first (three passes in flight now).
+    assert recorder.passes == [["s0"], ["s1", "s2"], ["s3", "s4"]]
+
+
+def test_at_most_k_passes_are_in_flight_until_their_sessions_come_back() -> None:
+    recorder = Recorder()
+    recorder.open = {"a", "b", "c"}
+
+    async def main() -> None:
+        b = head(recorder, k=1)
+        await asyncio.gather(b.submit(request("a")), b.submit(request("b")))  # one pass: a, b in flight
+        late = b.submit(request("c"))
+        await turns()
+        assert not late.done() and recorder.passes == [["a", "b"]]  # K = 1: c waits for a and b to come back
+        again = b.submit(request("a"))
+        await turns()
+        assert not late.done()  # b is still out
+        b.forget("b")  # b closed: its pass is no longer out
+        await asyncio.gather(late, again)
+
+    asyncio.run(main())
+    assert recorder.passes[-1] == ["c", "a"]
+
+
+def test_tagged_steps_come_back_pass_by_pass_and_refusals_at_once() -> None:
+    recorder = Recorder(hold_first=True, max_sessions=3)
+    delivered: list[list[tuple[str, Any, str]]] = []
+
+    def on_pass(items: list[tuple[Any, Any, Any]]) -> None:
+        delivered.append([(r.session_id, tag, type(outcome).__name__) for r, tag, outcome in items])
+
+    async def main() -> None:
+        b = Batcher(recorder, 64, 0.0, BatchStats(), on_pass=on_pass)  # type: ignore[arg-type]
+        CREATED.append(b)
+        first = await hold_first_pass(b, recorder, "a")
+        for s in ("b", "gone", "c"):
+            b.enqueue(request(s), tag=s.upper())
+        b.enqueue(request("d"), tag="D")  # the queue holds 3: refused at once
+        assert delivered == [[("d", "D", "MessageRejected")]]
+        recorder.release.set()
+        await first
+        await turns()
+        b.close()
+
+    asyncio.run(main())
+    assert delivered[1] == [("b", "B", "StepResult"), ("gone", "GONE", "UnknownSession"), ("c", "C", "StepResult")]
+    assert recorder.passes == [["a"], ["b", "gone", "c"]]

@@ -143,6 +143,30 @@ def test_eight_concurrent_requests_each_match_their_lone_run(swarm) -> None:
     assert together == alone
 
 
+def metrics(url: str) -> dict[str, float]:
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    return {name: float(value) for name, value in (line.rsplit(" ", 1) for line in text.splitlines()
+                                                    if line and not line.startswith("#"))}  # fmt: skip
+
+
+def test_a_pass_of_several_sessions_crosses_each_hop_as_one_frame(swarm) -> None:
+    """Eight sessions entering at the first stage's peer (a client's limit there): its passes carry
+    several sessions each,
+    and each pass goes on to the second stage as exactly one frame (the entry's own steps to its
+    own stage never touch the wire); the tokens come home from the last stage, one frame a pass."""
+    first, _, last = swarm["stages"]
+    before = [metrics(url) for url in (first, last)]
+    with ThreadPoolExecutor(8) as pool:
+        texts = list(pool.map(lambda i: complete(first, PROMPTS[i % 4])["choices"][0]["text"], range(8)))
+    assert all(texts)
+    after = [metrics(url) for url in (first, last)]
+    grew = [{k: a.get(k, 0.0) - b.get(k, 0.0) for k in a} for a, b in zip(after, before, strict=True)]
+    passes, steps = grew[0]["swarm_stage_forward_passes_total"], grew[0]["swarm_stage_steps_total"]
+    assert steps == 8 * MAX_TOKENS and steps / passes > 2  # batched: every pass carried several sessions
+    assert grew[0]['swarm_frames_sent_total{kind="pass"}'] == passes
+    assert grew[1]['swarm_frames_sent_total{kind="tokens"}'] == grew[1]["swarm_stage_forward_passes_total"]
+
+
 @pytest.mark.parametrize(
     ("path", "body", "status"),
     [

@@ -366,6 +366,7 @@ def metrics_node(
         election=SimpleNamespace(term=term),
         layer_map=None if epoch is None else SimpleNamespace(epoch=epoch),
         service=SimpleNamespace(sessions=lambda: sessions, dropped=5, batches=SimpleNamespace(passes=6, steps=9)),
+        transport=SimpleNamespace(frames_sent={"pass": 6, "tokens": 2}),
         drops=drops,
     )
 
@@ -433,6 +434,7 @@ def test_metrics_render_is_prometheus_text() -> None:
         "swarm_stage_sessions_dropped_total": "counter",
         "swarm_stage_forward_passes_total": "counter",
         "swarm_stage_steps_total": "counter",
+        "swarm_frames_sent_total": "counter",
         "swarm_dropped_messages_total": "counter",
     }
     for name in declared:  # every sample comes after its own TYPE line
@@ -461,6 +463,8 @@ def test_metrics_render_is_prometheus_text() -> None:
         "swarm_stage_sessions_dropped_total": 5,
         "swarm_stage_forward_passes_total": 6,
         "swarm_stage_steps_total": 9,
+        'swarm_frames_sent_total{kind="pass"}': 6,
+        'swarm_frames_sent_total{kind="tokens"}': 2,
         'swarm_dropped_messages_total{reason="bad_signature"}': 1,
         'swarm_dropped_messages_total{reason="replay"}': 4,
     }
