@@ -121,8 +121,11 @@ def require_api_key(keys: ApiKeys, node: Node) -> Callable[..., Any]:
 
 
 async def close_links(app: web.Application) -> None:
-    """On shutdown, before the server waits for its handlers: a link's handler would wait forever."""
-    await app[NODE].transport.close_links()
+    """On shutdown, before the server waits for its handlers: the generations this peer runs end
+    now (with an error), and its links close (a link's handler would otherwise wait forever)."""
+    node = app[NODE]
+    node.stopping = True
+    await node.transport.close_links()
 
 
 async def node_lifetime(app: web.Application) -> AsyncIterator[None]:

@@ -26,6 +26,7 @@ from swarm.config import SwarmConfig
 from swarm.errors import MessageRejected, NotReady, Relayed
 from swarm.frames import Opening, Row, Trail, close_frame, parse_refusal, parse_tokens, pass_frame
 from swarm.layer_map import MAX_STAGES, LayerMap
+from swarm.link import Link
 from swarm.tasks import TaskGroup
 from swarm.tensors import pack
 from swarm.transport import Transport, status_of
@@ -262,10 +263,10 @@ class Entry:
                     self.tasks.spawn(self.view.check_peer(stage.peer_id, str(failed)))
             log.warning("session %s on epoch %d: %s; replaying %d tokens once the swarm is ready again",
                         pipe.session[:8], pipe.epoch, failed, len(history))  # fmt: skip
-            old = (pipe.route[0], pipe.map_id, pipe.epoch, pipe.session)
             self._steps.pop(pipe.session, None)
+            # Closed before the replay opens a new session: the old one's KV cache is not held twice.
+            self._send_close(pipe.route[0], pipe.map_id, pipe.epoch, pipe.session)
             await pipe.renew(deadline, failed, self.config)
-            self._send_close(*old)
             ids, start, first = list(history), 0, True
 
     async def _watched(self, pipe: _Pipeline, ids: list[int], start: int, opening: Opening | None) -> _Home:
@@ -344,12 +345,14 @@ class Entry:
                 Relayed(refusal.reason, f"{where}: {refusal.message}", status_of(refusal.reason))
             )
 
-    def on_link_closed(self, peer_id: str) -> None:
-        """The link to a stage closed: the steps that went that way may be lost; they are replayed."""
+    def on_link_closed(self, peer_id: str, link: Link) -> None:
+        """A link to a stage closed: the steps that went that way, or were to come home that way,
+        may be lost; they are replayed (at once when this peer closed it on purpose: the hop is fine)."""
         for waiting in self._steps.values():
             if peer_id in waiting.route and not waiting.home.done():
                 why = f"the link to stage {self.view.name_of(peer_id)} closed"
-                waiting.home.set_exception(MessageRejected("unreachable", why))
+                error = MessageRejected("not_ready", f"{why} ({link.retired})") if link.retired else None
+                waiting.home.set_exception(error or MessageRejected("unreachable", why))
 
     def stop(self) -> None:
         """This peer is shutting down: every step in flight ends now, with NotReady."""

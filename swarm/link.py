@@ -40,8 +40,9 @@ REFUSAL_HEADER = "X-Swarm-Refused"  # on a refused upgrade: the reason, as the d
 COUNTER_BYTES = 8  # a frame starts with its counter, big-endian; the AEAD nonce is 4 zero bytes and it
 EPHEMERAL_BYTES = 32  # an X25519 public key
 KEY_INFO = b"swarm-inference link keys v1"
-# WebSocket close code (4000-4999 are the application's): the link ends because the swarm key it
-# was made under is no longer held.
+# WebSocket close codes (4000-4999 are the application's): the dialler did not prove it holds the
+# link's key; the link ends because the swarm key it was made under is no longer held.
+CLOSE_REFUSED = 4001
 CLOSE_REKEY = 4002
 WebSocket = web.WebSocketResponse | ClientWebSocketResponse
 
@@ -140,6 +141,9 @@ class Link:
         self.max_frame_bytes = max_frame_bytes
         self.drops = drops
         self.closed = asyncio.Event()
+        # Why this peer closed it on purpose (a retired swarm key, a newer link), if it did: the steps
+        # sent over it were not lost to a fault, and may go again at once.
+        self.retired: str | None = None
         self.frames_in = 0
         self.frames_out = 0
         self._cipher = cipher
@@ -191,8 +195,14 @@ class Link:
             self.closed.set()
             await self.close()
 
+    def first_frame(self, data: bytes) -> Any:
+        """Open the other side's first frame (before `run`): proof that it holds the link's key."""
+        return self._unwrap(self._cipher.open(data, self.max_frame_bytes))[1]
+
     async def close(self, code: int = 1000, why: str = "") -> None:
-        """Close the socket; safe to call twice."""
+        """Close the socket (on purpose: `retired` says why); safe to call twice."""
+        if why and not self.closed.is_set():
+            self.retired = why
         self.closed.set()
         if not self.ws.closed:
             with contextlib.suppress(ConnectionError, RuntimeError, asyncio.TimeoutError):

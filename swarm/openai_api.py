@@ -261,7 +261,7 @@ async def _generate(
                     tokens.append(event.token)
                     logprobs.append(event.logprob)
                 finish = event.finish_reason or finish
-    except (NotReady, MessageRejected, SwarmError) as e:
+    except SwarmError as e:  # NotReady, a stage's refusal, or another of the package's errors
         metrics.requests_failed += 1
         raise _failure(e) from e
     metrics.record(timings)
@@ -370,7 +370,7 @@ async def _stream(
         metrics.requests_failed += 1
         log.info("client went away during %s; its session is closed", shape.rid)
         return response
-    except (NotReady, MessageRejected, SwarmError) as e:
+    except SwarmError as e:  # NotReady, a stage's refusal, or another of the package's errors
         metrics.requests_failed += 1
         error = _failure(e)
         await send({"error": {"message": error.message, "type": error.kind, "param": None, "code": error.code}})

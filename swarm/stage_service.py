@@ -39,6 +39,7 @@ from swarm.frames import (
     tokens_frame,
 )
 from swarm.layer_map import MAX_STAGES, LayerMap, Stage
+from swarm.link import Link
 from swarm.tasks import TaskGroup
 from swarm.tensors import pack, unpack
 from swarm.transport import Transport
@@ -71,11 +72,11 @@ class _Queued:
 
 @dataclass(frozen=True)
 class _Sent:
-    """The latest step of a session this stage sent on, and to whom."""
+    """The latest step of a session this stage sent on, and over which link."""
 
     entry: str
     step: int
-    next: str
+    link: Link
 
 
 class StageService:
@@ -204,14 +205,21 @@ class StageService:
         rows = [row if row.trail else _with_entry(row, sender) for row in frame.rows]
         try:
             index, layer_map, executor = self._check_frame(sender, frame, rows)
-            inputs = self._inputs(frame, rows, executor)
         except MessageRejected as e:
-            self._refuse(rows, e)  # their entry peers learn why at once, rather than at their watchdog
+            # Refusals go to the entry peers named only where the sender may speak for them: an
+            # entry for its own rows, and a member stage for the rows it passes on.
+            if all(not r.trail for r in rows) or (e.reason == "stale_epoch" and self.view.url_of(sender)):
+                self._refuse(rows, e)
             if e.reason in ("malformed", "mismatch"):
                 raise  # counted and logged (once per kind) by the transport
             self.transport.drops[e.reason] += 1  # an honest miss: a map that moved on, layers loading
             log.debug("refused a pass from %s: %s", sender, e)
             return
+        try:
+            inputs = self._inputs(frame, rows, executor)
+        except MessageRejected as e:
+            self._refuse(rows, e)  # their entry peers learn why at once, rather than at their watchdog
+            raise
         batcher = self._batcher
         assert batcher is not None
         nxt = layer_map.stages[index + 1] if index + 1 < len(layer_map.stages) else None
@@ -220,6 +228,12 @@ class StageService:
             x = inputs[:, offset : offset + row.length]
             offset += row.length
             opened = False
+            owner = self._opened.get(row.session)
+            if row.opening is None and owner is not None and owner.entry != row.entry:
+                # Only the session's own entry peer steps it: another may not rewind its KV cache.
+                self.transport.drops["mismatch"] += 1
+                self._refuse([row], MessageRejected("unknown_session", f"session {row.session} is not yours"))
+                continue
             if row.opening is not None:
                 try:
                     executor.open_session(row.session, row.opening.max_length, row.opening.sampling)
@@ -310,14 +324,19 @@ class StageService:
 
     async def _forward(self, nxt: Stage, frame: dict[str, Any], rows: list[Row]) -> None:
         try:
-            await self.transport.send(nxt.peer_id, nxt.url, frame)
+            link = await self.transport.send(nxt.peer_id, nxt.url, frame)
         except MessageRejected as e:
             self._refuse(rows, e)
             if e.reason == "unreachable":  # this hop: probe it now, not on gossip
                 self.on_unreachable(nxt.peer_id, str(e))
             return
+        if link is None:
+            return
+        if len(self._sent) > 2 * self.max_rows:  # forget sessions closed or evicted since
+            open_now = set(self._executor.session_ids()) if self._executor is not None else set()
+            self._sent = {sid: sent for sid, sent in self._sent.items() if sid in open_now}
         for row in rows:
-            self._sent[row.session] = _Sent(row.entry, row.step, nxt.peer_id)
+            self._sent[row.session] = _Sent(row.entry, row.step, link)
 
     async def _send_home(self, entry: str, rows: list[Sampled]) -> None:
         try:
@@ -339,21 +358,26 @@ class StageService:
         except MessageRejected as e:
             log.debug("a refusal could not reach %s: %s", entry, e)
 
-    def on_link_closed(self, peer_id: str) -> None:
-        """The link to `peer_id` closed: the steps last sent over it may be lost, so their entry
-        peers hear so now (they replay them), and the peer is probed."""
-        lost = [(sid, sent) for sid, sent in self._sent.items() if sent.next == peer_id]
+    def on_link_closed(self, peer_id: str, link: Link) -> None:
+        """A link to `peer_id` closed: the steps last sent over it may be lost, so their entry
+        peers hear so now (they replay them), and the peer is probed unless this peer closed the
+        link on purpose (a retired key: the hop itself is fine)."""
+        lost = [(sid, sent) for sid, sent in self._sent.items() if sent.link is link]
         if not lost:
             return
         for sid, _ in lost:
             del self._sent[sid]
-        error = MessageRejected("unreachable", f"the link to the next stage, {self.view.name_of(peer_id)}, closed")
+        why = f"the link to the next stage, {self.view.name_of(peer_id)}, closed"
+        error = MessageRejected(
+            "not_ready" if link.retired else "unreachable", why + (f" ({link.retired})" if link.retired else "")
+        )
         by_entry: dict[str, list[tuple[str, int]]] = defaultdict(list)
         for sid, sent in lost:
             by_entry[sent.entry].append((sid, sent.step))
         for entry, refused in by_entry.items():
             self.tasks.spawn(self._send_refusal(entry, refusal_frame(refused, error.reason, str(error))))
-        self.on_unreachable(peer_id, str(error))
+        if not link.retired:
+            self.on_unreachable(peer_id, str(error))
 
     # ---- close ----------------------------------------------------------------------------------------
 

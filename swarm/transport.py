@@ -26,6 +26,7 @@ from swarm.auth import Message
 from swarm.errors import MessageRejected
 from swarm.guard import FloodLog
 from swarm.link import (
+    CLOSE_REFUSED,
     CLOSE_REKEY,
     LINK_HEADER,
     LINK_PATH,
@@ -109,9 +110,9 @@ class Transport:
         self.handlers: dict[str, Handler] = {}  # frame kind -> what takes it in
         self.faults = 0  # frames whose handler failed with something other than a refusal (a bug)
         self.frames_sent: Counter[str] = Counter()  # frames sent over links, by kind (our own kinds only)
-        # Called with the peer id when a link to it closes (a stage then tells the entries of the
-        # steps it sent that way; an entry fails the steps waiting on it).
-        self.on_link_closed: list[Callable[[str], None]] = []
+        # Called with the peer id and the link when a link to it closes (a stage then tells the entries
+        # of the steps it sent that way; an entry fails the steps waiting on that peer).
+        self.on_link_closed: list[Callable[[str, Link], None]] = []
         self.tasks = TaskGroup()
         self._links: dict[str, list[Link]] = {}  # peer id -> its open links, oldest first
         self._dialling: dict[str, asyncio.Future[Link]] = {}
@@ -129,9 +130,8 @@ class Transport:
     async def close_links(self) -> None:
         """Close every link and take no new ones (the server is stopping); control requests still go."""
         self.closed = True
-        for links in list(self._links.values()):
-            for link in list(links):
-                await link.close(1001, "going away")
+        links = [link for peer_links in self._links.values() for link in peer_links]
+        await asyncio.gather(*(link.close(1001, "going away") for link in links))
 
     async def close(self) -> None:
         """Close every link and the client session; safe to call twice."""
@@ -164,21 +164,21 @@ class Transport:
         """Open links by peer id (for status)."""
         return {p: sum(link.open for link in links) for p, links in self._links.items() if links}
 
-    async def send(self, peer_id: str, url: str | None, body: dict[str, Any]) -> int:
-        """Send a frame to `peer_id` over its link, dialling `url` if there is none; the bytes sent
-        (0 to this peer itself: the handler runs at once). MessageRejected("unreachable") when no
-        link can be had, or the handshake's refusal."""
+    async def send(self, peer_id: str, url: str | None, body: dict[str, Any]) -> Link | None:
+        """Send a frame to `peer_id` over its link, dialling `url` if there is none; the link it went
+        on (None to this peer itself: the handler runs at once). MessageRejected("unreachable") when
+        no link can be had, the other side's refusal of the link included."""
         if peer_id == self.peer_id:
             self.dispatch(peer_id, body, 0.0, 0)
-            return 0
+            return None
         link = self.link_to(peer_id)
         if link is None:
             if url is None:
                 raise MessageRejected("unreachable", f"no link to {peer_id}, and no address to dial")
             link = await self._dial_once(peer_id, url)
-        sent = await link.send(body)
+        await link.send(body)
         self.frames_sent[str(body.get("kind"))] += 1
-        return sent
+        return link
 
     async def connect(self, peer_id: str, url: str) -> Link:
         """An open link to `peer_id`: the one there is, or a new one dialled at `url`."""
@@ -187,10 +187,18 @@ class Transport:
     async def _dial_once(self, peer_id: str, url: str) -> Link:
         pending = self._dialling.get(peer_id)
         if pending is None:
-            pending = asyncio.ensure_future(self._dial(peer_id, url))
+            spawned = self.tasks.spawn(self._dial(peer_id, url))
+            if spawned is None:
+                raise MessageRejected("unreachable", "this peer is closing")
+            pending = spawned
             self._dialling[peer_id] = pending
-            pending.add_done_callback(lambda _: self._dialling.pop(peer_id, None))
+            pending.add_done_callback(lambda task: self._dialled(peer_id, task))
         return await asyncio.shield(pending)
+
+    def _dialled(self, peer_id: str, task: asyncio.Task[Link]) -> None:
+        self._dialling.pop(peer_id, None)
+        if not task.cancelled():
+            task.exception()  # seen here: every caller may have given up on it
 
     async def _dial(self, peer_id: str, url: str) -> Link:
         if self.closed:
@@ -222,22 +230,29 @@ class Transport:
             their = ephemeral_of(reply.body.get("eph"))
             send_key, recv_key = link_keys(private, their, dialler=self.peer_id, acceptor=peer_id,
                                            transcript=public + their)  # fmt: skip
+            # The other clock minus ours, as NTP estimates it: its stamp against the middle of the round trip.
+            offset = reply.timestamp_s - (t0 + t2) / 2
+            link = self._link(ws, peer_id, FrameCipher(send_key, recv_key), reply.key_fingerprint, offset, True)
+            # The first frame: the acceptor learns its side of the offset, and that we hold the key.
+            await link.send({"kind": "clock", "offset_s": -offset})
+            if self.closed:
+                raise MessageRejected("unreachable", "this peer is closing")
         except BaseException as e:
             await ws.close()
             if isinstance(e, (aiohttp.ClientError, asyncio.TimeoutError, OSError)):
                 raise MessageRejected("unreachable", f"{where}: handshake: {e or type(e).__name__}") from e
+            if isinstance(e, MessageRejected) and e.reason != "unreachable":  # the hop refused: a new one may not
+                raise MessageRejected("unreachable", f"{where}: {e}") from e
             raise
-        # The other clock minus ours, as NTP estimates it: its stamp against the middle of the round trip.
-        offset = reply.timestamp_s - (t0 + t2) / 2
-        link = self._add(ws, peer_id, FrameCipher(send_key, recv_key), reply.key_fingerprint, offset, dialled=True)
+        self._add(link)
         self.tasks.spawn(self._serve(link))
-        await link.send({"kind": "clock", "offset_s": -offset})  # the acceptor learns its side of it
         log.debug("link to %s at %s open (clock offset %.1f ms)", peer_id, url, 1000 * offset)
         return link
 
     async def accept(self, request: web.Request) -> web.StreamResponse:
         """The server side of LINK_PATH: the handshake in the upgrade request (a refusal is an HTTP
-        error with the reason), then frames until the link closes."""
+        error with the reason), then frames until the link closes. The link serves only once the
+        dialler's first frame opens under its key: a copied handshake header gets nowhere."""
         try:
             hello = self._hello(request.headers.get(LINK_HEADER))
             private, public = new_ephemeral()
@@ -251,7 +266,25 @@ class Transport:
         ws = web.WebSocketResponse(heartbeat=self.heartbeat_s, max_msg_size=self.max_frame_bytes)
         await ws.prepare(request)  # not a WebSocket upgrade: a 400, and nothing was taken in
         await ws.send_bytes(self._seal("link_ok", {"eph": public}, hello.sender))
-        link = self._add(ws, hello.sender, FrameCipher(send_key, recv_key), hello.key_fingerprint, 0.0, dialled=False)
+        link = self._link(ws, hello.sender, FrameCipher(send_key, recv_key), hello.key_fingerprint, 0.0, False)
+        try:
+            first = await ws.receive(timeout=self.request_timeout_s)
+            if first.type is not WSMsgType.BINARY:
+                raise MessageRejected("malformed", "the link's first frame must be the dialler's clock")
+            clock = link.first_frame(first.data)
+            if not isinstance(clock, dict) or clock.get("kind") != "clock":
+                raise MessageRejected("malformed", "the link's first frame must be the dialler's clock")
+            self._on_frame(link, clock, 0.0, len(first.data))
+        except (MessageRejected, asyncio.TimeoutError) as e:
+            reason = e.reason if isinstance(e, MessageRejected) else "malformed"
+            self.drops[reason] += 1
+            self.flood.refused(reason, f"a link from {request.remote} whose first frame did not come or open: {e}")
+            await link.close(CLOSE_REFUSED, "no proof of the link key")
+            return ws
+        if self.closed:
+            await link.close(1001, "going away")
+            return ws
+        self._add(link)
         await self._serve(link)
         return ws
 
@@ -273,18 +306,20 @@ class Transport:
             raise MessageRejected("misdirected", "a link is opened with a link message to this peer")
         return hello
 
-    def _add(self, ws: WebSocket, peer_id: str, cipher: FrameCipher, key: str, offset: float, *, dialled: bool) -> Link:
-        link = Link(ws, peer_id, cipher, key_fingerprint=key, clock_offset_s=offset, dialled=dialled,
+    def _link(self, ws: WebSocket, peer_id: str, cipher: FrameCipher, key: str, offset: float, dialled: bool) -> Link:
+        return Link(ws, peer_id, cipher, key_fingerprint=key, clock_offset_s=offset, dialled=dialled,
                     max_frame_bytes=self.max_frame_bytes, drops=self.drops)  # fmt: skip
-        links = [old for old in self._links.get(peer_id, []) if old.open]
+
+    def _add(self, link: Link) -> None:
+        """Take `link` into the table, closing older links to its peer beyond LINKS_PER_PEER."""
+        links = [old for old in self._links.get(link.peer_id, []) if old.open]
         for old in links[: max(0, len(links) - LINKS_PER_PEER + 1)]:
             self.tasks.spawn(old.close(1000, "replaced"))
-        self._links[peer_id] = [*links[-(LINKS_PER_PEER - 1) :], link] if LINKS_PER_PEER > 1 else [link]
+        self._links[link.peer_id] = [*links[-(LINKS_PER_PEER - 1) :], link] if LINKS_PER_PEER > 1 else [link]
         while sum(len(v) for v in self._links.values()) > MAX_LINKS:
             oldest = next(iter(self._links))
             for old in self._links.pop(oldest):
                 self.tasks.spawn(old.close(1000, "too many links"))
-        return link
 
     async def _serve(self, link: Link) -> None:
         try:
@@ -295,10 +330,10 @@ class Transport:
                 links.remove(link)
             if not links:
                 self._links.pop(link.peer_id, None)
-            if self.link_to(link.peer_id) is None and not self.closed:
+            if not self.closed:  # every link: the steps sent over it may be lost, whatever links remain
                 for callback in self.on_link_closed:
                     try:
-                        callback(link.peer_id)
+                        callback(link.peer_id, link)
                     except Exception:
                         log.exception("link-closed callback failed")
 
@@ -335,14 +370,14 @@ class Transport:
                     self.tasks.spawn(link.close(CLOSE_REKEY, "swarm key retired"))
 
 
-# What a dialler may be told when its handshake is refused (the close message is the other side's
-# text: anything else is reported as a plain refusal).
+# Reasons a refused link's upgrade may give (anything else in the header is reported as "refused").
 HANDSHAKE_REFUSALS = frozenset({*STATUS, "replayed", "stale", "misdirected", "wrong_model", "duplicate_identity"})
 
 
 def _refusal(error: aiohttp.WSServerHandshakeError, where: str) -> MessageRejected:
-    """Why the other side refused a link's upgrade."""
+    """A link the other side refused, as the data plane sees it: that hop cannot be used now
+    ("unreachable", so that the sessions on it move to a pipeline that works), with the reason."""
     reason = error.headers.get(REFUSAL_HEADER, "") if error.headers is not None else ""
     if reason not in HANDSHAKE_REFUSALS:
-        reason = "unreachable" if error.status in (404, 502, 503, 504) else "refused"
-    return MessageRejected(reason, f"{where} refused the link: HTTP {error.status}")
+        reason = "refused"
+    return MessageRejected("unreachable", f"{where} refused the link ({reason}): HTTP {error.status}")

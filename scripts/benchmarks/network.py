@@ -77,8 +77,10 @@ def network(args: argparse.Namespace) -> int:
             # peer) and then to the client through stage 0's relay: four one-way delays per token.
             floor = compute + 4 * delay / 1000
             rate = median(rates)
+            # The target: a token takes at most the floor plus 2 ms of the data plane's own cost.
             rows.append({"delay_ms": delay, "tokens_per_s": rate, "runs": rates, "compute_s_per_token": compute,
-                         "floor_tokens_per_s": 1 / floor, "of_floor": (rate or 0) * floor})  # fmt: skip
+                         "floor_tokens_per_s": 1 / floor, "of_floor": (rate or 0) * floor,
+                         "ms_per_token": 1000 / rate if rate else None, "target_ms": 1000 * floor + 2})  # fmt: skip
             log(f"delay {delay:g} ms: {rate or 0:.2f} tokens/s, floor {1 / floor:.2f} "
                 f"(compute {compute * 1000:.1f} ms a token)")  # fmt: skip
         for relay in relays:
@@ -109,10 +111,10 @@ def network(args: argparse.Namespace) -> int:
             cuts[-1]["converged_after_heal_s"] = time.monotonic() - healed
             log(f"  converged {cuts[-1]['converged_after_heal_s']:.1f} s after the heal")
     shutil.rmtree(tmp, ignore_errors=True)
-    print(f"{'delay ms':>8} {'tokens/s':>9} {'floor':>7} {'of floor':>8} {'compute ms/token':>16}")
+    print(f"{'delay ms':>8} {'tokens/s':>9} {'ms/token':>8} {'floor ms':>8} {'target ms':>9} {'of floor':>8}")
     for r in rows:
-        print(f"{r['delay_ms']:>8g} {r['tokens_per_s'] or 0:>9.2f} {r['floor_tokens_per_s']:>7.2f} "
-              f"{r['of_floor']:>8.2f} {r['compute_s_per_token'] * 1000:>16.1f}")  # fmt: skip
+        print(f"{r['delay_ms']:>8g} {r['tokens_per_s'] or 0:>9.2f} {r['ms_per_token'] or 0:>8.1f} "
+              f"{1000 / r['floor_tokens_per_s']:>8.1f} {r['target_ms']:>9.1f} {r['of_floor']:>8.2f}")  # fmt: skip
     for c in cuts:
         print(f"cut {c['run']} ({c['victim']}): failover {c.get('failover_s', float('nan')):.2f} s, "
               f"converged {c.get('converged_after_heal_s', float('nan')):.1f} s after the heal, "

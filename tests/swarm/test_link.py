@@ -120,7 +120,7 @@ class Peer:
                                    flood=FloodLog(logging.getLogger("test")), request_timeout_s=5.0,
                                    heartbeat_s=30.0, max_message_bytes=LIMIT, max_frame_bytes=LIMIT)  # fmt: skip
         self.transport.handlers["note"] = lambda sender, body, *_: self.frames.put_nowait((sender, body["text"]))
-        self.transport.on_link_closed.append(self.closed.put_nowait)
+        self.transport.on_link_closed.append(lambda peer_id, link: self.closed.put_nowait(peer_id))
 
     @property
     def peer_id(self) -> str:
@@ -161,7 +161,7 @@ async def two() -> AsyncIterator[tuple[Peer, Peer]]:
 async def test_a_link_carries_frames_both_ways_after_one_handshake(two: tuple[Peer, Peer]) -> None:
     a, b = two
     sent = await a.transport.send(b.peer_id, b.url, {"kind": "note", "text": "to b"})
-    assert sent > 0 and await b.next_frame() == (a.peer_id, "to b")
+    assert sent is not None and sent.peer_id == b.peer_id and await b.next_frame() == (a.peer_id, "to b")
     # b answers over the link a dialled: it needs no address for a.
     await b.transport.send(a.peer_id, None, {"kind": "note", "text": "to a"})
     assert await a.next_frame() == (b.peer_id, "to a")
@@ -174,7 +174,7 @@ async def test_a_link_carries_frames_both_ways_after_one_handshake(two: tuple[Pe
 
 async def test_a_frame_to_this_peer_itself_skips_the_wire(two: tuple[Peer, Peer]) -> None:
     a, _ = two
-    assert await a.transport.send(a.peer_id, None, {"kind": "note", "text": "self"}) == 0
+    assert await a.transport.send(a.peer_id, None, {"kind": "note", "text": "self"}) is None
     assert await a.next_frame() == (a.peer_id, "self")
     assert a.transport.links() == {}
 
@@ -185,13 +185,16 @@ async def test_a_peer_without_the_swarm_key_is_refused_at_the_handshake(two: tup
     try:
         with pytest.raises(MessageRejected) as e:
             await stranger.transport.send(b.peer_id, b.url, {"kind": "note", "text": "let me in"})
-        assert e.value.reason == "unknown_key"
+        assert e.value.reason == "unreachable" and "(unknown_key)" in str(e.value)
         assert b.transport.drops["unknown_key"] == 1 and b.frames.empty() and b.transport.links() == {}
     finally:
         await stranger.stop()
 
 
-async def test_a_replayed_or_missing_handshake_is_refused_before_the_upgrade(two: tuple[Peer, Peer]) -> None:
+async def test_a_copied_replayed_or_missing_handshake_opens_no_usable_link(two: tuple[Peer, Peer]) -> None:
+    """The handshake header travels in the clear: whoever copies it gets an upgrade, but the link
+    serves nobody until the dialler's first frame opens under the link's key, which needs the
+    dialler's ephemeral private key; sent again, it is refused as replayed."""
     import base64
 
     import aiohttp
@@ -200,14 +203,22 @@ async def test_a_replayed_or_missing_handshake_is_refused_before_the_upgrade(two
     hello = base64.b64encode(a.transport._seal("link", {"eph": new_ephemeral()[1]}, b.peer_id)).decode()
     answers = []
     async with aiohttp.ClientSession() as session:
-        for headers in ({LINK_HEADER: hello}, {LINK_HEADER: hello}, {}, {LINK_HEADER: "not base64!"}):
+        async with session.ws_connect(b.url + LINK_PATH, headers={LINK_HEADER: hello}) as copied:
+            assert (await copied.receive(timeout=30)).type is aiohttp.WSMsgType.BINARY  # the acceptor's half
+            await copied.send_bytes((1).to_bytes(8, "big") + os.urandom(40))  # a "first frame" without the key
+            closing = await copied.receive(timeout=30)
+            assert closing.type is aiohttp.WSMsgType.CLOSE and b.transport.link_to(a.peer_id) is None
+        for headers in ({LINK_HEADER: hello}, {}, {LINK_HEADER: "not base64!"}):
             try:
                 async with session.ws_connect(b.url + LINK_PATH, headers=headers):
                     answers.append((101, "ok"))
             except aiohttp.WSServerHandshakeError as e:
                 answers.append((e.status, (e.headers or {}).get(REFUSAL_HEADER)))
-    assert answers == [(101, "ok"), (409, "replayed"), (400, "malformed"), (400, "malformed")]
+    assert answers == [(409, "replayed"), (400, "malformed"), (400, "malformed")]
+    assert b.transport.drops["forged"] == 1  # the copy's frame did not open under the link's key
     assert b.transport.drops["replayed"] == 1 and b.transport.drops["malformed"] == 2
+    await a.transport.send(b.peer_id, b.url, {"kind": "note", "text": "the real one"})  # a fresh handshake
+    assert await b.next_frame() == (a.peer_id, "the real one")
 
 
 async def test_an_oversized_frame_ends_the_link_and_is_counted(two: tuple[Peer, Peer]) -> None:
