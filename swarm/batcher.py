@@ -7,9 +7,10 @@ while a lone session never waits.
 
 At the head of a pipeline (the first stage) passes are also micro-batches: with K micro-batches
 (`micro_batches`), a pass takes at most 1/K of the open sessions, and at most K passes are in flight
-at once, a pass being in flight until most of its sessions (more than half) have stepped here again
-or closed, or `in_flight_s` has passed: one slow client does not hold the others back. Every stage
-then computes at once on a different micro-batch; with K = 1 the sessions move as one gang and a
+at once, a pass being in flight until one of its sessions steps here again or closes (its tokens
+went home in one frame, so the whole pass has cleared every stage: a slow client does not hold
+the others back), or `in_flight_s` has passed. Every stage then computes at once on a different
+micro-batch; with K = 1 the sessions move as one gang and a
 stage idles while the others compute. The queue is bounded; a step
 beyond it is refused at once. It knows executors and asyncio; what the steps mean and where their
 results go is the stage service's business (`on_pass`)."""
@@ -101,8 +102,8 @@ class Batcher:
         self._worker: asyncio.Task[None] | None = None
         self._pace: dict[str, _Pace] = {}  # open sessions that ran here (pruned after every pass)
         self._arrival: asyncio.Future[None] | None = None  # resolved by the next submit, while waiting
-        # Passes in flight: (its sessions not back yet, how many it ran, when it ran).
-        self._in_flight: list[tuple[set[str], int, float]] = []
+        # Passes in flight: (the sessions it ran, when it ran).
+        self._in_flight: list[tuple[set[str], float]] = []
 
     def close(self) -> None:
         """Take no more steps: queued ones, and any sent later, are refused as `not_ready` (the entry
@@ -162,8 +163,7 @@ class Batcher:
 
     def _back(self, session_id: str) -> None:
         """A session stepped here again (or closed): its last pass is no longer in flight for it."""
-        for sessions, _, _ in self._in_flight:
-            sessions.discard(session_id)
+        self._in_flight = [(sessions, ran) for sessions, ran in self._in_flight if session_id not in sessions]
 
     def _wake(self) -> None:
         if self._arrival is not None and not self._arrival.done():
@@ -240,12 +240,12 @@ class Batcher:
         while not self.closed:
             now, open_now = time.monotonic(), set(self.executor.session_ids())
             self._in_flight = [
-                (sessions & open_now, size, ran) for sessions, size, ran in self._in_flight
-                if 2 * len(sessions & open_now) >= size and now - ran < self.in_flight_s
+                (sessions, ran) for sessions, ran in self._in_flight
+                if sessions <= open_now and now - ran < self.in_flight_s
             ]  # fmt: skip
             if len(self._in_flight) < max(1, self.micro_batches()):
                 return
-            await self._wait_arrival(max(0.001, self._in_flight[0][2] + self.in_flight_s - now))
+            await self._wait_arrival(max(0.001, self._in_flight[0][1] + self.in_flight_s - now))
 
     async def _drain(self) -> None:
         while not self.closed:
@@ -278,7 +278,7 @@ class Batcher:
                       len(ran), sum(_tokens(q.request) for q in ran), waited_ms, ran_ms)  # fmt: skip
             self._paced(ran)
             if self.micro_batches is not None and ran:
-                self._in_flight.append(({q.request.session_id for q in ran}, len(ran), time.monotonic()))
+                self._in_flight.append(({q.request.session_id for q in ran}, time.monotonic()))
             self._deliver(batch, outcomes)
 
     def _deliver(self, batch: list[_Queued], outcomes: list[Outcome]) -> None:

@@ -41,9 +41,12 @@ COUNTER_BYTES = 8  # a frame starts with its counter, big-endian; the AEAD nonce
 EPHEMERAL_BYTES = 32  # an X25519 public key
 KEY_INFO = b"swarm-inference link keys v1"
 # WebSocket close codes (4000-4999 are the application's): the dialler did not prove it holds the
-# link's key; the link ends because the swarm key it was made under is no longer held.
+# link's key; the link ends because the swarm key it was made under is no longer held; a newer link
+# to the same peer replaces it. The last two are deliberate: either side replays at once.
 CLOSE_REFUSED = 4001
 CLOSE_REKEY = 4002
+CLOSE_REPLACED = 4003
+RETIRED = {CLOSE_REKEY: "swarm key retired", CLOSE_REPLACED: "replaced by a newer link"}
 WebSocket = web.WebSocketResponse | ClientWebSocketResponse
 
 
@@ -163,8 +166,7 @@ class Link:
             data = self._cipher.seal([time.time() + self.clock_offset_s, body])
             try:
                 await self.ws.send_bytes(data)
-            except (ConnectionError, RuntimeError) as e:
-                self.closed.set()
+            except (ConnectionError, RuntimeError) as e:  # the reader sees the socket end and closes the link
                 raise MessageRejected("unreachable", f"the link to {self.peer_id}: {e}") from e
         self.frames_out += 1
         return len(data)
@@ -172,7 +174,12 @@ class Link:
     async def run(self, on_frame: OnFrame) -> None:
         """Read frames until the link closes."""
         try:
-            async for msg in self.ws:
+            while True:
+                msg = await self.ws.receive()
+                if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                    if msg.type is WSMsgType.CLOSE and self.retired is None and msg.data in RETIRED:
+                        self.retired = RETIRED[msg.data]  # the other side closed it on purpose
+                    break
                 if msg.type is WSMsgType.ERROR:  # a frame over the size limit, or a broken one: the link ends
                     self.drops["oversized" if "size" in str(msg.data).lower() else "malformed"] += 1
                     break
@@ -192,7 +199,6 @@ class Link:
         except (ConnectionError, asyncio.TimeoutError) as e:
             log.debug("link to %s broke: %s", self.peer_id, e)
         finally:
-            self.closed.set()
             await self.close()
 
     def first_frame(self, data: bytes) -> Any:
@@ -200,8 +206,11 @@ class Link:
         return self._unwrap(self._cipher.open(data, self.max_frame_bytes))[1]
 
     async def close(self, code: int = 1000, why: str = "") -> None:
-        """Close the socket (on purpose: `retired` says why); safe to call twice."""
-        if why and not self.closed.is_set():
+        """Close the socket (on purpose: `retired` says why); safe to call twice: only the first call's
+        code goes out (the reader, woken by it, must not send a plain close ahead of it)."""
+        if self.closed.is_set():
+            return
+        if why:
             self.retired = why
         self.closed.set()
         if not self.ws.closed:

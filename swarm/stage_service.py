@@ -208,7 +208,8 @@ class StageService:
         except MessageRejected as e:
             # Refusals go to the entry peers named only where the sender may speak for them: an
             # entry for its own rows, and a member stage for the rows it passes on.
-            if all(not r.trail for r in rows) or (e.reason == "stale_epoch" and self.view.url_of(sender)):
+            verified = e.reason == "not_ready"  # raised only after the sender's checks passed
+            if all(not r.trail for r in rows) or verified or (e.reason == "stale_epoch" and self.view.url_of(sender)):
                 self._refuse(rows, e)
             if e.reason in ("malformed", "mismatch"):
                 raise  # counted and logged (once per kind) by the transport
@@ -331,6 +332,10 @@ class StageService:
                 self.on_unreachable(nxt.peer_id, str(e))
             return
         if link is None:
+            return
+        if not link.open:  # it closed while the frame went out: the frame may be lost, and nobody else will say so
+            self._refuse(rows, MessageRejected("unreachable", f"the link to {self.view.name_of(nxt.peer_id)} closed"))
+            self.on_unreachable(nxt.peer_id, "the link closed as a pass went out")
             return
         if len(self._sent) > 2 * self.max_rows:  # forget sessions closed or evicted since
             open_now = set(self._executor.session_ids()) if self._executor is not None else set()

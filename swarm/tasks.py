@@ -20,19 +20,22 @@ class TaskGroup:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.closed = False
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any] | None:
-        """Run `coro` in the background; None (and the coroutine discarded) once the group is closed."""
+    def spawn(
+        self, coro: Coroutine[Any, Any, Any], expected: tuple[type[BaseException], ...] = ()
+    ) -> asyncio.Task[Any] | None:
+        """Run `coro` in the background; None (and the coroutine discarded) once the group is closed.
+        A failure of an `expected` kind is its awaiter's to handle, not logged here."""
         if self.closed:
             coro.close()
             return None
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._done)
+        task.add_done_callback(lambda done: self._done(done, expected))
         return task
 
-    def _done(self, task: asyncio.Task[Any]) -> None:
+    def _done(self, task: asyncio.Task[Any], expected: tuple[type[BaseException], ...]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
+        if not task.cancelled() and task.exception() is not None and not isinstance(task.exception(), expected):
             log.error("background task failed", exc_info=task.exception())
 
     def __len__(self) -> int:

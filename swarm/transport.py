@@ -28,6 +28,7 @@ from swarm.guard import FloodLog
 from swarm.link import (
     CLOSE_REFUSED,
     CLOSE_REKEY,
+    CLOSE_REPLACED,
     LINK_HEADER,
     LINK_PATH,
     REFUSAL_HEADER,
@@ -187,13 +188,18 @@ class Transport:
     async def _dial_once(self, peer_id: str, url: str) -> Link:
         pending = self._dialling.get(peer_id)
         if pending is None:
-            spawned = self.tasks.spawn(self._dial(peer_id, url))
+            spawned = self.tasks.spawn(self._dial(peer_id, url), expected=(MessageRejected,))
             if spawned is None:
                 raise MessageRejected("unreachable", "this peer is closing")
             pending = spawned
             self._dialling[peer_id] = pending
             pending.add_done_callback(lambda task: self._dialled(peer_id, task))
-        return await asyncio.shield(pending)
+        try:
+            return await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            if pending.cancelled():  # the dial, not this caller, was cancelled: this peer is closing
+                raise MessageRejected("unreachable", "this peer is closing") from None
+            raise
 
     def _dialled(self, peer_id: str, task: asyncio.Task[Link]) -> None:
         self._dialling.pop(peer_id, None)
@@ -314,12 +320,12 @@ class Transport:
         """Take `link` into the table, closing older links to its peer beyond LINKS_PER_PEER."""
         links = [old for old in self._links.get(link.peer_id, []) if old.open]
         for old in links[: max(0, len(links) - LINKS_PER_PEER + 1)]:
-            self.tasks.spawn(old.close(1000, "replaced"))
+            self.tasks.spawn(old.close(CLOSE_REPLACED, "replaced"))
         self._links[link.peer_id] = [*links[-(LINKS_PER_PEER - 1) :], link] if LINKS_PER_PEER > 1 else [link]
         while sum(len(v) for v in self._links.values()) > MAX_LINKS:
             oldest = next(iter(self._links))
             for old in self._links.pop(oldest):
-                self.tasks.spawn(old.close(1000, "too many links"))
+                self.tasks.spawn(old.close(CLOSE_REPLACED, "too many links"))
 
     async def _serve(self, link: Link) -> None:
         try:
