@@ -151,9 +151,9 @@ def metrics(url: str) -> dict[str, float]:
 
 def test_a_pass_of_several_sessions_crosses_each_hop_as_one_frame(swarm) -> None:
     """Eight sessions entering at the first stage's peer (a client's limit there): its passes carry
-    several sessions each,
-    and each pass goes on to the second stage as exactly one frame (the entry's own steps to its
-    own stage never touch the wire); the tokens come home from the last stage, one frame a pass."""
+    several sessions each, and each pass goes on to the second stage as exactly one frame (the
+    entry's own steps to its own stage never touch the wire); the tokens come home from the last
+    stage, one frame a pass."""
     first, _, last = swarm["stages"]
     before = [metrics(url) for url in (first, last)]
     with ThreadPoolExecutor(8) as pool:
