@@ -347,7 +347,7 @@ class Entry:
 
     def on_link_closed(self, peer_id: str, link: Link) -> None:
         """A link to a stage closed: the steps that went that way, or were to come home that way,
-        may be lost; they are replayed (at once when this peer closed it on purpose: the hop is fine)."""
+        may be lost; they are replayed (at once when either side closed it on purpose: the hop is fine)."""
         for waiting in self._steps.values():
             if peer_id in waiting.route and not waiting.home.done():
                 why = f"the link to stage {self.view.name_of(peer_id)} closed"

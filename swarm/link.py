@@ -132,7 +132,6 @@ class Link:
         *,
         key_fingerprint: str,
         clock_offset_s: float,
-        dialled: bool,
         max_frame_bytes: int,
         drops: Counter[str],
     ) -> None:
@@ -140,15 +139,12 @@ class Link:
         self.peer_id = peer_id
         self.key_fingerprint = key_fingerprint  # the swarm key the handshake was sealed under
         self.clock_offset_s = clock_offset_s  # the other clock minus ours, in seconds
-        self.dialled = dialled  # this peer dialled it (else the other side did)
         self.max_frame_bytes = max_frame_bytes
         self.drops = drops
         self.closed = asyncio.Event()
         # Why this peer closed it on purpose (a retired swarm key, a newer link), if it did: the steps
         # sent over it were not lost to a fault, and may go again at once.
         self.retired: str | None = None
-        self.frames_in = 0
-        self.frames_out = 0
         self._cipher = cipher
         self._send_lock = asyncio.Lock()  # counters reach the wire in the order they were sealed
 
@@ -168,7 +164,6 @@ class Link:
                 await self.ws.send_bytes(data)
             except (ConnectionError, RuntimeError) as e:  # the reader sees the socket end and closes the link
                 raise MessageRejected("unreachable", f"the link to {self.peer_id}: {e}") from e
-        self.frames_out += 1
         return len(data)
 
     async def run(self, on_frame: OnFrame) -> None:
@@ -192,7 +187,6 @@ class Link:
                     self.drops[e.reason] += 1
                     log.debug("frame from %s dropped: %s", self.peer_id, e)
                     continue
-                self.frames_in += 1
                 done = on_frame(self, body, max(0.0, time.time() - sent), len(msg.data))
                 if done is not None:
                     await done

@@ -184,7 +184,6 @@ class Node:
             flood=self.flood,
             request_timeout_s=config.gossip.request_timeout_s,
             heartbeat_s=config.serving.link_heartbeat_s,
-            max_message_bytes=sec.max_message_bytes,
             max_frame_bytes=self.data_limit,
         )
         self.service = StageService(
@@ -718,7 +717,7 @@ class Node:
         """Send `kind` to every peer at once; the replies that came back, taken in."""
 
         async def ask(peer_id: str) -> Checked | None:
-            url = self._url_of(peer_id)
+            url = self.url_of(peer_id)
             reply = await self._request(url, kind, {}, to=peer_id) if url else None
             if reply is not None:
                 self._accept(reply)
@@ -1100,15 +1099,12 @@ class Node:
         info = self._info_of(peer_id)
         return info.priority if info else None
 
-    def url_of(self, peer_id: str) -> str | None:
-        """A member's address (this peer's own too), if it is one."""
-        return self._url_of(peer_id)
-
     def errors(self) -> list[str]:
         """Why the swarm cannot serve, as far as this peer knows (partitioning, loading)."""
         return [e for e in (self.partition_error, self.load_error) if e]
 
-    def _url_of(self, peer_id: str) -> str | None:
+    def url_of(self, peer_id: str) -> str | None:
+        """A member's address (this peer's own too), if it is one."""
         info = self._info_of(peer_id)
         return info.url if info else None
 

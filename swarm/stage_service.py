@@ -107,6 +107,7 @@ class StageService:
         self._stage: StageModel | None = None
         self._opened: dict[str, Opened] = {}  # session -> its layer map and entry peer
         self._sent: dict[str, _Sent] = {}  # session -> the latest step sent on from here
+        self._machines = ("", 1)  # (layer-map id, the machines its stages run on)
         self.dropped = 0  # sessions dropped because their layer map was abandoned or their entry died
         # Where forward passes run (set by the daemon to a thread of normal priority, see
         # `swarm.daemon.lower_loop_priority`); None: asyncio's default thread pool.
@@ -151,7 +152,11 @@ class StageService:
         if self.config.serving.micro_batches:
             return self.config.serving.micro_batches
         layer_map = self.view.layer_map
-        return len({urlsplit(s.url).hostname for s in layer_map.stages}) if layer_map else 1
+        if layer_map is None:
+            return 1
+        if self._machines[0] != layer_map.id:  # asked several times a pass: counted once per map
+            self._machines = (layer_map.id, len({urlsplit(s.url).hostname for s in layer_map.stages}))
+        return self._machines[1]
 
     def stop(self) -> None:
         """Stop the stage's forward passes (the node is closing); safe to call twice."""
@@ -317,7 +322,7 @@ class StageService:
             home[row.entry].append(Sampled(row.session, row.step, int(result.tokens[0]),
                                            float(result.logprobs[0]), trail))  # fmt: skip
         for entry, sampled in home.items():
-            self.tasks.spawn(self._send_home(entry, sampled))
+            self.tasks.spawn(self._deliver(entry, self.view.url_of(entry), tokens_frame(sampled)))
         for (map_id, epoch, nxt), group in onward.items():
             rows = [_onward(tag, result) for tag, result in group]
             hidden = torch.cat([result.hidden for _, result in group if result.hidden is not None], dim=1)
@@ -343,30 +348,31 @@ class StageService:
         for row in rows:
             self._sent[row.session] = _Sent(row.entry, row.step, link)
 
-    async def _send_home(self, entry: str, rows: list[Sampled]) -> None:
-        try:
-            await self.transport.send(entry, self.view.url_of(entry), tokens_frame(rows))
-        except MessageRejected as e:  # the entry is gone: nobody waits for these tokens
-            log.debug("tokens for %d session(s) could not go home to %s: %s", len(rows), entry, e)
-
     def _refuse(self, rows: list[Row], error: MessageRejected) -> None:
         """Tell each row's entry peer that it did not run, and why."""
-        by_entry: dict[str, list[tuple[str, int]]] = defaultdict(list)
-        for row in rows:
-            by_entry[row.entry].append((row.session, row.step))
-        for entry, refused in by_entry.items():
-            self.tasks.spawn(self._send_refusal(entry, refusal_frame(refused, error.reason, str(error))))
+        self._refuse_steps([(row.entry, row.session, row.step) for row in rows], error)
 
-    async def _send_refusal(self, entry: str, frame: dict[str, Any]) -> None:
+    def _refuse_steps(self, steps: list[tuple[str, str, int]], error: MessageRejected) -> None:
+        """Tell the entry peer of each (entry, session, step) that the step did not run, one frame an entry."""
+        by_entry: dict[str, list[tuple[str, int]]] = defaultdict(list)
+        for entry, session, step in steps:
+            by_entry[entry].append((session, step))
+        for entry, refused in by_entry.items():
+            frame = refusal_frame(refused, error.reason, str(error))
+            self.tasks.spawn(self._deliver(entry, self.view.url_of(entry), frame))
+
+    async def _deliver(self, peer_id: str, url: str | None, frame: dict[str, Any]) -> None:
+        """Send a frame nobody waits on here (tokens home, a refusal, a close): if it cannot go, the
+        peer is gone or will find out on its own (a watchdog, idle eviction)."""
         try:
-            await self.transport.send(entry, self.view.url_of(entry), frame)
+            await self.transport.send(peer_id, url, frame)
         except MessageRejected as e:
-            log.debug("a refusal could not reach %s: %s", entry, e)
+            log.debug("a %s frame could not reach %s: %s", frame["kind"], peer_id, e)
 
     def on_link_closed(self, peer_id: str, link: Link) -> None:
         """A link to `peer_id` closed: the steps last sent over it may be lost, so their entry
-        peers hear so now (they replay them), and the peer is probed unless this peer closed the
-        link on purpose (a retired key: the hop itself is fine)."""
+        peers hear so now (they replay them), and the peer is probed unless either side closed the
+        link on purpose (a retired key, a newer link: the hop itself is fine)."""
         lost = [(sid, sent) for sid, sent in self._sent.items() if sent.link is link]
         if not lost:
             return
@@ -376,11 +382,7 @@ class StageService:
         error = MessageRejected(
             "not_ready" if link.retired else "unreachable", why + (f" ({link.retired})" if link.retired else "")
         )
-        by_entry: dict[str, list[tuple[str, int]]] = defaultdict(list)
-        for sid, sent in lost:
-            by_entry[sent.entry].append((sid, sent.step))
-        for entry, refused in by_entry.items():
-            self.tasks.spawn(self._send_refusal(entry, refusal_frame(refused, error.reason, str(error))))
+        self._refuse_steps([(sent.entry, sid, sent.step) for sid, sent in lost], error)
         if not link.retired:
             self.on_unreachable(peer_id, str(error))
 
@@ -409,13 +411,7 @@ class StageService:
         if index + 1 >= len(layer_map.stages):
             return
         nxt = layer_map.stages[index + 1]
-        self.tasks.spawn(self._send_close(nxt, close_frame(map_id, layer_map.epoch, mine)))
-
-    async def _send_close(self, nxt: Stage, frame: dict[str, Any]) -> None:
-        try:
-            await self.transport.send(nxt.peer_id, nxt.url, frame)
-        except MessageRejected as e:  # stages evict abandoned sessions on their own
-            log.debug("closing %d session(s) downstream: %s", len(frame["sessions"]), e)
+        self.tasks.spawn(self._deliver(nxt.peer_id, nxt.url, close_frame(map_id, layer_map.epoch, mine)))
 
 
 def _index_of(layer_map: LayerMap | None, peer_id: str) -> int | None:

@@ -96,7 +96,6 @@ class Transport:
         flood: FloodLog,
         request_timeout_s: float,
         heartbeat_s: float,
-        max_message_bytes: int,
         max_frame_bytes: int,
     ) -> None:
         self.peer_id = peer_id
@@ -106,7 +105,6 @@ class Transport:
         self.flood = flood
         self.request_timeout_s = request_timeout_s  # a handshake (and a control request) takes at most this
         self.heartbeat_s = heartbeat_s  # a link with no answer to its ping for this long is closed
-        self.max_message_bytes = max_message_bytes
         self.max_frame_bytes = max_frame_bytes
         self.handlers: dict[str, Handler] = {}  # frame kind -> what takes it in
         self.faults = 0  # frames whose handler failed with something other than a refusal (a bug)
@@ -144,14 +142,12 @@ class Transport:
 
     # ---- control-plane requests ---------------------------------------------------------------------
 
-    async def post(self, url: str, data: bytes, limit: int, timeout_s: float | None = None) -> tuple[int, bytes]:
+    async def post(self, url: str, data: bytes, limit: int) -> tuple[int, bytes]:
         """POST one envelope; the status and the body (at most `limit` bytes). Raises what aiohttp
         raises for an unreachable peer, asyncio.TimeoutError, or ValueError for an oversized reply."""
         if self.tasks.closed:
             raise aiohttp.ClientConnectionError("this peer is closing")
-        timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s is not None else None
-        kwargs: dict[str, Any] = {"timeout": timeout} if timeout is not None else {}
-        async with self.session.post(url, data=data, headers={"Content-Type": MSGPACK}, **kwargs) as resp:
+        async with self.session.post(url, data=data, headers={"Content-Type": MSGPACK}) as resp:
             return resp.status, await read_bounded(resp, limit)
 
     # ---- links --------------------------------------------------------------------------------------
@@ -173,10 +169,9 @@ class Transport:
             self.dispatch(peer_id, body, 0.0, 0)
             return None
         link = self.link_to(peer_id)
-        if link is None:
-            if url is None:
-                raise MessageRejected("unreachable", f"no link to {peer_id}, and no address to dial")
-            link = await self._dial_once(peer_id, url)
+        if link is None and url is None:
+            raise MessageRejected("unreachable", f"no link to {peer_id}, and no address to dial")
+        link = link or await self.connect(peer_id, str(url))
         await link.send(body)
         self.frames_sent[str(body.get("kind"))] += 1
         return link
@@ -238,7 +233,7 @@ class Transport:
                                            transcript=public + their)  # fmt: skip
             # The other clock minus ours, as NTP estimates it: its stamp against the middle of the round trip.
             offset = reply.timestamp_s - (t0 + t2) / 2
-            link = self._link(ws, peer_id, FrameCipher(send_key, recv_key), reply.key_fingerprint, offset, True)
+            link = self._link(ws, peer_id, FrameCipher(send_key, recv_key), reply.key_fingerprint, offset)
             # The first frame: the acceptor learns its side of the offset, and that we hold the key.
             await link.send({"kind": "clock", "offset_s": -offset})
             if self.closed:
@@ -272,7 +267,7 @@ class Transport:
         ws = web.WebSocketResponse(heartbeat=self.heartbeat_s, max_msg_size=self.max_frame_bytes)
         await ws.prepare(request)  # not a WebSocket upgrade: a 400, and nothing was taken in
         await ws.send_bytes(self._seal("link_ok", {"eph": public}, hello.sender))
-        link = self._link(ws, hello.sender, FrameCipher(send_key, recv_key), hello.key_fingerprint, 0.0, False)
+        link = self._link(ws, hello.sender, FrameCipher(send_key, recv_key), hello.key_fingerprint, 0.0)
         try:
             first = await ws.receive(timeout=self.request_timeout_s)
             if first.type is not WSMsgType.BINARY:
@@ -312,8 +307,8 @@ class Transport:
             raise MessageRejected("misdirected", "a link is opened with a link message to this peer")
         return hello
 
-    def _link(self, ws: WebSocket, peer_id: str, cipher: FrameCipher, key: str, offset: float, dialled: bool) -> Link:
-        return Link(ws, peer_id, cipher, key_fingerprint=key, clock_offset_s=offset, dialled=dialled,
+    def _link(self, ws: WebSocket, peer_id: str, cipher: FrameCipher, key: str, offset: float) -> Link:
+        return Link(ws, peer_id, cipher, key_fingerprint=key, clock_offset_s=offset,
                     max_frame_bytes=self.max_frame_bytes, drops=self.drops)  # fmt: skip
 
     def _add(self, link: Link) -> None:

@@ -70,7 +70,7 @@ class Prober:
             transport = Transport(
                 self.me.peer_id, seal=self.seal, check=self._check, drops=Counter(),
                 flood=FloodLog(logging.getLogger("prober")), request_timeout_s=10.0, heartbeat_s=60.0,
-                max_message_bytes=1 << 20, max_frame_bytes=1 << 26,
+                max_frame_bytes=1 << 26,
             )  # fmt: skip
             answers: asyncio.Queue[Answer] = asyncio.Queue()
             transport.handlers["tokens"] = lambda s, b, *_: answers.put_nowait(Answer(s, "token", b["rows"][0][2]))

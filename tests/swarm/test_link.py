@@ -118,7 +118,7 @@ class Peer:
 
         self.transport = Transport(self.identity.peer_id, seal=seal, check=check, drops=opener.drops,
                                    flood=FloodLog(logging.getLogger("test")), request_timeout_s=5.0,
-                                   heartbeat_s=30.0, max_message_bytes=LIMIT, max_frame_bytes=LIMIT)  # fmt: skip
+                                   heartbeat_s=30.0, max_frame_bytes=LIMIT)  # fmt: skip
         self.transport.handlers["note"] = lambda sender, body, *_: self.frames.put_nowait((sender, body["text"]))
         self.transport.on_link_closed.append(lambda peer_id, link: self.closed.put_nowait((peer_id, link.retired)))
 

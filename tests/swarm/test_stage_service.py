@@ -37,7 +37,7 @@ def service_for(epoch: int) -> tuple[StageService, SimpleNamespace]:
     layer_map = LayerMap(1, epoch, "fp", config.num_hidden_layers, (Stage(PEER, "http://x", 0, 3),))
     view = SimpleNamespace(layer_map=layer_map, url_of=lambda peer_id: None, name_of=lambda peer_id: peer_id)
     transport = Transport(PEER, seal=None, check=None, drops=Counter(), flood=FloodLog(logging.getLogger("t")),  # type: ignore[arg-type]
-                          request_timeout_s=1.0, heartbeat_s=1.0, max_message_bytes=1 << 20,
+                          request_timeout_s=1.0, heartbeat_s=1.0,
                           max_frame_bytes=1 << 20)  # fmt: skip
 
     async def deliver(peer_id: str, url: str | None, body: dict[str, Any]) -> int:
