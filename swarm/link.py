@@ -7,15 +7,17 @@ shared secret, bound to both peer ids and both ephemeral keys, gives one ChaCha2
 direction. After that a data
 frame costs one AEAD seal and no signature: its nonce is its counter, which must grow on every
 frame, so a frame replayed, reordered or copied from another link is dropped and counted. A link
-also learns the other clock's offset from the handshake (as NTP does: half the round trip), so a
-receiver can tell how long a frame spent on the wire. It knows bytes and WebSockets; who may open a
-link, and what frames mean, is the transport's and the data plane's business."""
+also learns the other clock's offset, first from the handshake, then from a few probes over the
+open link (NTP's on-wire exchange, RFC 5905 section 8: the probe with the shortest round trip
+wins), so a receiver can tell how long a frame spent on the wire. It knows bytes and WebSockets;
+who may open a link, and what frames mean, is the transport's and the data plane's business."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -47,6 +49,8 @@ CLOSE_REFUSED = 4001
 CLOSE_REKEY = 4002
 CLOSE_REPLACED = 4003
 RETIRED = {CLOSE_REKEY: "swarm key retired", CLOSE_REPLACED: "replaced by a newer link"}
+CLOCK_PROBES = 4  # round trips a dialler times after the handshake to learn the other clock's offset
+Clock = Callable[[], float]  # wall-clock seconds (time.time)
 WebSocket = web.WebSocketResponse | ClientWebSocketResponse
 
 
@@ -134,11 +138,17 @@ class Link:
         clock_offset_s: float,
         max_frame_bytes: int,
         drops: Counter[str],
+        clock: Clock = time.time,
     ) -> None:
         self.ws = ws
         self.peer_id = peer_id
         self.key_fingerprint = key_fingerprint  # the swarm key the handshake was sealed under
         self.clock_offset_s = clock_offset_s  # the other clock minus ours, in seconds
+        # The round trip, less the other side's time holding it, of the probe the offset came from
+        # (None: the handshake's estimate); the offset is off by at most half of it.
+        self.clock_delay_s: float | None = None
+        self.clock_known = asyncio.Event()  # the dialler's side: set once the probes' offset is agreed
+        self.clock = clock
         self.max_frame_bytes = max_frame_bytes
         self.drops = drops
         self.closed = asyncio.Event()
@@ -147,6 +157,7 @@ class Link:
         self.retired: str | None = None
         self._cipher = cipher
         self._send_lock = asyncio.Lock()  # counters reach the wire in the order they were sealed
+        self._probe: tuple[float, asyncio.Future[tuple[float, float]]] | None = None  # t1, its answer
 
     @property
     def open(self) -> bool:
@@ -159,7 +170,7 @@ class Link:
         async with self._send_lock:
             if not self.open:
                 raise MessageRejected("unreachable", f"the link to {self.peer_id} is closed")
-            data = self._cipher.seal([time.time() + self.clock_offset_s, body])
+            data = self._cipher.seal([self.clock() + self.clock_offset_s, body])
             try:
                 await self.ws.send_bytes(data)
             except (ConnectionError, RuntimeError) as e:  # the reader sees the socket end and closes the link
@@ -187,13 +198,58 @@ class Link:
                     self.drops[e.reason] += 1
                     log.debug("frame from %s dropped: %s", self.peer_id, e)
                     continue
-                done = on_frame(self, body, max(0.0, time.time() - sent), len(msg.data))
+                done = on_frame(self, body, max(0.0, self.clock() - sent), len(msg.data))
                 if done is not None:
                     await done
         except (ConnectionError, asyncio.TimeoutError) as e:
             log.debug("link to %s broke: %s", self.peer_id, e)
         finally:
             await self.close()
+
+    async def measure_clock(self, probes: int, timeout_s: float) -> float:
+        """Time `probes` round trips and keep the offset of the shortest, as NTP does (RFC 5905,
+        section 8): t1 sent and t4 back in our clock, t2 received and t3 answered in theirs; offset =
+        ((t2 - t1) + (t3 - t4)) / 2, delay = (t4 - t1) - (t3 - t2). Sets clock_offset_s and
+        clock_delay_s; the offset (seconds). MessageRejected("unreachable") if the link closes,
+        asyncio.TimeoutError if an answer takes longer than `timeout_s`."""
+        best: tuple[float, float] | None = None  # delay, offset
+        for _ in range(probes):
+            t1 = self.clock()
+            answer: asyncio.Future[tuple[float, float]] = asyncio.get_running_loop().create_future()
+            self._probe = (t1, answer)
+            try:
+                await self.send({"kind": "clock_probe", "t1": t1})
+                t2, t3 = await asyncio.wait_for(answer, timeout_s)
+            finally:
+                self._probe = None
+            t4 = self.clock()
+            delay, offset = (t4 - t1) - (t3 - t2), ((t2 - t1) + (t3 - t4)) / 2
+            if best is None or delay < best[0]:
+                best = (delay, offset)
+        assert best is not None, "at least one probe"
+        self.clock_delay_s, self.clock_offset_s = max(0.0, best[0]), best[1]
+        return self.clock_offset_s
+
+    def answer_probe(self, body: dict[str, Any], received_s: float) -> dict[str, Any] | None:
+        """The answer to the other side's clock probe received at `received_s` (our clock), or None
+        for a probe without a finite t1."""
+        t1 = body.get("t1")
+        if not (isinstance(t1, float) and math.isfinite(t1)):
+            return None
+        return {"kind": "clock_echo", "t1": t1, "t2": received_s, "t3": self.clock()}
+
+    def take_echo(self, body: dict[str, Any], received_s: float) -> None:
+        """The other side's answer to our probe: taken if it answers the probe in flight (same t1,
+        finite times, none in the future of `received_s` by their own order), else ignored."""
+        if self._probe is None or self._probe[1].done():
+            return
+        t1, answer = self._probe
+        t2, t3 = body.get("t2"), body.get("t3")
+        if body.get("t1") != t1 or not all(isinstance(t, float) and math.isfinite(t) for t in (t2, t3)):
+            return
+        assert isinstance(t2, float) and isinstance(t3, float)
+        if t3 >= t2 and (received_s - t1) >= (t3 - t2):  # they held it no longer than the round trip
+            answer.set_result((t2, t3))
 
     def first_frame(self, data: bytes) -> Any:
         """Open the other side's first frame (before `run`): proof that it holds the link's key."""

@@ -26,12 +26,14 @@ from swarm.auth import Message
 from swarm.errors import MessageRejected
 from swarm.guard import FloodLog
 from swarm.link import (
+    CLOCK_PROBES,
     CLOSE_REFUSED,
     CLOSE_REKEY,
     CLOSE_REPLACED,
     LINK_HEADER,
     LINK_PATH,
     REFUSAL_HEADER,
+    Clock,
     FrameCipher,
     Link,
     WebSocket,
@@ -97,8 +99,10 @@ class Transport:
         request_timeout_s: float,
         heartbeat_s: float,
         max_frame_bytes: int,
+        clock: Clock = time.time,
     ) -> None:
         self.peer_id = peer_id
+        self.clock = clock  # wall-clock seconds, as frames are stamped
         self._seal = seal
         self._check = check
         self.drops = drops  # shared with the node: every dropped message and frame, by reason
@@ -207,7 +211,7 @@ class Transport:
         where = f"peer {peer_id} at {url}"
         private, public = new_ephemeral()
         hello = base64.b64encode(self._seal("link", {"eph": public}, peer_id)).decode()
-        t0 = time.time()
+        t0 = self.clock()
         try:
             ws = await self.session.ws_connect(
                 url + LINK_PATH,
@@ -222,7 +226,7 @@ class Transport:
             raise MessageRejected("unreachable", f"{where}: {e or type(e).__name__}") from e
         try:
             msg = await ws.receive(timeout=self.request_timeout_s)
-            t2 = time.time()
+            t2 = self.clock()
             if msg.type is not WSMsgType.BINARY:
                 raise MessageRejected("unreachable", f"{where} closed the link before answering its handshake")
             reply = self._check(msg.data)
@@ -247,8 +251,19 @@ class Transport:
             raise
         self._add(link)
         self.tasks.spawn(self._serve(link))
-        log.debug("link to %s at %s open (clock offset %.1f ms)", peer_id, url, 1000 * offset)
+        self.tasks.spawn(self._measure_clock(link), expected=(MessageRejected, asyncio.TimeoutError))
+        log.debug("link to %s at %s open (clock offset %.1f ms at the handshake)", peer_id, url, 1000 * offset)
         return link
+
+    async def _measure_clock(self, link: Link) -> None:
+        """The dialler's side: probe the clock over the open link (the handshake's estimate carries the
+        connect and the other side's work on it: on one machine, more than a hop takes), then tell the
+        other side its offset."""
+        offset = await link.measure_clock(CLOCK_PROBES, self.request_timeout_s)
+        await link.send({"kind": "clock", "offset_s": -offset})
+        link.clock_known.set()
+        log.debug("link to %s: clock offset %.3f ms (round trip %.3f ms)", link.peer_id, 1000 * offset,
+                  1000 * (link.clock_delay_s or 0.0))  # fmt: skip
 
     async def accept(self, request: web.Request) -> web.StreamResponse:
         """The server side of LINK_PATH: the handshake in the upgrade request (a refusal is an HTTP
@@ -309,7 +324,7 @@ class Transport:
 
     def _link(self, ws: WebSocket, peer_id: str, cipher: FrameCipher, key: str, offset: float) -> Link:
         return Link(ws, peer_id, cipher, key_fingerprint=key, clock_offset_s=offset,
-                    max_frame_bytes=self.max_frame_bytes, drops=self.drops)  # fmt: skip
+                    max_frame_bytes=self.max_frame_bytes, drops=self.drops, clock=self.clock)  # fmt: skip
 
     def _add(self, link: Link) -> None:
         """Take `link` into the table, closing older links to its peer beyond LINKS_PER_PEER."""
@@ -339,12 +354,19 @@ class Transport:
                         log.exception("link-closed callback failed")
 
     def _on_frame(self, link: Link, body: Any, wire_s: float, size: int) -> None:
-        if isinstance(body, dict) and body.get("kind") == "clock":
+        kind = body.get("kind") if isinstance(body, dict) else None
+        if kind == "clock":  # the dialler's estimate of our offset
             offset = body.get("offset_s")
             if isinstance(offset, float) and math.isfinite(offset) and abs(offset) < 86400:
                 link.clock_offset_s = offset
-            return
-        self.dispatch(link.peer_id, body, wire_s, size)
+        elif kind == "clock_probe":
+            answer = link.answer_probe(body, self.clock())
+            if answer is not None:
+                self.tasks.spawn(link.send(answer), expected=(MessageRejected,))
+        elif kind == "clock_echo":
+            link.take_echo(body, self.clock())
+        else:
+            self.dispatch(link.peer_id, body, wire_s, size)
 
     def dispatch(self, sender: str, body: Any, wire_s: float, size: int) -> None:
         """Hand one frame to the handler of its kind; a refusal is counted, never raised."""

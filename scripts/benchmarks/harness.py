@@ -210,12 +210,13 @@ def swarm_config(args: argparse.Namespace) -> Path:
 
 
 def print_pairs(rows: list[dict[str, Any]], unit: str, digits: int) -> None:
-    print(f"{'model':>20} {'peers':>5} {'baseline':>9} {'swarm':>9} {'ratio':>6}   "
-          f"({unit}, medians; ratio: median of swarm / baseline over the pairs of runs)")  # fmt: skip
+    print(f"{'model':>20} {'peers':>5} {'baseline':>9} {'swarm':>9} {'ratio':>6} {'same text':>9}   "
+          f"({unit}, medians; ratio: median of swarm / baseline over the pairs of runs; same text: "
+          f"runs whose words equal the baseline's)")  # fmt: skip
     for r in rows:
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
         b, w = (f"{v:.{digits}f}" if v is not None else "-" for v in (r["baseline"], r["swarm"]))
-        print(f"{r['model']:>20} {r['peers']:>5} {b:>9} {w:>9} {ratio:>6}")
+        print(f"{r['model']:>20} {r['peers']:>5} {b:>9} {w:>9} {ratio:>6} {r['same_text']:>4}/{len(r['runs'])}")
 
 
 def print_peer_memory(rows: list[dict[str, Any]]) -> None:

@@ -93,6 +93,14 @@ class BenchModel:
         rng = random.Random(seed)
         return [rng.randrange(3, config.vocab_size) for _ in range(tokens)]
 
+    def decode(self, ids: list[int]) -> str:
+        """The text of `ids`, as the swarm's API streams it: to check a swarm's output against the
+        baseline's tokens."""
+        from peer.tokenizer import Tokenizer
+
+        files = self.store().resolve(self.spec)
+        return Tokenizer.from_dir(files.meta_dir, files.load_config()).decode(ids)
+
     def even_caps(self, peers: int) -> dict[str, int]:
         """Equal memory caps that split the model over `peers` stages (the partitioner goes by memory)."""
         cap = int(self.profile().total_weight_bytes / 2**20 / peers * 1.4) + KV_BUDGET_MIB + 64

@@ -50,18 +50,19 @@ def paired_runs(args: argparse.Namespace, measure: str, ids: list[int], max_toke
             for n in [int(k) for k in args.peers.split(",")]:
                 with Swarm(model, n, args.threads, swarm_config(args), args.device) as swarm:
                     swarm_stream(swarm.url, prompt, min(max_tokens, 4))  # warm-up
-                    pairs = []
+                    pairs, same = [], 0
                     for run in range(args.runs):
-                        pairs.append(
-                            (value(base.run(prompt, max_tokens)), value(swarm_stream(swarm.url, prompt, max_tokens)))
-                        )
+                        ours, theirs = base.run(prompt, max_tokens), swarm_stream(swarm.url, prompt, max_tokens)
+                        pairs.append((value(ours), value(theirs)))
+                        # Words, not characters: a stream's first piece carries the space after the prompt.
+                        same += theirs["text"].split() == model.decode(ours["tokens"]).split()
                         log(f"{model.name}, {n} peer(s), run {run + 1}: baseline {pairs[-1][0] or 0:.3f}, "
                             f"swarm {pairs[-1][1] or 0:.3f}")  # fmt: skip
                     memory = swarm.rss(standby)
                 b, w = median([p[0] for p in pairs]), median([p[1] for p in pairs])
                 ratio = median([sw / sb if sw and sb else None for sb, sw in pairs])  # each run against its pair
                 rows.append({"model": model.name, "peers": n, "baseline": b, "swarm": w, "ratio": ratio,
-                             "runs": pairs, "memory": memory})  # fmt: skip
+                             "runs": pairs, "same_text": same, "memory": memory})  # fmt: skip
     return rows
 
 

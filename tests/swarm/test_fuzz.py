@@ -12,6 +12,7 @@ within their bounds."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import math
 import os
@@ -217,6 +218,11 @@ class Loop:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
+        # The peers' forward passes run on the loop's default executor: one thread, started here,
+        # so that no test sees a thread appear when two stages' passes first overlap.
+        compute = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fuzz-compute")
+        compute.submit(lambda: None).result()
+        self.loop.set_default_executor(compute)
         self.thread = threading.Thread(target=self.loop.run_forever, name="fuzz-peers")
         self.thread.start()
 

@@ -2,13 +2,15 @@
 and counts them; both sides of a handshake derive the same keys, which no other link shares; and
 two transports on 127.0.0.1 open a link with a handshake of sealed envelopes, send frames both
 ways over it, refuse a peer without the swarm key or a replayed handshake, notice the link closing,
-and make their links again under a new key when the keyring retires the old one."""
+and make their links again under a new key when the keyring retires the old one; the dialler
+learns the other clock from probes over the link, within the NTP bound."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,6 +106,7 @@ class Peer:
     frames: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
     closed: asyncio.Queue[tuple[str, str | None]] = field(default_factory=asyncio.Queue)  # (peer, why retired)
     runner: web.AppRunner | None = None
+    clock_ahead_s: float = 0.0  # this peer's wall clock runs this far ahead of the machine's
 
     def __post_init__(self) -> None:
         sealer = Sealer(self.identity, self.keyring)
@@ -118,8 +121,10 @@ class Peer:
 
         self.transport = Transport(self.identity.peer_id, seal=seal, check=check, drops=opener.drops,
                                    flood=FloodLog(logging.getLogger("test")), request_timeout_s=5.0,
-                                   heartbeat_s=30.0, max_frame_bytes=LIMIT)  # fmt: skip
+                                   heartbeat_s=30.0, max_frame_bytes=LIMIT,
+                                   clock=lambda: time.time() + self.clock_ahead_s)  # fmt: skip
         self.transport.handlers["note"] = lambda sender, body, *_: self.frames.put_nowait((sender, body["text"]))
+        self.transport.handlers["timed"] = lambda sender, body, wire_s, _: self.frames.put_nowait((sender, wire_s))
         self.transport.on_link_closed.append(lambda peer_id, link: self.closed.put_nowait((peer_id, link.retired)))
 
     @property
@@ -170,6 +175,47 @@ async def test_a_link_carries_frames_both_ways_after_one_handshake(two: tuple[Pe
     assert [(await b.next_frame())[1] for _ in range(20)] == [str(i) for i in range(20)]
     assert a.transport.links() == {b.peer_id: 1} and b.transport.links() == {a.peer_id: 1}
     assert sum(a.transport.drops.values()) == 0 and sum(b.transport.drops.values()) == 0
+
+
+async def test_the_dialler_learns_the_other_clock_from_probes_and_tells_it() -> None:
+    """Two clocks 7 s apart: the probes' offset is off by at most half their round trip (the NTP
+    bound), the other side takes its opposite, and frames both ways read a wire time under their
+    round trip rather than 7 s or nothing."""
+    key = Keyring.of(os.urandom(32))
+    a = Peer(Identity.generate(), Keyring(key.keys, key.primary))
+    b = Peer(Identity.generate(), Keyring(key.keys), clock_ahead_s=7.0)
+    await a.start()
+    await b.start()
+    try:
+        link = await a.transport.connect(b.peer_id, b.url)
+        await asyncio.wait_for(link.clock_known.wait(), 30)
+        assert link.clock_delay_s is not None and link.clock_delay_s >= 0
+        assert abs(link.clock_offset_s - 7.0) <= link.clock_delay_s / 2 + 1e-6
+        await a.transport.send(b.peer_id, b.url, {"kind": "timed"})  # after the offset frame, on one link
+        sender, wire_s = await b.next_frame()
+        back = b.transport.link_to(a.peer_id)
+        assert sender == a.peer_id and back is not None and back.clock_offset_s == -link.clock_offset_s
+        await b.transport.send(a.peer_id, None, {"kind": "timed"})
+        _, wire_back_s = await a.next_frame()
+        assert 0 <= wire_s < 7.0 and 0 <= wire_back_s < 7.0
+        assert sum(a.transport.drops.values()) == 0 and sum(b.transport.drops.values()) == 0
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_a_clock_echo_that_answers_no_probe_changes_nothing(two: tuple[Peer, Peer]) -> None:
+    a, b = two
+    link = await a.transport.connect(b.peer_id, b.url)
+    await asyncio.wait_for(link.clock_known.wait(), 30)
+    offset, delay = link.clock_offset_s, link.clock_delay_s
+    back = b.transport.link_to(a.peer_id)
+    assert back is not None
+    for echo in ({"t1": 1.0, "t2": 2.0, "t3": 3.0}, {"t1": "x"}, {"t2": float("nan")}):
+        await back.send({"kind": "clock_echo", **echo})
+    await b.transport.send(a.peer_id, None, {"kind": "note", "text": "after"})
+    assert await a.next_frame() == (b.peer_id, "after")
+    assert (link.clock_offset_s, link.clock_delay_s) == (offset, delay) and a.transport.faults == 0
 
 
 async def test_a_frame_to_this_peer_itself_skips_the_wire(two: tuple[Peer, Peer]) -> None:
