@@ -64,7 +64,7 @@ def main() -> int:
     pre.add_argument("--peers", default="3", help="swarm sizes, a comma list (default %(default)s)")
     pre.add_argument("--prompt-tokens", type=int, default=PREFILL_TOKENS, help="prompt length (default %(default)s)")
     pre.set_defaults(models="smollm2,tinyllama-float32")  # a long bfloat16 prompt is slow on CPUs without bf16 units
-    con = perf("concurrency", "aggregate tokens/s of concurrent sessions through one swarm", concurrency, 1, 32)
+    con = perf("concurrency", "aggregate tokens/s of concurrent sessions through one swarm", concurrency, 5, 32)
     con.add_argument("--sessions", default="1,4,16", help="concurrent sessions, a comma list (default %(default)s)")
     con.add_argument("--num-peers", type=int, default=3, help="peers in the swarm (default %(default)s)")
     con.add_argument("--prompt-tokens", type=int, default=16, help="prompt length (default %(default)s)")

@@ -50,6 +50,8 @@ CLOSE_REKEY = 4002
 CLOSE_REPLACED = 4003
 RETIRED = {CLOSE_REKEY: "swarm key retired", CLOSE_REPLACED: "replaced by a newer link"}
 CLOCK_PROBES = 4  # round trips a dialler times after the handshake to learn the other clock's offset
+PROBES_ANSWERED = 4 * CLOCK_PROBES  # probes one link answers at most: the dialler's, and some to spare
+MAX_CLOCK_OFFSET_S = 86400.0  # an offset beyond a day is an error, not a clock
 Clock = Callable[[], float]  # wall-clock seconds (time.time)
 WebSocket = web.WebSocketResponse | ClientWebSocketResponse
 
@@ -158,6 +160,8 @@ class Link:
         self._cipher = cipher
         self._send_lock = asyncio.Lock()  # counters reach the wire in the order they were sealed
         self._probe: tuple[float, asyncio.Future[tuple[float, float]]] | None = None  # t1, its answer
+        self._echoing = False  # an answer to the other side's probe is on its way
+        self._probes_answered = 0
 
     @property
     def open(self) -> bool:
@@ -168,13 +172,17 @@ class Link:
         """Seal and send one frame, stamped with the send time in the other side's clock; the bytes
         sent. MessageRejected("unreachable") once the link is closed."""
         async with self._send_lock:
-            if not self.open:
-                raise MessageRejected("unreachable", f"the link to {self.peer_id} is closed")
-            data = self._cipher.seal([self.clock() + self.clock_offset_s, body])
-            try:
-                await self.ws.send_bytes(data)
-            except (ConnectionError, RuntimeError) as e:  # the reader sees the socket end and closes the link
-                raise MessageRejected("unreachable", f"the link to {self.peer_id}: {e}") from e
+            return await self._send_now(body)
+
+    async def _send_now(self, body: Any) -> int:
+        """`send`, the send lock held by the caller."""
+        if not self.open:
+            raise MessageRejected("unreachable", f"the link to {self.peer_id} is closed")
+        data = self._cipher.seal([self.clock() + self.clock_offset_s, body])
+        try:
+            await self.ws.send_bytes(data)
+        except (ConnectionError, RuntimeError) as e:  # the reader sees the socket end and closes the link
+            raise MessageRejected("unreachable", f"the link to {self.peer_id}: {e}") from e
         return len(data)
 
     async def run(self, on_frame: OnFrame) -> None:
@@ -206,50 +214,71 @@ class Link:
         finally:
             await self.close()
 
-    async def measure_clock(self, probes: int, timeout_s: float) -> float:
-        """Time `probes` round trips and keep the offset of the shortest, as NTP does (RFC 5905,
+    async def measure_clock(self, probes: int, timeout_s: float) -> float | None:
+        """Time up to `probes` round trips and keep the offset of the shortest, as NTP does (RFC 5905,
         section 8): t1 sent and t4 back in our clock, t2 received and t3 answered in theirs; offset =
-        ((t2 - t1) + (t3 - t4)) / 2, delay = (t4 - t1) - (t3 - t2). Sets clock_offset_s and
-        clock_delay_s; the offset (seconds). MessageRejected("unreachable") if the link closes,
-        asyncio.TimeoutError if an answer takes longer than `timeout_s`."""
+        ((t2 - t1) + (t3 - t4)) / 2, delay = (t4 - t1) - (t3 - t2). t1 and t3 are read as the probe
+        and its answer go out, behind any frame queued before them. Sets clock_offset_s and
+        clock_delay_s and returns the offset (seconds); None, changing nothing, if no answer came
+        within `timeout_s` (a peer that does not answer probes). MessageRejected("unreachable") if
+        the link closes."""
         best: tuple[float, float] | None = None  # delay, offset
         for _ in range(probes):
-            t1 = self.clock()
             answer: asyncio.Future[tuple[float, float]] = asyncio.get_running_loop().create_future()
-            self._probe = (t1, answer)
             try:
-                await self.send({"kind": "clock_probe", "t1": t1})
+                async with self._send_lock:
+                    t1 = self.clock()
+                    self._probe = (t1, answer)
+                    await self._send_now({"kind": "clock_probe", "t1": t1})
                 t2, t3 = await asyncio.wait_for(answer, timeout_s)
+            except asyncio.TimeoutError:
+                break  # keep what the probes before it gave
             finally:
                 self._probe = None
             t4 = self.clock()
             delay, offset = (t4 - t1) - (t3 - t2), ((t2 - t1) + (t3 - t4)) / 2
             if best is None or delay < best[0]:
                 best = (delay, offset)
-        assert best is not None, "at least one probe"
+        if best is None:
+            return None
         self.clock_delay_s, self.clock_offset_s = max(0.0, best[0]), best[1]
         return self.clock_offset_s
 
-    def answer_probe(self, body: dict[str, Any], received_s: float) -> dict[str, Any] | None:
-        """The answer to the other side's clock probe received at `received_s` (our clock), or None
-        for a probe without a finite t1."""
+    def take_probe(self, body: dict[str, Any], received_s: float) -> float:
+        """The other side's clock probe, received at `received_s` (our clock): its t1, to answer
+        with `echo`. One answer at a time, and at most PROBES_ANSWERED on a link: a peer that floods
+        probes gets MessageRejected("flood") and no answer; one without a finite t1, "malformed"."""
         t1 = body.get("t1")
         if not (isinstance(t1, float) and math.isfinite(t1)):
-            return None
-        return {"kind": "clock_echo", "t1": t1, "t2": received_s, "t3": self.clock()}
+            raise MessageRejected("malformed", "a clock probe carries its sending time t1")
+        if self._echoing or self._probes_answered >= PROBES_ANSWERED:
+            raise MessageRejected("flood", f"a clock probe beyond {PROBES_ANSWERED}, or before the last was answered")
+        self._echoing, self._probes_answered = True, self._probes_answered + 1
+        return t1
+
+    async def echo(self, t1: float, received_s: float) -> None:
+        """Answer a probe taken with `take_probe`: t2 its arrival, t3 read as the answer goes out."""
+        try:
+            async with self._send_lock:
+                await self._send_now({"kind": "clock_echo", "t1": t1, "t2": received_s, "t3": self.clock()})
+        finally:
+            self._echoing = False
 
     def take_echo(self, body: dict[str, Any], received_s: float) -> None:
-        """The other side's answer to our probe: taken if it answers the probe in flight (same t1,
-        finite times, none in the future of `received_s` by their own order), else ignored."""
-        if self._probe is None or self._probe[1].done():
+        """The other side's answer to our probe, received at `received_s`: taken if it answers the
+        probe in flight (same t1), held no longer than the round trip and gives an offset under
+        MAX_CLOCK_OFFSET_S; an answer to no probe (a late one) is ignored, and an impossible one is
+        MessageRejected("malformed")."""
+        if self._probe is None or self._probe[1].done() or body.get("t1") != self._probe[0]:
             return
         t1, answer = self._probe
         t2, t3 = body.get("t2"), body.get("t3")
-        if body.get("t1") != t1 or not all(isinstance(t, float) and math.isfinite(t) for t in (t2, t3)):
-            return
-        assert isinstance(t2, float) and isinstance(t3, float)
-        if t3 >= t2 and (received_s - t1) >= (t3 - t2):  # they held it no longer than the round trip
-            answer.set_result((t2, t3))
+        if not (isinstance(t2, float) and isinstance(t3, float) and math.isfinite(t2) and math.isfinite(t3)):
+            raise MessageRejected("malformed", "a clock echo carries finite t2 and t3")
+        offset = ((t2 - t1) + (t3 - received_s)) / 2
+        if not (t3 >= t2 and received_s - t1 >= t3 - t2 and abs(offset) < MAX_CLOCK_OFFSET_S):
+            raise MessageRejected("malformed", "a clock echo held longer than its round trip, or a day off")
+        answer.set_result((t2, t3))
 
     def first_frame(self, data: bytes) -> Any:
         """Open the other side's first frame (before `run`): proof that it holds the link's key."""
@@ -263,6 +292,8 @@ class Link:
         if why:
             self.retired = why
         self.closed.set()
+        if self._probe is not None and not self._probe[1].done():  # a probe waiting for its answer
+            self._probe[1].set_exception(MessageRejected("unreachable", f"the link to {self.peer_id} closed"))
         if not self.ws.closed:
             with contextlib.suppress(ConnectionError, RuntimeError, asyncio.TimeoutError):
                 await self.ws.close(code=code, message=why.encode()[:120])
@@ -271,4 +302,6 @@ class Link:
     def _unwrap(frame: Any) -> tuple[float, Any]:
         if not (isinstance(frame, list) and len(frame) == 2 and isinstance(frame[0], float)):
             raise MessageRejected("malformed", "a frame is [sent_s, body]")
+        if not math.isfinite(frame[0]):
+            raise MessageRejected("malformed", "a frame's sending time is not finite")
         return frame[0], frame[1]

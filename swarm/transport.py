@@ -32,6 +32,7 @@ from swarm.link import (
     CLOSE_REPLACED,
     LINK_HEADER,
     LINK_PATH,
+    MAX_CLOCK_OFFSET_S,
     REFUSAL_HEADER,
     Clock,
     FrameCipher,
@@ -260,6 +261,9 @@ class Transport:
         connect and the other side's work on it: on one machine, more than a hop takes), then tell the
         other side its offset."""
         offset = await link.measure_clock(CLOCK_PROBES, self.request_timeout_s)
+        if offset is None:
+            log.debug("link to %s: no answer to a clock probe; the handshake's offset stays", link.peer_id)
+            return
         await link.send({"kind": "clock", "offset_s": -offset})
         link.clock_known.set()
         log.debug("link to %s: clock offset %.3f ms (round trip %.3f ms)", link.peer_id, 1000 * offset,
@@ -355,18 +359,24 @@ class Transport:
 
     def _on_frame(self, link: Link, body: Any, wire_s: float, size: int) -> None:
         kind = body.get("kind") if isinstance(body, dict) else None
-        if kind == "clock":  # the dialler's estimate of our offset
-            offset = body.get("offset_s")
-            if isinstance(offset, float) and math.isfinite(offset) and abs(offset) < 86400:
-                link.clock_offset_s = offset
-        elif kind == "clock_probe":
-            answer = link.answer_probe(body, self.clock())
-            if answer is not None:
-                self.tasks.spawn(link.send(answer), expected=(MessageRejected,))
-        elif kind == "clock_echo":
-            link.take_echo(body, self.clock())
-        else:
+        if kind not in ("clock", "clock_probe", "clock_echo"):
             self.dispatch(link.peer_id, body, wire_s, size)
+            return
+        received_s = self.clock()
+        try:
+            if kind == "clock":  # the dialler's estimate of our offset
+                offset = body.get("offset_s")
+                if not (isinstance(offset, float) and math.isfinite(offset) and abs(offset) < MAX_CLOCK_OFFSET_S):
+                    raise MessageRejected("malformed", "a clock offset is a float under a day")
+                link.clock_offset_s = offset
+            elif kind == "clock_probe":
+                t1 = link.take_probe(body, received_s)
+                self.tasks.spawn(link.echo(t1, received_s), expected=(MessageRejected,))
+            else:
+                link.take_echo(body, received_s)
+        except MessageRejected as e:
+            self.drops[e.reason] += 1
+            self.flood.refused(e.reason, f"a {kind} frame from {link.peer_id}: {e}")
 
     def dispatch(self, sender: str, body: Any, wire_s: float, size: int) -> None:
         """Hand one frame to the handler of its kind; a refusal is counted, never raised."""

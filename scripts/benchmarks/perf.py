@@ -32,6 +32,8 @@ from benchmarks.harness import (
 )
 from benchmarks.models import Baseline, models_of
 
+REFERENCE_PROMPTS = 4  # prompts each concurrency run times alone, for its one-session rate
+
 
 def paired_runs(args: argparse.Namespace, measure: str, ids: list[int], max_tokens: int) -> list[dict[str, Any]]:
     """For each model and swarm size, runs of the baseline and of the swarm, alternating; the
@@ -93,8 +95,10 @@ def prefill(args: argparse.Namespace) -> int:
 
 
 def concurrency(args: argparse.Namespace) -> int:
-    """Aggregate tokens/s of N concurrent greedy sessions through one swarm; each output must equal
-    the same prompt's output when it runs alone."""
+    """Aggregate tokens/s of N concurrent greedy sessions through one swarm, against one session
+    alone measured in the same run; each output must equal the same prompt's output when it runs
+    alone. Each run measures the lone rate afresh (REFERENCE_PROMPTS prompts one at a time) and then
+    every level; the ratio reported is the median of the runs' ratios."""
     from concurrent.futures import ThreadPoolExecutor
 
     levels = sorted({int(n) for n in args.sessions.split(",")})
@@ -106,30 +110,42 @@ def concurrency(args: argparse.Namespace) -> int:
         # One client runs every session: its per-client limit must let it.
         config = config_with(args, "concurrency", serving={"max_sessions_per_client": max(levels)})
         with Swarm(model, args.num_peers, args.threads, config, args.device) as swarm:
-            complete(swarm.url, prompts[0], 2)  # warm-up
-            log(f"sequential reference: {len(prompts)} prompts one at a time …")
-            alone = []
-            for p in prompts:
+
+            def alone(p: list[int]) -> tuple[str, float]:
                 t0 = time.perf_counter()
-                alone.append((complete(swarm.url, p, args.max_tokens), time.perf_counter() - t0))
-            single = statistics.median(args.max_tokens / s for _, s in alone)
-            for n in levels:
-                log(f"{n} concurrent session(s) …")
-                with ThreadPoolExecutor(n) as pool:
-                    t0 = time.perf_counter()
-                    results = list(pool.map(lambda p: complete(swarm.url, p, args.max_tokens), prompts[:n]))
-                    wall = time.perf_counter() - t0
-                tokens = sum(r["usage"]["completion_tokens"] for r in results)
-                texts = [a["choices"][0]["text"] for a, _ in alone]
-                same = sum(r["choices"][0]["text"] == text for r, text in zip(results, texts, strict=False))
-                rate = tokens / wall
-                rows.append({"model": model.name, "sessions": n, "tokens": tokens, "wall_s": wall,
-                             "tokens_per_s": rate, "speedup": rate / single, "identical": same, "of": n})  # fmt: skip
-                ok = ok and same == n
-                log(f"  {rate:.2f} tokens/s, {rate / single:.2f} x one session alone; {same}/{n} identical")
+                answer = complete(swarm.url, p, args.max_tokens)
+                return answer["choices"][0]["text"], args.max_tokens / (time.perf_counter() - t0)
+
+            complete(swarm.url, prompts[0], 2)  # warm-up
+            log(f"each prompt's own output: {len(prompts)} prompts one at a time …")
+            texts = [alone(p)[0] for p in prompts]
+            runs: dict[int, list[dict[str, Any]]] = {n: [] for n in levels}
+            for run in range(args.runs):
+                picked = [prompts[(run * REFERENCE_PROMPTS + j) % len(prompts)] for j in range(REFERENCE_PROMPTS)]
+                single = statistics.median(alone(p)[1] for p in picked)
+                for n in levels:
+                    with ThreadPoolExecutor(n) as pool:
+                        t0 = time.perf_counter()
+                        results = list(pool.map(lambda p: complete(swarm.url, p, args.max_tokens), prompts[:n]))
+                        wall = time.perf_counter() - t0
+                    tokens = sum(r["usage"]["completion_tokens"] for r in results)
+                    same = sum(r["choices"][0]["text"] == text for r, text in zip(results, texts, strict=False))
+                    rate = tokens / wall
+                    runs[n].append({"tokens_per_s": rate, "single": single, "speedup": rate / single,
+                                    "identical": same})  # fmt: skip
+                    ok = ok and same == n
+                    log(f"run {run + 1}, {n} session(s): {rate:.2f} tokens/s, one alone {single:.2f}: "
+                        f"{rate / single:.2f} x; {same}/{n} identical")  # fmt: skip
             memory = swarm.rss(standby)
-        rows.append({"model": model.name, "sessions": 1, "alone_tokens_per_s": single, "memory": memory})
-    print(f"concurrency: {args.num_peers} peers, {args.max_tokens} tokens per session, {args.threads} thread(s) each")
+        for n in levels:
+            rows.append({"model": model.name, "sessions": n, "runs": runs[n],
+                         "tokens_per_s": median([r["tokens_per_s"] for r in runs[n]]),
+                         "speedup": median([r["speedup"] for r in runs[n]]),
+                         "identical": sum(r["identical"] for r in runs[n]), "of": n * len(runs[n])})  # fmt: skip
+        rows.append({"model": model.name, "sessions": 1, "memory": memory,
+                     "alone_tokens_per_s": median([r["single"] for r in runs[levels[0]]])})  # fmt: skip
+    print(f"concurrency: {args.num_peers} peers, {args.max_tokens} tokens per session, {args.threads} thread(s) each, "
+          f"medians of {args.runs} run(s), each against one session alone in the same run")  # fmt: skip
     print(f"{'model':>20} {'sessions':>8} {'tokens/s':>9} {'x single':>8} identical")
     for r in rows:
         if "speedup" in r:

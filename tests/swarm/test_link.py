@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,16 @@ from swarm.auth import Keyring, Message, Opener, Sealer
 from swarm.errors import MessageRejected
 from swarm.guard import FloodLog
 from swarm.identity import Identity
-from swarm.link import LINK_HEADER, LINK_PATH, REFUSAL_HEADER, FrameCipher, link_keys, new_ephemeral
+from swarm.link import (
+    LINK_HEADER,
+    LINK_PATH,
+    PROBES_ANSWERED,
+    REFUSAL_HEADER,
+    FrameCipher,
+    Link,
+    link_keys,
+    new_ephemeral,
+)
 from swarm.transport import Transport
 
 pytestmark = pytest.mark.timeout(120)
@@ -75,6 +85,55 @@ def test_short_and_oversized_frames_are_refused(data: bytes, reason: str) -> Non
     with pytest.raises(MessageRejected) as e:
         b.open(data, 64)
     assert e.value.reason == reason
+
+
+class StubSocket:
+    """What a Link sends through, kept for the test to open with the other end's cipher."""
+
+    closed = False
+
+    def __init__(self) -> None:
+        self.sent: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def send_bytes(self, data: bytes) -> None:
+        self.sent.put_nowait(data)
+
+    async def close(self, **_: Any) -> None:
+        self.closed = True
+
+
+async def probed() -> tuple[Link, asyncio.Task[float | None], float]:
+    """A link measuring its clock with one probe, and the probe's t1 as the other end reads it."""
+    ours, theirs = pair()
+    ws = StubSocket()
+    link = Link(ws, "b", ours, key_fingerprint="k", clock_offset_s=0.0, max_frame_bytes=LIMIT, drops=Counter())  # type: ignore[arg-type]
+    measuring = asyncio.create_task(link.measure_clock(1, 60))
+    _, probe = theirs.open(await asyncio.wait_for(ws.sent.get(), 30), LIMIT)
+    assert probe["kind"] == "clock_probe"
+    return link, measuring, probe["t1"]
+
+
+async def test_an_echo_a_day_off_or_not_finite_is_refused_and_a_true_one_sets_the_offset() -> None:
+    link, measuring, t1 = await probed()
+    for t2, t3, why in ((1e300, 1e300, "a day off"), (float("inf"), 1.0, "finite"), (5.0, 4.0, "round trip")):
+        with pytest.raises(MessageRejected, match=why) as e:
+            link.take_echo({"kind": "clock_echo", "t1": t1, "t2": t2, "t3": t3}, time.time())
+        assert e.value.reason == "malformed"
+    assert not measuring.done() and link.clock_offset_s == 0.0
+    link.take_echo({"kind": "clock_echo", "t1": t1 + 1.0, "t2": 1.0, "t3": 1.0}, time.time())  # answers no probe
+    ahead = time.time() + 5.0
+    link.take_echo({"kind": "clock_echo", "t1": t1, "t2": ahead, "t3": ahead}, time.time())
+    offset = await asyncio.wait_for(measuring, 30)
+    assert offset == link.clock_offset_s and link.clock_delay_s is not None
+    assert abs(offset - 5.0) <= link.clock_delay_s / 2 + 1e-6
+
+
+async def test_a_link_closing_ends_its_clock_probe_at_once() -> None:
+    link, measuring, _ = await probed()
+    await link.close()
+    with pytest.raises(MessageRejected) as e:
+        await asyncio.wait_for(measuring, 30)  # the probe's own timeout is 60 s
+    assert e.value.reason == "unreachable"
 
 
 def test_both_ends_derive_the_same_keys_and_no_other_handshake_does() -> None:
@@ -216,6 +275,21 @@ async def test_a_clock_echo_that_answers_no_probe_changes_nothing(two: tuple[Pee
     await b.transport.send(a.peer_id, None, {"kind": "note", "text": "after"})
     assert await a.next_frame() == (b.peer_id, "after")
     assert (link.clock_offset_s, link.clock_delay_s) == (offset, delay) and a.transport.faults == 0
+
+
+async def test_a_flood_of_clock_probes_gets_a_bounded_number_of_answers(two: tuple[Peer, Peer]) -> None:
+    a, b = two
+    link = await a.transport.connect(b.peer_id, b.url)
+    await asyncio.wait_for(link.clock_known.wait(), 30)  # b answered: it holds the link
+    back = b.transport.link_to(a.peer_id)
+    assert back is not None
+    sent = 3 * PROBES_ANSWERED
+    for i in range(sent):
+        await back.send({"kind": "clock_probe", "t1": float(i)})
+    await b.transport.send(a.peer_id, None, {"kind": "note", "text": "after"})
+    assert await a.next_frame() == (b.peer_id, "after")  # frames are taken in order: every probe was seen
+    assert a.transport.drops["flood"] >= sent - PROBES_ANSWERED and a.transport.faults == 0
+    assert len(a.transport.tasks) <= 4  # the link's reader, its clock probe, one answer at most
 
 
 async def test_a_frame_to_this_peer_itself_skips_the_wire(two: tuple[Peer, Peer]) -> None:
