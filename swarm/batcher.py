@@ -42,6 +42,8 @@ class BatchStats:
 
     passes: int = 0  # forward passes run
     steps: int = 0  # session steps they ran (steps / passes: the mean batch)
+    queued_s: float = 0.0  # over the steps run: from each step's arrival here to its pass starting
+    pass_s: float = 0.0  # over the passes: their wall time on the event loop (compute and thread hand-offs)
 
 
 @dataclass
@@ -253,7 +255,7 @@ class Batcher:
             await self._window()
             if self.batch_wait_s > 0:
                 await self._gather()
-            started = time.monotonic()
+            started, begun = time.monotonic(), self.clock()
             batch = [] if self.closed else self._take()
             if not batch:
                 return
@@ -274,6 +276,9 @@ class Batcher:
             ran = [q for q, outcome in zip(batch, outcomes, strict=True) if isinstance(outcome, StepResult)]
             self.stats.passes += bool(ran)
             self.stats.steps += len(ran)
+            if ran:
+                self.stats.pass_s += ran_ms / 1000
+                self.stats.queued_s += sum(max(0.0, begun - q.arrived_s) for q in ran)
             log.debug("pass of %d step(s), %d token(s): waited %.1f ms, ran %.1f ms",
                       len(ran), sum(_tokens(q.request) for q in ran), waited_ms, ran_ms)  # fmt: skip
             self._paced(ran)

@@ -63,6 +63,9 @@ class Timings:
     compute_s: dict[str, float] = field(default_factory=dict)  # per stage (node id)
     wire_s: dict[str, float] = field(default_factory=dict)  # per hop: "entry->a", "a->b", ..., "z->entry"
     bytes_sent: int = 0
+    # At this peer, from a token arriving home to the next step going out (the sampler's output
+    # streamed, the next step built), summed over the steps that went out once.
+    entry_s: float = 0.0
 
     def add_step(self, trail: Trail, names: list[str], home_wire_s: float, home_bytes: int) -> None:
         """Fold one step's trail in: per stage of the route (`names`), the wire time and bytes of the
@@ -89,6 +92,7 @@ class Timings:
             "compute_s_per_stage": {k: round(v, 6) for k, v in self.compute_s.items()},
             "wire_s_per_hop": {k: round(v, 6) for k, v in self.wire_s.items()},
             "bytes_sent": self.bytes_sent,
+            "entry_s": round(self.entry_s, 6),
             "communication_overhead": round(wire / (wire + compute), 4) if wire + compute > 0 else None,
         }
 
@@ -112,6 +116,7 @@ class _Home:
     trail: Trail
     wire_s: float  # the hop home from the last stage
     bytes_in: int  # this row's share of that hop's frame
+    arrived_s: float = field(default_factory=time.perf_counter)  # when it came home
 
 
 @dataclass
@@ -186,8 +191,13 @@ class Entry:
             history = list(request.prompt_ids)  # every token the session has, prompt and generated
             ids, start = list(request.prompt_ids), 0
             try:
+                came: float | None = None  # when the last token came home
                 for n in range(request.max_tokens):
+                    sent = pipe.steps
                     home, ids, start = await self._step(pipe, history, ids, start, opening, first=n == 0)
+                    if came is not None and pipe.steps == sent + 1:  # not replayed
+                        timings.entry_s += pipe.sent_s - came
+                    came = home.arrived_s
                     timings.add_step(home.trail, pipe.names, home.wire_s, home.bytes_in)
                     timings.tokens += 1
                     if timings.first_token_s is None:
@@ -286,6 +296,7 @@ class Entry:
         check: asyncio.Task[tuple[str, str] | None] | None = None
         give_up = time.monotonic() + serving.step_timeout_s
         try:
+            pipe.sent_s = time.perf_counter()
             await self.transport.send(first.peer_id, first.url, frame)
             done, _ = await asyncio.wait({home}, timeout=serving.hop_check_after_s)
             while not done:
@@ -380,6 +391,7 @@ class _Pipeline:
         self.view = view
         self.retries = 0  # renewals so far
         self.steps = 0  # steps sent on this pipeline (echoed home, so a late token is told apart)
+        self.sent_s = 0.0  # when the latest step went out (time.perf_counter)
         self._use(layer_map)
 
     def _use(self, layer_map: LayerMap) -> None:

@@ -86,6 +86,17 @@ class Metrics:
                "more sessions' steps.", [("", node.service.batches.passes)])  # fmt: skip
         metric("stage_steps_total", "counter", "Session steps this peer's stage ran (over forward passes: the "
                "mean batch).", [("", node.service.batches.steps)])  # fmt: skip
+        service = node.service
+        metric("stage_queued_seconds_total", "counter", "Seconds the steps this peer's stage ran waited between "
+               "their frame's arrival and their forward pass, summed over steps.",
+               [("", service.batches.queued_s)])  # fmt: skip
+        metric("stage_pass_seconds_total", "counter", "Wall seconds of this peer's forward passes as its event loop "
+               "sees them: the compute and the hand-offs to and from the compute thread.",
+               [("", service.batches.pass_s)])  # fmt: skip
+        metric("stage_frames_out_total", "counter", "Frames of results this peer's stage sent: hidden states "
+               "onward, or tokens home.", [("", service.frames_out)])  # fmt: skip
+        metric("stage_send_seconds_total", "counter", "Seconds from a forward pass's end to its frame of results "
+               "going out on a link, summed over frames.", [("", service.send_s)])  # fmt: skip
         metric("frames_sent_total", "counter", "Data-plane frames this peer sent over its links, by kind.",
                [(f'{{kind="{_label(k)}"}}', v) for k, v in sorted(node.transport.frames_sent.items())])  # fmt: skip
         metric("dropped_messages_total", "counter", "Peer messages dropped, by reason.",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -104,6 +105,10 @@ class StageService:
         self._executor: StageExecutor | None = None
         self._batcher: Batcher | None = None
         self.batches = BatchStats()  # over every executor this stage has had
+        # Frames of results this stage sent (onward, or tokens home), and the seconds from their
+        # pass's end to each going out on its link.
+        self.frames_out = 0
+        self.send_s = 0.0
         self._stage: StageModel | None = None
         self._opened: dict[str, Opened] = {}  # session -> its layer map and entry peer
         self._sent: dict[str, _Sent] = {}  # session -> the latest step sent on from here
@@ -300,6 +305,7 @@ class StageService:
 
     def _on_pass(self, items: list[tuple[StepRequest, Any, Outcome]]) -> None:
         """One pass ran: send its hidden states on as one frame, or its tokens home; refuse what failed."""
+        ended = time.monotonic()
         ran: list[tuple[_Queued, StepResult]] = []
         for _, tag, outcome in items:
             assert isinstance(tag, _Queued)
@@ -322,15 +328,20 @@ class StageService:
             home[row.entry].append(Sampled(row.session, row.step, int(result.tokens[0]),
                                            float(result.logprobs[0]), trail))  # fmt: skip
         for entry, sampled in home.items():
-            self.tasks.spawn(self._deliver(entry, self.view.url_of(entry), tokens_frame(sampled)))
+            self.tasks.spawn(self._deliver(entry, self.view.url_of(entry), tokens_frame(sampled), ended))
         for (map_id, epoch, nxt), group in onward.items():
             rows = [_onward(tag, result) for tag, result in group]
             hidden = torch.cat([result.hidden for _, result in group if result.hidden is not None], dim=1)
-            self.tasks.spawn(self._forward(nxt, pass_frame(map_id, epoch, rows, pack(hidden)), rows))
+            self.tasks.spawn(self._forward(nxt, pass_frame(map_id, epoch, rows, pack(hidden)), rows, ended))
 
-    async def _forward(self, nxt: Stage, frame: dict[str, Any], rows: list[Row]) -> None:
+    def _sent_out(self, ended: float) -> None:
+        self.frames_out += 1
+        self.send_s += time.monotonic() - ended
+
+    async def _forward(self, nxt: Stage, frame: dict[str, Any], rows: list[Row], ended: float) -> None:
         try:
             link = await self.transport.send(nxt.peer_id, nxt.url, frame)
+            self._sent_out(ended)
         except MessageRejected as e:
             self._refuse(rows, e)
             if e.reason == "unreachable":  # this hop: probe it now, not on gossip
@@ -361,11 +372,14 @@ class StageService:
             frame = refusal_frame(refused, error.reason, str(error))
             self.tasks.spawn(self._deliver(entry, self.view.url_of(entry), frame))
 
-    async def _deliver(self, peer_id: str, url: str | None, frame: dict[str, Any]) -> None:
+    async def _deliver(self, peer_id: str, url: str | None, frame: dict[str, Any], ended: float | None = None) -> None:
         """Send a frame nobody waits on here (tokens home, a refusal, a close): if it cannot go, the
-        peer is gone or will find out on its own (a watchdog, idle eviction)."""
+        peer is gone or will find out on its own (a watchdog, idle eviction). `ended`: the end of
+        the pass whose results it carries."""
         try:
             await self.transport.send(peer_id, url, frame)
+            if ended is not None:
+                self._sent_out(ended)
         except MessageRejected as e:
             log.debug("a %s frame could not reach %s: %s", frame["kind"], peer_id, e)
 

@@ -158,19 +158,37 @@ def concurrency(args: argparse.Namespace) -> int:
 
 
 def overhead(args: argparse.Namespace) -> int:
-    """Per-hop wire time and the communication share of a decode step, from the swarm's own timings."""
+    """Where a decode step's time goes, from the swarm's own timings and each peer's /metrics: per
+    stage its compute, its forward passes' wall time (compute and the hand-offs to and from the
+    compute thread), its steps' wait in the queue and its results' way out to the link; per hop the
+    wire; at the entry, from a token coming home to the next step going out. The communication share
+    is the wire's against the compute."""
     rows = []
     for model in models_of(args.models, args.checkpoints):
         ids = model.prompt_ids(None)
         with Swarm(model, args.num_peers, args.threads, swarm_config(args), args.device) as swarm:
             complete(swarm.url, ids, 4)  # warm-up
             for run in range(args.runs):
+                before = {p.name: peer_metrics(str(p.url)) for p in swarm.peers}
                 t = complete(swarm.url, ids, args.max_tokens)["timings"]
+                after = {p.name: peer_metrics(str(p.url)) for p in swarm.peers}
                 steps = t["tokens"]
+                stages = {}
+                for name in t["compute_s_per_stage"]:
+                    grew = {k: v - before[name].get(k, 0.0) for k, v in after[name].items()}
+                    passes = grew.get("swarm_stage_forward_passes_total") or 1
+                    frames = grew.get("swarm_stage_frames_out_total") or 1
+                    stages[name] = {
+                        "queued_ms": 1000 * grew.get("swarm_stage_queued_seconds_total", 0.0) / passes,
+                        "pass_ms": 1000 * grew.get("swarm_stage_pass_seconds_total", 0.0) / passes,
+                        "out_ms": 1000 * grew.get("swarm_stage_send_seconds_total", 0.0) / frames,
+                    }
                 rows.append({
                     "model": model.name, "run": run + 1, "tokens": steps,
                     "wire_ms_per_hop": {k: 1000 * v / steps for k, v in t["wire_s_per_hop"].items()},
                     "compute_ms_per_stage": {k: 1000 * v / steps for k, v in t["compute_s_per_stage"].items()},
+                    "stages": stages,
+                    "entry_ms": 1000 * t["entry_s"] / max(1, steps - 1),
                     "bytes_per_step": t["bytes_sent"] / steps,
                     "communication_overhead": t["communication_overhead"],
                     "step_ms": 1000 * t["total_s"] / steps,
@@ -182,8 +200,22 @@ def overhead(args: argparse.Namespace) -> int:
         share = 100 * (r["communication_overhead"] or 0)
         print(f"{r['model']:>20} run {r['run']}: step {r['step_ms']:.1f}, compute {compute:.1f}, "
               f"wire per hop: {hops}; {r['bytes_per_step']:.0f} bytes; overhead {share:.1f} %")  # fmt: skip
+        at = "; ".join(f"{k} queued {v['queued_ms']:.2f}, pass {v['pass_ms']:.2f} "
+                       f"(compute {r['compute_ms_per_stage'][k]:.2f}), out {v['out_ms']:.2f}"
+                       for k, v in r["stages"].items())  # fmt: skip
+        print(f"{'':>20}   at each stage: {at}; at the entry {r['entry_ms']:.2f}")
     write_report(args, "overhead", rows)
     return 0
+
+
+def peer_metrics(url: str) -> dict[str, float]:
+    """A peer's /metrics samples, by name with labels."""
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    return {name: float(value) for name, value in (line.rsplit(" ", 1) for line in text.splitlines()
+                                                    if line and not line.startswith("#"))}  # fmt: skip
 
 
 def hops(args: argparse.Namespace) -> int:

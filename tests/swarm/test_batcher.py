@@ -382,11 +382,16 @@ def test_at_most_k_passes_are_in_flight_until_one_of_their_sessions_comes_back()
 def test_tagged_steps_come_back_pass_by_pass_and_refusals_at_once() -> None:
     recorder = Recorder(hold_first=True, max_sessions=3)
     delivered: list[list[tuple[str, Any, str]]] = []
+    second: asyncio.Future[None] | None = None
 
     def on_pass(items: list[tuple[Any, Any, Any]]) -> None:
         delivered.append([(r.session_id, tag, type(outcome).__name__) for r, tag, outcome in items])
+        if len(delivered) == 2 and second is not None:
+            second.set_result(None)
 
     async def main() -> None:
+        nonlocal second
+        second = asyncio.get_running_loop().create_future()
         b = Batcher(recorder, 64, 0.0, BatchStats(), on_pass=on_pass)  # type: ignore[arg-type]
         CREATED.append(b)
         first = await hold_first_pass(b, recorder, "a")
@@ -396,7 +401,7 @@ def test_tagged_steps_come_back_pass_by_pass_and_refusals_at_once() -> None:
         assert delivered == [[("d", "D", "MessageRejected")]]
         recorder.release.set()
         await first
-        await turns()
+        await asyncio.wait_for(second, 30)  # the second pass ran on the compute thread and came back
         b.close()
 
     asyncio.run(main())

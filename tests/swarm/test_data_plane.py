@@ -110,6 +110,7 @@ def test_the_openai_client_works(swarm) -> None:
     assert text.usage is not None and text.usage.completion_tokens == MAX_TOKENS
     timings = (text.model_extra or {}).get("timings")
     assert timings and timings["time_to_first_token_s"] > 0 and len(timings["compute_s_per_stage"]) == 3
+    assert 0 < timings["entry_s"] < timings["total_s"]  # each token's turn at the entry, between steps
 
 
 def test_token_id_prompts_and_ignore_eos(swarm) -> None:
@@ -165,6 +166,11 @@ def test_a_pass_of_several_sessions_crosses_each_hop_as_one_frame(swarm) -> None
     assert steps == 8 * MAX_TOKENS and steps / passes > 2  # batched: every pass carried several sessions
     assert grew[0]['swarm_frames_sent_total{kind="pass"}'] == passes
     assert grew[1]['swarm_frames_sent_total{kind="tokens"}'] == grew[1]["swarm_stage_forward_passes_total"]
+    # Each stage accounts for its passes' results going out, and for where its steps' time went.
+    for g in grew:
+        assert g["swarm_stage_frames_out_total"] == g["swarm_stage_forward_passes_total"]
+        assert g["swarm_stage_send_seconds_total"] > 0 and g["swarm_stage_pass_seconds_total"] > 0
+        assert g["swarm_stage_queued_seconds_total"] >= 0
 
 
 @pytest.mark.parametrize(

@@ -95,7 +95,7 @@ def test_add_step_names_stages_by_their_place_in_the_route_and_ignores_extra_ent
 
 
 def test_to_json_computes_rates_from_the_sums() -> None:
-    t = Timings(started=0.0, first_token_s=0.5, total_s=2.5, tokens=5)
+    t = Timings(started=0.0, first_token_s=0.5, total_s=2.5, tokens=5, entry_s=0.125)
     t.add_step((hop(0.5, 20, 1.0), hop(0.5, 100, 2.0)), ["a", "b"], home_wire_s=0.0, home_bytes=0)
     assert t.to_json() == {
         "time_to_first_token_s": 0.5,
@@ -105,6 +105,7 @@ def test_to_json_computes_rates_from_the_sums() -> None:
         "compute_s_per_stage": {"a": 1.0, "b": 2.0},
         "wire_s_per_hop": {"entry->a": 0.5, "a->b": 0.5, "b->entry": 0.0},
         "bytes_sent": 120,
+        "entry_s": 0.125,
         "communication_overhead": 0.25,  # 1 s of wire against 3 s of compute
     }
 
