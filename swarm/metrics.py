@@ -1,6 +1,7 @@
 """Counters of the requests this peer entered into the swarm, and the Prometheus text exposition
 of them together with the peer's view of the swarm (ready, term, epoch, members, open sessions,
-dropped messages). Plain counters and sums, no client library; it reads the node, never changes it."""
+dropped messages) and where its stage's time goes (queue, passes, results going out). Plain
+counters and sums, no client library; it reads the node, never changes it."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class Metrics:
     bytes_sent: int = 0
     compute_s: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     wire_s: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    entry_s: float = 0.0
 
     def record(self, timings: Timings) -> None:
         """Add a finished request."""
@@ -38,6 +40,7 @@ class Metrics:
         self.time_to_first_token_s_sum += timings.first_token_s or 0.0
         self.request_s_sum += timings.total_s
         self.bytes_sent += timings.bytes_sent
+        self.entry_s += timings.entry_s
         for stage, seconds in timings.compute_s.items():
             self.compute_s[_bounded(self.compute_s, stage)] += seconds
         for hop, seconds in timings.wire_s.items():
@@ -68,6 +71,9 @@ class Metrics:
                [(f'{{stage="{_label(k)}"}}', v) for k, v in sorted(self.compute_s.items())])  # fmt: skip
         metric("hop_wire_seconds_total", "counter", "Time on the wire per hop for requests entered here.",
                [(f'{{hop="{_label(k)}"}}', v) for k, v in sorted(self.wire_s.items())])  # fmt: skip
+        metric("entry_seconds_total", "counter", "Time at this peer between a token of a request entered here "
+               "coming home and the request's next step going out (a stream's write to its client included).",
+               [("", self.entry_s)])  # fmt: skip
         membership = node.membership
         members = list(membership.members.values()) if membership else []
         metric("ready", "gauge", "1 when every stage of the layer map is loaded.", [("", float(node.ready()))])

@@ -105,8 +105,8 @@ class StageService:
         self._executor: StageExecutor | None = None
         self._batcher: Batcher | None = None
         self.batches = BatchStats()  # over every executor this stage has had
-        # Frames of results this stage sent (onward, or tokens home), and the seconds from their
-        # pass's end to each going out on its link.
+        # Frames of results this stage sent out on a link (onward, or tokens home), and the seconds
+        # from their pass's end to each being written to its link (a first frame's dial included).
         self.frames_out = 0
         self.send_s = 0.0
         self._stage: StageModel | None = None
@@ -341,7 +341,6 @@ class StageService:
     async def _forward(self, nxt: Stage, frame: dict[str, Any], rows: list[Row], ended: float) -> None:
         try:
             link = await self.transport.send(nxt.peer_id, nxt.url, frame)
-            self._sent_out(ended)
         except MessageRejected as e:
             self._refuse(rows, e)
             if e.reason == "unreachable":  # this hop: probe it now, not on gossip
@@ -353,6 +352,7 @@ class StageService:
             self._refuse(rows, MessageRejected("unreachable", f"the link to {self.view.name_of(nxt.peer_id)} closed"))
             self.on_unreachable(nxt.peer_id, "the link closed as a pass went out")
             return
+        self._sent_out(ended)
         if len(self._sent) > 2 * self.max_rows:  # forget sessions closed or evicted since
             open_now = set(self._executor.session_ids()) if self._executor is not None else set()
             self._sent = {sid: sent for sid, sent in self._sent.items() if sid in open_now}
@@ -377,8 +377,8 @@ class StageService:
         peer is gone or will find out on its own (a watchdog, idle eviction). `ended`: the end of
         the pass whose results it carries."""
         try:
-            await self.transport.send(peer_id, url, frame)
-            if ended is not None:
+            link = await self.transport.send(peer_id, url, frame)
+            if ended is not None and link is not None:  # results that left on a link (not to this peer itself)
                 self._sent_out(ended)
         except MessageRejected as e:
             log.debug("a %s frame could not reach %s: %s", frame["kind"], peer_id, e)

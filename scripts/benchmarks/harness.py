@@ -187,6 +187,16 @@ def complete(url: str, ids: list[int], max_tokens: int) -> dict[str, Any]:
     return found
 
 
+def peer_metrics(url: str) -> dict[str, float]:
+    """A peer's /metrics samples, by name with labels."""
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/metrics", timeout=STREAM_TIMEOUT_S) as resp:
+        text = resp.read().decode()
+    return {name: float(value) for name, value in (line.rsplit(" ", 1) for line in text.splitlines()
+                                                    if line and not line.startswith("#"))}  # fmt: skip
+
+
 def config_with(args: argparse.Namespace, name: str, **sections: dict[str, Any]) -> Path:
     """The peers' config (`--config`, else the shipped one) with `sections` laid over it, written to
     `<out>/<name>.yaml`."""

@@ -21,6 +21,7 @@ from benchmarks.harness import (
     decode_rate,
     log,
     median,
+    peer_metrics,
     plot_bars,
     plot_pairs,
     print_pairs,
@@ -177,9 +178,10 @@ def overhead(args: argparse.Namespace) -> int:
                 for name in t["compute_s_per_stage"]:
                     grew = {k: v - before[name].get(k, 0.0) for k, v in after[name].items()}
                     passes = grew.get("swarm_stage_forward_passes_total") or 1
+                    steps_run = grew.get("swarm_stage_steps_total") or 1
                     frames = grew.get("swarm_stage_frames_out_total") or 1
                     stages[name] = {
-                        "queued_ms": 1000 * grew.get("swarm_stage_queued_seconds_total", 0.0) / passes,
+                        "queued_ms": 1000 * grew.get("swarm_stage_queued_seconds_total", 0.0) / steps_run,
                         "pass_ms": 1000 * grew.get("swarm_stage_pass_seconds_total", 0.0) / passes,
                         "out_ms": 1000 * grew.get("swarm_stage_send_seconds_total", 0.0) / frames,
                     }
@@ -206,16 +208,6 @@ def overhead(args: argparse.Namespace) -> int:
         print(f"{'':>20}   at each stage: {at}; at the entry {r['entry_ms']:.2f}")
     write_report(args, "overhead", rows)
     return 0
-
-
-def peer_metrics(url: str) -> dict[str, float]:
-    """A peer's /metrics samples, by name with labels."""
-    import urllib.request
-
-    with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
-        text = resp.read().decode()
-    return {name: float(value) for name, value in (line.rsplit(" ", 1) for line in text.splitlines()
-                                                    if line and not line.startswith("#"))}  # fmt: skip
 
 
 def hops(args: argparse.Namespace) -> int:

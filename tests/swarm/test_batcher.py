@@ -205,6 +205,27 @@ async def paced(sessions: list[str], recorder: Recorder, clock: FakeClock, wait_
     return b
 
 
+def test_stats_count_each_steps_wait_for_its_pass_on_the_batchers_clock() -> None:
+    recorder, clock = Recorder(hold_first=True), FakeClock()
+
+    async def main() -> Batcher:
+        b = Batcher(recorder, 64, 0.0, BatchStats(), clock=clock)  # type: ignore[arg-type]
+        CREATED.append(b)
+        first = await hold_first_pass(b, recorder, "a")  # its pass began as it arrived: no wait
+        clock.now += 2.0
+        second = b.submit(request("b"))
+        clock.now += 3.0
+        third = b.submit(request("c"))
+        clock.now += 0.5  # the next pass begins now: b waited 3.5, c 0.5
+        recorder.release.set()
+        await asyncio.wait_for(asyncio.gather(first, second, third), 30)
+        return b
+
+    b = asyncio.run(main())
+    assert recorder.passes == [["a"], ["b", "c"]]
+    assert (b.stats.passes, b.stats.steps, b.stats.queued_s) == (2, 3, 4.0) and b.stats.pass_s > 0
+
+
 def test_a_pass_waits_for_the_sessions_that_are_due_and_runs_them_together() -> None:
     recorder, clock = Recorder(), FakeClock()
 

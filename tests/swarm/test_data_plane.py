@@ -170,7 +170,6 @@ def test_a_pass_of_several_sessions_crosses_each_hop_as_one_frame(swarm) -> None
     for g in grew:
         assert g["swarm_stage_frames_out_total"] == g["swarm_stage_forward_passes_total"]
         assert g["swarm_stage_send_seconds_total"] > 0 and g["swarm_stage_pass_seconds_total"] > 0
-        assert g["swarm_stage_queued_seconds_total"] >= 0
 
 
 @pytest.mark.parametrize(

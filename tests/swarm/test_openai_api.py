@@ -391,7 +391,7 @@ def samples(text: str) -> dict[str, float]:
 def test_metrics_record_sums_requests() -> None:
     metrics = Metrics()
     for first, total, tokens in ((0.25, 1.0, 4), (0.5, 2.0, 6)):
-        t = Timings(started=0.0, first_token_s=first, total_s=total, tokens=tokens)
+        t = Timings(started=0.0, first_token_s=first, total_s=total, tokens=tokens, entry_s=total / 8)
         # entry -> a: 0.125 s, 10 bytes; a -> b: 0.25 s, 100 bytes; b -> entry: 0.0625 s, 0 bytes.
         t.add_step(((0.125, 10, 0.5), (0.25, 100, 1.0)), ["a", "b"], home_wire_s=0.0625, home_bytes=0)
         metrics.record(t)
@@ -402,11 +402,12 @@ def test_metrics_record_sums_requests() -> None:
     assert metrics.bytes_sent == 220
     assert dict(metrics.compute_s) == {"a": 1.0, "b": 2.0}
     assert dict(metrics.wire_s) == {"entry->a": 0.25, "a->b": 0.5, "b->entry": 0.125}
+    assert metrics.entry_s == 0.375
 
 
 def test_metrics_render_is_prometheus_text() -> None:
     metrics = Metrics(requests_started=3, requests_failed=1)
-    t = Timings(started=0.0, first_token_s=0.5, total_s=2.5, tokens=8)
+    t = Timings(started=0.0, first_token_s=0.5, total_s=2.5, tokens=8, entry_s=0.375)
     t.add_step(((0.25, 64, 0.75), (0.5, 4096, 1.25)), ["a", "b"], home_wire_s=0.125, home_bytes=0)
     metrics.record(t)
     node = metrics_node(
@@ -432,6 +433,7 @@ def test_metrics_render_is_prometheus_text() -> None:
         "swarm_bytes_sent_total": "counter",
         "swarm_stage_compute_seconds_total": "counter",
         "swarm_hop_wire_seconds_total": "counter",
+        "swarm_entry_seconds_total": "counter",
         "swarm_ready": "gauge",
         "swarm_term": "gauge",
         "swarm_layer_map_epoch": "gauge",
@@ -463,6 +465,7 @@ def test_metrics_render_is_prometheus_text() -> None:
         'swarm_hop_wire_seconds_total{hop="a->b"}': 0.5,
         'swarm_hop_wire_seconds_total{hop="b->entry"}': 0.125,
         'swarm_hop_wire_seconds_total{hop="entry->a"}': 0.25,
+        "swarm_entry_seconds_total": 0.375,
         "swarm_ready": 1,
         "swarm_term": 7,
         "swarm_layer_map_epoch": 3,
