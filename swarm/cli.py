@@ -188,6 +188,8 @@ def format_timings(timings: dict[str, Any]) -> str:
     ]
     rows += [(f"compute {stage}", f"{s * 1000:.0f} ms") for stage, s in timings["compute_s_per_stage"].items()]
     rows += [(f"wire {hop}", f"{s * 1000:.0f} ms") for hop, s in timings["wire_s_per_hop"].items()]
+    if "entry_s" in timings:  # peers before it did not report it
+        rows.append(("at the entry", f"{timings['entry_s'] * 1000:.0f} ms"))
     rows.append(("bytes sent", f"{timings['bytes_sent']:,}"))
     overhead = timings.get("communication_overhead")
     rows.append(("communication overhead", f"{overhead * 100:.1f} %" if overhead is not None else "-"))

@@ -3,7 +3,8 @@
 `data: [DONE]`), `GET /v1/models`, and `GET /metrics` in Prometheus text. Handlers validate the
 request body into an entry `Request`, run it, and shape the answer; every error is OpenAI's
 `{"error": {message, type, param, code}}` with a 4xx or 5xx status. Responses add a `timings`
-object (time to first token, tokens per second, compute per stage, wire per hop, bytes sent)."""
+object (time to first token, tokens per second, compute per stage, wire per hop, bytes sent,
+time at the entry)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from swarm.auth import key_fingerprint, load_keyring, load_swarm_key
-from swarm.cli import format_status, main
+from swarm.cli import format_status, format_timings, main
 
 LEADER, MIDDLE, TAIL, SPARE, GONE = "a1a1a1a1a1a1a1a1", "b2b2b2b2b2b2b2b2", "c3c3c3c3c3c3c3c3", "d4d4", "e5e5"
 FINGERPRINT = "0123456789abcdef" * 4
@@ -149,6 +149,20 @@ def test_format_status_with_a_stage_on_an_unknown_peer() -> None:
 
 
 # ---- keygen ----------------------------------------------------------------------------------------
+
+
+def test_format_timings_lists_stages_hops_and_the_entry_when_reported() -> None:
+    timings = {"time_to_first_token_s": 0.352, "tokens": 30, "tokens_per_s": 13.87, "total_s": 2.44,
+               "compute_s_per_stage": {"a": 1.048}, "wire_s_per_hop": {"entry->a": 0.0, "a->entry": 0.016},
+               "bytes_sent": 174423, "entry_s": 0.012, "communication_overhead": 0.018}  # fmt: skip
+    lines = format_timings(timings).splitlines()
+    assert [line.split("  ")[0] for line in lines] == [
+        "time to first token", "tokens", "tokens per second", "total", "compute a", "wire entry->a",
+        "wire a->entry", "at the entry", "bytes sent", "communication overhead",
+    ]  # fmt: skip
+    assert lines[7].endswith("12 ms") and lines[8].endswith("174,423") and lines[9].endswith("1.8 %")
+    older = {k: v for k, v in timings.items() if k != "entry_s"}  # a peer before entry_s
+    assert "at the entry" not in format_timings(older)
 
 
 def test_keygen_writes_a_key_and_prints_its_fingerprint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
