@@ -159,7 +159,7 @@ class Link:
         self.retired: str | None = None
         self._cipher = cipher
         self._send_lock = asyncio.Lock()  # counters reach the wire in the order they were sealed
-        self._probe: tuple[float, asyncio.Future[tuple[float, float]]] | None = None  # t1, its answer
+        self._probe: tuple[float, asyncio.Future[tuple[float, float, float]]] | None = None  # t1, its answer
         self._echoing = False  # an answer to the other side's probe is on its way
         self._probes_answered = 0
 
@@ -218,24 +218,23 @@ class Link:
         """Time up to `probes` round trips and keep the offset of the shortest, as NTP does (RFC 5905,
         section 8): t1 sent and t4 back in our clock, t2 received and t3 answered in theirs; offset =
         ((t2 - t1) + (t3 - t4)) / 2, delay = (t4 - t1) - (t3 - t2). t1 and t3 are read as the probe
-        and its answer go out, behind any frame queued before them. Sets clock_offset_s and
-        clock_delay_s and returns the offset (seconds); None, changing nothing, if no answer came
-        within `timeout_s` (a peer that does not answer probes). MessageRejected("unreachable") if
-        the link closes."""
+        and its answer go out, behind any frame queued before them; t4 as the answer is taken in.
+        Sets clock_offset_s and clock_delay_s and returns the offset (seconds); None, changing
+        nothing, if no answer came within `timeout_s` (a peer that does not answer probes).
+        MessageRejected("unreachable") if the link closes."""
         best: tuple[float, float] | None = None  # delay, offset
         for _ in range(probes):
-            answer: asyncio.Future[tuple[float, float]] = asyncio.get_running_loop().create_future()
+            answer: asyncio.Future[tuple[float, float, float]] = asyncio.get_running_loop().create_future()
             try:
                 async with self._send_lock:
                     t1 = self.clock()
                     self._probe = (t1, answer)
                     await self._send_now({"kind": "clock_probe", "t1": t1})
-                t2, t3 = await asyncio.wait_for(answer, timeout_s)
+                t2, t3, t4 = await asyncio.wait_for(answer, timeout_s)
             except asyncio.TimeoutError:
                 break  # keep what the probes before it gave
             finally:
                 self._probe = None
-            t4 = self.clock()
             delay, offset = (t4 - t1) - (t3 - t2), ((t2 - t1) + (t3 - t4)) / 2
             if best is None or delay < best[0]:
                 best = (delay, offset)
@@ -244,10 +243,10 @@ class Link:
         self.clock_delay_s, self.clock_offset_s = max(0.0, best[0]), best[1]
         return self.clock_offset_s
 
-    def take_probe(self, body: dict[str, Any], received_s: float) -> float:
-        """The other side's clock probe, received at `received_s` (our clock): its t1, to answer
-        with `echo`. One answer at a time, and at most PROBES_ANSWERED on a link: a peer that floods
-        probes gets MessageRejected("flood") and no answer; one without a finite t1, "malformed"."""
+    def take_probe(self, body: dict[str, Any]) -> float:
+        """The other side's clock probe: its t1, to answer with `echo`. One answer at a time, and
+        at most PROBES_ANSWERED on a link: a peer that floods probes gets MessageRejected("flood")
+        and no answer; one without a finite t1, "malformed"."""
         t1 = body.get("t1")
         if not (isinstance(t1, float) and math.isfinite(t1)):
             raise MessageRejected("malformed", "a clock probe carries its sending time t1")
@@ -260,7 +259,9 @@ class Link:
         """Answer a probe taken with `take_probe`: t2 its arrival, t3 read as the answer goes out."""
         try:
             async with self._send_lock:
-                await self._send_now({"kind": "clock_echo", "t1": t1, "t2": received_s, "t3": self.clock()})
+                body = {"kind": "clock_echo", "t1": t1, "t2": received_s, "t3": self.clock()}
+                self._echoing = False  # the next probe may be answered behind this one, not dropped
+                await self._send_now(body)
         finally:
             self._echoing = False
 
@@ -278,7 +279,7 @@ class Link:
         offset = ((t2 - t1) + (t3 - received_s)) / 2
         if not (t3 >= t2 and received_s - t1 >= t3 - t2 and abs(offset) < MAX_CLOCK_OFFSET_S):
             raise MessageRejected("malformed", "a clock echo held longer than its round trip, or a day off")
-        answer.set_result((t2, t3))
+        answer.set_result((t2, t3, received_s))
 
     def first_frame(self, data: bytes) -> Any:
         """Open the other side's first frame (before `run`): proof that it holds the link's key."""

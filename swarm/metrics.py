@@ -99,8 +99,8 @@ class Metrics:
         metric("stage_pass_seconds_total", "counter", "Wall seconds of this peer's forward passes as its event loop "
                "sees them: the compute and the hand-offs to and from the compute thread.",
                [("", service.batches.pass_s)])  # fmt: skip
-        metric("stage_frames_out_total", "counter", "Frames of results this peer's stage sent: hidden states "
-               "onward, or tokens home.", [("", service.frames_out)])  # fmt: skip
+        metric("stage_frames_out_total", "counter", "Frames of results this peer's stage sent on a link: hidden "
+               "states onward, or tokens home.", [("", service.frames_out)])  # fmt: skip
         metric("stage_send_seconds_total", "counter", "Seconds from a forward pass's end to its frame of results "
                "going out on a link, summed over frames.", [("", service.send_s)])  # fmt: skip
         metric("frames_sent_total", "counter", "Data-plane frames this peer sent over its links, by kind.",

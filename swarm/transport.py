@@ -370,7 +370,7 @@ class Transport:
                     raise MessageRejected("malformed", "a clock offset is a float under a day")
                 link.clock_offset_s = offset
             elif kind == "clock_probe":
-                t1 = link.take_probe(body, received_s)
+                t1 = link.take_probe(body)
                 self.tasks.spawn(link.echo(t1, received_s), expected=(MessageRejected,))
             else:
                 link.take_echo(body, received_s)
