@@ -30,7 +30,7 @@ from peer.errors import (
 from peer.kv_cache import SessionKVCache
 from peer.profile import ModelProfile, head_dim
 from peer.resources import MIB
-from peer.sampling import SamplingParams, sample
+from peer.sampling import SamplingParams, sample_many
 from peer.stage import StageModel, Step
 
 log = logging.getLogger(__name__)
@@ -264,16 +264,21 @@ class StageExecutor:
             outs = self.stage.forward_batch(
                 [Step(inputs, positions, session.cache) for _, session, inputs, positions in accepted], all_logits
             )
-            results = []
-            for (_, session, _, positions), out in zip(accepted, outs, strict=True):
+            for _, session, _, _ in accepted:
                 session.cache.commit()
-                if self.stage.is_last:
-                    # The draw for the token at position p depends on (seed, p, logits) only.
-                    last = out[:, -1] if all_logits else out
-                    tokens, logprobs = sample(last, session.sampling, step=int(positions[0, -1]) + 1)
-                    results.append(StepResult(tokens=tokens, logprobs=logprobs, logits=out if all_logits else None))
-                else:
-                    results.append(StepResult(hidden=out))
+            if self.stage.is_last:
+                # The draw for the token at position p depends on (seed, p, logits) only.
+                picks = sample_many(
+                    [out[:, -1] if all_logits else out for out in outs],
+                    [session.sampling for _, session, _, _ in accepted],
+                    [int(positions[0, -1]) + 1 for _, _, _, positions in accepted],
+                )
+                results = [
+                    StepResult(tokens=tokens, logprobs=logprobs, logits=out if all_logits else None)
+                    for (tokens, logprobs), out in zip(picks, outs, strict=True)
+                ]
+            else:
+                results = [StepResult(hidden=out) for out in outs]
             elapsed = time.perf_counter() - t0
             with self._lock:
                 self.stats.batches += 1

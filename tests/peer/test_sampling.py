@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peer.errors import InvalidInput
-from peer.sampling import SamplingParams, filter_logits, sample
+from peer.sampling import SamplingParams, filter_logits, sample, sample_many
 
 
 def logits_of(probs: list[float]) -> torch.Tensor:
@@ -104,3 +104,28 @@ def test_invalid_parameters(kwargs) -> None:
 def test_logits_must_be_two_dimensional() -> None:
     with pytest.raises(InvalidInput, match=r"\[B, V\]"):
         sample(torch.zeros(5), SamplingParams(), 0)
+
+
+def test_many_sessions_at_once_pick_what_each_picks_alone() -> None:
+    """sample_many shares one argmax and one log_softmax among the greedy sessions of a pass; each
+    session, greedy or drawn, one row or several, gets exactly what `sample` gives it alone."""
+    gen = torch.Generator().manual_seed(11)
+    logits = [torch.randn(rows, 300, generator=gen) for rows in (1, 2, 1, 3, 1)]
+    params = [SamplingParams(), SamplingParams(temperature=0.8, seed=5), SamplingParams(),
+              SamplingParams(temperature=1.2, top_k=20, seed=9), SamplingParams()]  # fmt: skip
+    steps = [4, 17, 9, 2, 30]
+    together = sample_many(logits, params, steps)
+    assert len(together) == len(logits)
+    for (tokens, logprobs), x, p, step in zip(together, logits, params, steps, strict=True):
+        alone_tokens, alone_logprobs = sample(x, p, step)
+        assert tokens.shape == (x.shape[0],)
+        assert torch.equal(tokens, alone_tokens)
+        if p.greedy:
+            assert torch.equal(tokens, x.argmax(-1))
+        assert torch.equal(logprobs, alone_logprobs)
+        assert torch.equal(logprobs, torch.log_softmax(x, -1).gather(-1, tokens[:, None])[:, 0])
+
+
+def test_many_sessions_refuse_logits_that_are_not_a_matrix() -> None:
+    with pytest.raises(InvalidInput, match=r"\[B, V\]"):
+        sample_many([torch.zeros(1, 5), torch.zeros(5)], [SamplingParams()] * 2, [0, 0])
