@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     swarm: Swarm | None = None
     try:
         caps = memory_caps_mb(config, spec, args.num_peers)
-        # Every peer may use every core: the stages of a generation take turns, and idle peers' threads
-        # sleep (OMP_WAIT_POLICY=PASSIVE) instead of spinning.
+        # Every peer may use every core: the stages of a generation take turns, and with two peers or
+        # more their idle threads sleep at once (swarm.local: OMP_WAIT_POLICY=PASSIVE) instead of spinning.
         threads = args.threads or os.cpu_count() or 1
         print(f"starting {args.num_peers} peers (memory caps {', '.join(f'{c} MiB' for c in caps)}), "
               f"logs in {workdir}", file=sys.stderr)  # fmt: skip

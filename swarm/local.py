@@ -20,6 +20,8 @@ from pathlib import Path
 from signal import SIGCONT, SIGKILL
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from swarm.launcher import openmp_wait
+
 if TYPE_CHECKING:
     from swarm.testbed import Host
 
@@ -49,6 +51,7 @@ class PeerProcess:
         named: bool = True,
         own_session: bool = False,
         command: list[str] | None = None,
+        shared_cores: bool = True,
     ) -> None:
         self.name = name
         self.command = command or peer_command()  # what starts a peer: `swarm-peer`, or a stand-in
@@ -57,6 +60,9 @@ class PeerProcess:
         self.host = host
         self.env = env or {}  # laid over this process's environment
         self.cwd = cwd
+        # Whether other peers run on this machine's cores (OpenMP workers then sleep at once; alone,
+        # `swarm-peer` lets them spin briefly: see swarm.launcher).
+        self.shared_cores = shared_cores
         self.named = named  # pass --node-id NAME and --threads (False: exactly `args`)
         self.own_session = own_session  # a session of its own: the terminal's Ctrl-C does not reach it
         self.log_path = log_dir / f"{name}.log"
@@ -69,8 +75,8 @@ class PeerProcess:
         """Launch it; its log starts a new section on every launch."""
         env = {
             **os.environ,
+            **openmp_wait(os.environ, shared_cores=self.shared_cores),
             "OMP_NUM_THREADS": str(self.threads),
-            "OMP_WAIT_POLICY": "PASSIVE",
             "PYTHONUNBUFFERED": "1",
         }
         env.pop("SWARM_KEY", None)
@@ -273,7 +279,8 @@ class Swarm:
                 args += ["--no-mdns"]
                 args += ["--join", str(self.peers[0].url).removeprefix("http://")] if self.peers else []
             peer = PeerProcess(name, args, self.workdir, self.threads, host=host, env=self.env,
-                               own_session=self.own_session, command=self.command)  # fmt: skip
+                               own_session=self.own_session, command=self.command,
+                               shared_cores=len(self.caps_mb) > 1)  # fmt: skip
             peer.api_key = self.api_key
             self.peers.append(peer.start())
             if self.seeds == "first":

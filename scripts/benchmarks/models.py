@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import BENCH, MIB, log, proc_status_bytes
+from swarm.launcher import openmp_wait
 
 TINYLLAMA_SHAPE: dict[str, Any] = dict(
     vocab_size=32000,
@@ -236,14 +237,18 @@ class Baseline:
     loaded so that its runs alternate with the swarm's: drifts in the machine's speed (other
     tenants, clock boost) then touch both sides of each ratio alike."""
 
-    def __init__(self, model: BenchModel, threads: int, device: str = "cpu") -> None:
+    def __init__(self, model: BenchModel, threads: int, device: str = "cpu", *, shared_cores: bool = True) -> None:
         self.model, self.threads, self.device = model, threads, device
+        # OpenMP's wait as in the swarm it is paired with (`swarm.launcher.openmp_wait`): its peers
+        # sleep at once where several share the machine's cores, and spin briefly where one is alone.
+        self.shared_cores = shared_cores
         self.proc: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> Baseline:
         cmd = [sys.executable, str(BENCH), "_baseline-child", "--model", self.model.to_json()]
         cmd += ["--threads", str(self.threads), "--device", self.device]
-        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(self.threads)}
+        env = {**os.environ, **openmp_wait(os.environ, shared_cores=self.shared_cores),
+               "OMP_NUM_THREADS": str(self.threads)}  # fmt: skip
         log(f"baseline: loading {self.model.name} into Hugging Face transformers on {self.device}, "
             f"{self.threads} thread(s) …")  # fmt: skip
         self.errors = tempfile.TemporaryFile("w+")  # its stderr, shown if it fails

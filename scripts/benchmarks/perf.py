@@ -48,9 +48,10 @@ def paired_runs(args: argparse.Namespace, measure: str, ids: list[int], max_toke
     for model in models_of(args.models, args.checkpoints):
         prompt = ids or model.prompt_ids(None)
         standby = standby_rss(model, args.threads, swarm_config(args), args.device)
-        with Baseline(model, args.threads, args.device) as base:
-            base.run(prompt, min(max_tokens, 4))  # warm-up
-            for n in [int(k) for k in args.peers.split(",")]:
+        for n in [int(k) for k in args.peers.split(",")]:
+            # The baseline waits between parallel regions as the swarm's peers do (one alone spins briefly).
+            with Baseline(model, args.threads, args.device, shared_cores=n > 1) as base:
+                base.run(prompt, min(max_tokens, 4))  # warm-up
                 with Swarm(model, n, args.threads, swarm_config(args), args.device) as swarm:
                     swarm_stream(swarm.url, prompt, min(max_tokens, 4))  # warm-up
                     pairs, same = [], 0
