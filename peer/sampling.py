@@ -124,7 +124,9 @@ def sample_many(
             draws.append(torch.multinomial(probs[row], 1, generator=g))
         tokens = torch.cat(draws)
         picked[i] = tokens, _logprobs(x, tokens)
-    return [p for p in picked if p is not None]  # every one was picked
+    done = [p for p in picked if p is not None]
+    assert len(done) == len(logits), "every session is greedy or drawn"
+    return done
 
 
 def _logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
