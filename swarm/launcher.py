@@ -1,6 +1,7 @@
 """The `swarm-peer` console script. Before torch is imported it sets how OpenMP's worker threads wait
-between parallel regions (unless the environment already chose, see `openmp_wait`): a peer alone on
-its machine spins about a millisecond before it sleeps. Then it runs the daemon, and when the daemon
+between parallel regions (unless the environment already chose, see `openmp_wait`): they spin about
+a millisecond before they sleep, which suits a peer alone on its machine (peers that share one
+machine's cores are started with OMP_WAIT_POLICY=PASSIVE by `swarm.local`). Then it runs the daemon, and when the daemon
 has stopped (its state saved, its sockets closed, its log flushed) it leaves without the
 interpreter's teardown: freeing the native state of torch and the model at exit took 2-3 s, and a
 stopped peer should be gone at once. Nothing else lives here, because anything imported before
@@ -52,3 +53,7 @@ def run() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+if __name__ == "__main__":
+    run()

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as `swarm-peer` does
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: stand-ins share the cores
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))  # run from a checkout
 
 

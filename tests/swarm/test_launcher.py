@@ -1,10 +1,11 @@
-"""How a swarm's torch processes wait between OpenMP parallel regions: `swarm-peer` alone on its
-machine spins briefly, set before torch loads; the local process manager has peers that share a
-machine's cores sleep at once; an environment that chose its own wait keeps it."""
+"""How a swarm's torch processes wait between OpenMP parallel regions: `swarm-peer` spins briefly
+(set before its daemon starts), the local process manager has peers that share a machine's cores
+sleep at once, and an environment that chose its own wait keeps it."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,8 +21,10 @@ SHOW_WAIT = [sys.executable, "-c", f"import os; print([os.environ.get(n) for n i
 
 @pytest.fixture
 def unchosen(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No wait chosen in the environment, and whatever the test sets (`launcher.main` too) undone after."""
     for name in OPENMP_WAIT_CHOICES:
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "recorded")  # so that teardown restores the variable's first state
+        monkeypatch.delenv(name)
     return monkeypatch
 
 
@@ -69,3 +72,11 @@ def test_a_local_peer_is_started_with_the_wait_for_its_cores(
     assert peer.proc is not None
     assert peer.proc.wait(timeout=60) == 0
     assert peer.log().strip() == str([want.get(name) for name in OPENMP_WAIT_CHOICES])
+
+
+def test_the_launcher_runs_as_a_module_where_the_script_is_not_installed() -> None:
+    """`swarm.local.peer_command`'s fallback: `python -m swarm.launcher` is `swarm-peer`."""
+    done = subprocess.run([sys.executable, "-m", "swarm.launcher", "--help"], capture_output=True, text=True,
+                          timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "--threads" in done.stdout
