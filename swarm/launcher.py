@@ -1,11 +1,11 @@
-"""The `swarm-peer` console script. Before torch is imported it sets how OpenMP's worker threads wait
-between parallel regions (unless the environment already chose, see `openmp_wait`): they spin about
-a millisecond before they sleep, which suits a peer alone on its machine (peers that share one
-machine's cores are started with OMP_WAIT_POLICY=PASSIVE by `swarm.local`). Then it runs the daemon, and when the daemon
-has stopped (its state saved, its sockets closed, its log flushed) it leaves without the
-interpreter's teardown: freeing the native state of torch and the model at exit took 2-3 s, and a
-stopped peer should be gone at once. Nothing else lives here, because anything imported before
-this point would load torch too early."""
+"""The `swarm-peer` console script. Before torch is imported it sets how OpenMP's worker threads
+wait between parallel regions (unless the environment already chose, see `openmp_wait`): they spin
+about a millisecond before they sleep, which suits a peer alone on its machine (`swarm.local`
+starts peers that share one machine's cores with OMP_WAIT_POLICY=PASSIVE). Then it runs the
+daemon, and when the daemon has stopped (its state saved, its sockets closed, its log flushed) it
+leaves without the interpreter's teardown: freeing the native state of torch and the model at exit
+took 2-3 s, and a stopped peer should be gone at once. Nothing else lives here, because anything
+imported before this point would load torch too early."""
 
 from __future__ import annotations
 
