@@ -42,7 +42,7 @@ from swarm.netif import interfaces
 from swarm.partitioner import Candidate, Share, partition
 from swarm.stage_host import StageHost
 from swarm.stage_service import StageService
-from swarm.tasks import TaskGroup
+from swarm.tasks import TaskGroup, wait_event
 from swarm.transport import Transport
 from swarm.view import Signal
 
@@ -919,8 +919,7 @@ class Node:
             self._election_wake.clear()
             deadline = self.election.deadline
             wait = ELECTION_IDLE_S if deadline is None else min(ELECTION_IDLE_S, max(0.01, deadline - self.clock()))
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._election_wake.wait(), wait)
+            await wait_event(self._election_wake, wait)
 
     def _act(self, actions: list[Elect | Announce]) -> None:
         for action in actions:

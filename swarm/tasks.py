@@ -1,6 +1,7 @@
 """A task group: the background tasks one component starts (gossip exchanges, probes, link readers,
 frames on their way), kept so that they can all be cancelled when it closes, and their failures
-logged rather than lost. It knows asyncio and nothing of what the tasks do."""
+logged rather than lost; and a wait on an event with a timeout that never loses a cancellation. It
+knows asyncio and nothing of what the tasks do."""
 
 from __future__ import annotations
 
@@ -50,3 +51,16 @@ class TaskGroup:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
+    """Wait until `event` is set, at most `timeout_s` seconds; whether it is set. A cancellation of
+    the caller always propagates. asyncio.wait_for before Python 3.12 returns normally when the
+    cancellation comes as the event is set (CPython gh-86296, bpo-42130), and a loop waiting that
+    way can outlive its own cancellation: its owner's close() then waits on it for ever."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=timeout_s)
+    finally:
+        waiter.cancel()
+    return event.is_set()

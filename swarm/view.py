@@ -7,10 +7,10 @@ never reach into the node."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Protocol
 
 from swarm.layer_map import LayerMap
+from swarm.tasks import wait_event
 
 
 class Signal:
@@ -27,9 +27,7 @@ class Signal:
 
     async def wait(self, timeout_s: float) -> None:
         """Return at the next notify, or after `timeout_s`."""
-        event = self._event
-        with contextlib.suppress(asyncio.TimeoutError):  # builtin TimeoutError only from Python 3.11
-            await asyncio.wait_for(event.wait(), timeout_s)
+        await wait_event(self._event, timeout_s)
 
 
 class SwarmView(Protocol):
