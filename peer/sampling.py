@@ -106,7 +106,7 @@ def sample_many(
     if greedy:
         rows = torch.cat([logits[i] for i in greedy]) if len(greedy) > 1 else logits[greedy[0]]
         rows = rows.detach().to("cpu", torch.float32)
-        tokens = torch.argmax(rows, dim=-1)
+        tokens = argmax(rows)
         logprobs = _logprobs(rows, tokens)
         at = 0
         for i in greedy:
@@ -127,6 +127,14 @@ def sample_many(
     done = [p for p in picked if p is not None]
     assert len(done) == len(logits), "every session is greedy or drawn"
     return done
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(logits, dim=-1) for float32 CPU logits [B, V] -> int64 [B], by NumPy's: the
+    same index (the first of equal maxima, a NaN counting as the largest) at a tenth of the cost,
+    because NumPy's is vectorised for float32 and torch's CPU kernel is not (16 rows of 49,152:
+    0.05 ms against 0.35-0.65; one row: 0.005 ms against 0.04, torch 2.13, NumPy 2.4, AVX-512)."""
+    return torch.from_numpy(logits.numpy().argmax(axis=-1).astype("int64", copy=False))
 
 
 def _logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peer.errors import InvalidInput
-from peer.sampling import SamplingParams, filter_logits, sample, sample_many
+from peer.sampling import SamplingParams, argmax, filter_logits, sample, sample_many
 
 
 def logits_of(probs: list[float]) -> torch.Tensor:
@@ -21,6 +21,30 @@ def test_greedy_is_argmax_and_reports_logprob() -> None:
     tokens, logprobs = sample(logits, SamplingParams(), step=0)
     assert tokens.tolist() == [1]
     assert logprobs[0].item() == pytest.approx(torch.log_softmax(logits, -1)[0, 1].item())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rows=st.lists(
+        st.lists(st.sampled_from([-2.0, 0.0, 1.5, float("inf"), float("-inf"), float("nan")]), min_size=1, max_size=9),
+        min_size=1,
+        max_size=4,
+    ).filter(lambda rows: len({len(r) for r in rows}) == 1)
+)
+def test_argmax_is_torch_argmax_on_ties_infinities_and_nans(rows: list[list[float]]) -> None:
+    """Few distinct values, so ties, rows of -inf and NaNs (torch counts a NaN as the largest) abound."""
+    logits = torch.tensor(rows)
+    assert torch.equal(argmax(logits), torch.argmax(logits, dim=-1))
+
+
+def test_argmax_of_wide_rows_and_of_a_row_slice() -> None:
+    logits = torch.randn(16, 49_152, generator=torch.Generator().manual_seed(1))
+    logits[3, 100] = logits[3, 7] = logits[3].max() + 1  # a tie: the first one wins
+    assert torch.equal(argmax(logits), torch.argmax(logits, dim=-1))
+    assert torch.equal(argmax(logits[5:9]), torch.argmax(logits[5:9], dim=-1))
+    assert argmax(logits).dtype == torch.int64
+    with torch.inference_mode():  # as the executor calls it
+        assert torch.equal(argmax(logits.clone()), torch.argmax(logits, dim=-1))
 
 
 @settings(max_examples=50, deadline=None)
