@@ -45,6 +45,15 @@ def test_argmax_of_wide_rows_and_of_a_row_slice() -> None:
     assert argmax(logits).dtype == torch.int64
     with torch.inference_mode():  # as the executor calls it
         assert torch.equal(argmax(logits.clone()), torch.argmax(logits, dim=-1))
+    logits[9, 40_000] = logits[9, 45_000] = float("nan")  # far into a row, past any unrolled head
+    logits[10, 49_151] = float("inf")
+    assert torch.equal(argmax(logits), torch.argmax(logits, dim=-1))
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(3), torch.zeros(2, 0), torch.zeros(2, 4, dtype=torch.bfloat16)])
+def test_argmax_refuses_what_is_not_float32_logits(bad: torch.Tensor) -> None:
+    with pytest.raises(InvalidInput, match="float32 CPU logits"):
+        argmax(bad)
 
 
 @settings(max_examples=50, deadline=None)
