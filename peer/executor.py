@@ -8,7 +8,6 @@ is how a stage batches the sessions that are in step. Thread-safe: calls may com
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -255,6 +254,8 @@ class StageExecutor:
                 session.busy = True
                 accepted.append((i, session, inputs, positions))
                 outcomes.append(StepResult())
+            if not self.stage.is_first:
+                accepted = self._refuse_non_finite(accepted, outcomes)
         if not accepted:
             return outcomes
         try:
@@ -266,20 +267,21 @@ class StageExecutor:
             )
             for _, session, _, _ in accepted:
                 session.cache.commit()
-            if self.stage.is_last:
-                # The draw for the token at position p depends on (seed, p, logits) only.
+            picks = None
+            if self.stage.is_last:  # the draw for the token at position p depends on (seed, p, logits) only
                 picks = sample_many(
                     [out[:, -1] if all_logits else out for out in outs],
                     [session.sampling for _, session, _, _ in accepted],
                     [int(positions[0, -1]) + 1 for _, _, _, positions in accepted],
                 )
+            elapsed = time.perf_counter() - t0
+            if picks is None:
+                results = [StepResult(hidden=out, compute_s=elapsed) for out in outs]
+            else:
                 results = [
-                    StepResult(tokens=tokens, logprobs=logprobs, logits=out if all_logits else None)
+                    StepResult(tokens=tokens, logprobs=logprobs, logits=out if all_logits else None, compute_s=elapsed)
                     for (tokens, logprobs), out in zip(picks, outs, strict=True)
                 ]
-            else:
-                results = [StepResult(hidden=out) for out in outs]
-            elapsed = time.perf_counter() - t0
             with self._lock:
                 self.stats.batches += 1
                 self.stats.compute_s += elapsed
@@ -288,7 +290,7 @@ class StageExecutor:
                     session.compute_s += elapsed
                     self.stats.steps += 1
                     self.stats.tokens_in += inputs.shape[0] * inputs.shape[1]
-                    outcomes[i] = dataclasses.replace(result, compute_s=elapsed)
+                    outcomes[i] = result
         finally:
             with self._lock:
                 for _, session, _, _ in accepted:
@@ -328,9 +330,30 @@ class StageExecutor:
                 raise InvalidInput(f"this stage takes hidden states [{b}, T>0, {d}], got {tuple(inputs.shape)}")
             if inputs.dtype != self.dtype:
                 raise InvalidInput(f"this stage takes hidden states of dtype {self.dtype}, got {inputs.dtype}")
-            if not bool(torch.isfinite(inputs).all()):
-                raise InvalidInput("hidden states contain NaN or infinite values")
         return inputs.to(self.device)
+
+    def _refuse_non_finite(
+        self,
+        accepted: list[tuple[int, Session, torch.Tensor, torch.Tensor]],
+        outcomes: list[StepResult | ExecutorError],
+    ) -> list[tuple[int, Session, torch.Tensor, torch.Tensor]]:
+        """The steps whose hidden states are all finite; the others are refused with InvalidInput in
+        `outcomes` and left idle. One check covers the whole pass; only a pass that fails it is
+        checked step by step. Called with the lock held."""
+        rows = [x for _, _, x, _ in accepted]
+        if not rows or bool(
+            torch.isfinite(torch.cat([x.reshape(-1) for x in rows]) if len(rows) > 1 else rows[0]).all()
+        ):
+            return accepted
+        finite = []
+        for step in accepted:
+            if bool(torch.isfinite(step[2]).all()):
+                finite.append(step)
+            else:
+                step[1].busy = False
+                self._refuse("InvalidInput")
+                outcomes[step[0]] = InvalidInput("hidden states contain NaN or infinite values")
+        return finite
 
     def _check_positions(self, session: Session, positions: torch.Tensor, t: int) -> torch.Tensor:
         if not isinstance(positions, torch.Tensor) or positions.dtype != torch.int64:
@@ -342,9 +365,10 @@ class StageExecutor:
                 f"positions must have shape [{t}] or [{session.batch}, {t}], got {tuple(positions.shape)}"
             )
         start = int(positions[0, 0])
-        expected = torch.arange(start, start + t, dtype=torch.int64)
-        if not bool((positions.cpu() == expected).all()):
-            raise PositionError("positions must be contiguous and the same for every row")
+        if t > 1 or session.batch > 1:  # one position of one row is contiguous by itself
+            expected = torch.arange(start, start + t, dtype=torch.int64)
+            if not bool((positions.cpu() == expected).all()):
+                raise PositionError("positions must be contiguous and the same for every row")
         cached = session.cache.length
         if start < 0 or start > cached:
             raise PositionError(f"step starts at position {start} but the session holds positions [0, {cached})")

@@ -84,11 +84,12 @@ class SessionKVCache:
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's keys/values [B, H_kv, T, hd] for a layer; return all valid ones so far."""
-        i = layer_idx - self.first_layer
-        end = self._write_at + key_states.shape[2]
-        self._keys[i][:, :, self._write_at : end] = key_states
-        self._values[i][:, :, self._write_at : end] = value_states
-        return self._keys[i][:, :, :end], self._values[i][:, :, :end]
+        i, new = layer_idx - self.first_layer, key_states.shape[2]
+        keys, values = self._keys[i], self._values[i]
+        keys.narrow(2, self._write_at, new).copy_(key_states)
+        values.narrow(2, self._write_at, new).copy_(value_states)
+        end = self._write_at + new
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Positions cached before the current step (the interface transformers expects)."""

@@ -104,8 +104,7 @@ def sample_many(
     picked: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(logits)
     greedy = [i for i, p in enumerate(params) if p.greedy]
     if greedy:
-        rows = torch.cat([logits[i] for i in greedy]) if len(greedy) > 1 else logits[greedy[0]]
-        rows = rows.detach().to("cpu", torch.float32)
+        rows = joined([logits[i] for i in greedy]).detach().to("cpu", torch.float32)
         tokens = argmax(rows)
         logprobs = _logprobs(rows, tokens)
         at = 0
@@ -127,6 +126,26 @@ def sample_many(
     done = [p for p in picked if p is not None]
     assert len(done) == len(logits), "every session is greedy or drawn"
     return done
+
+
+def joined(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """torch.cat(parts) of 2-D tensors [B_i, V] -> [sum B_i, V], read in place (no copy) where the
+    parts are consecutive contiguous rows of one buffer, as the splits of one pass's logits are."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    storage, end = first.untyped_storage().data_ptr(), first.storage_offset()
+    for part in parts:
+        if not (
+            part.is_contiguous()
+            and part.storage_offset() == end
+            and part.shape[1] == first.shape[1]
+            and part.dtype == first.dtype
+            and part.untyped_storage().data_ptr() == storage
+        ):
+            return torch.cat(list(parts))
+        end += part.numel()
+    return first.as_strided((sum(p.shape[0] for p in parts), first.shape[1]), (first.shape[1], 1))
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:

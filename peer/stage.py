@@ -63,6 +63,9 @@ class StageModel(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if self.is_last else None
         with torch.device("cpu"):  # rotary tables are computed, never loaded, even on a meta build
             self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        # transformers' dynamic_rope_update: these types rescale by the largest position of a call.
+        rope_type = str(self.rotary_emb.rope_type)
+        self._rope_per_call = "dynamic" in rope_type or rope_type == "longrope"
 
     def checkpoint_names(self) -> dict[str, str]:
         """This module's parameter names -> the Hugging Face checkpoint names they load from."""
@@ -98,10 +101,7 @@ class StageModel(nn.Module):
             hidden = self.embed_tokens(torch.cat([s.inputs.reshape(-1) for s in steps]))  # [N, D]
         else:
             hidden = torch.cat([s.inputs.reshape(-1, d) for s in steps])  # [N, D]
-        # Rotary tables per step: a dynamic RoPE scales by the largest position of the call it is given.
-        tables = [self.rotary_emb(hidden[None, :1], s.positions.reshape(1, -1)) for s in steps]  # [1, n, hd]
-        cos, sin = (torch.cat([t[i][0] for t in tables]) for i in (0, 1))
-        rope = cos, sin  # [N, head_dim]: one row per token, broadcast over heads by apply_rotary_pos_emb
+        rope = self._rope(hidden, steps)  # [N, head_dim]: one row per token, broadcast over heads
         spans, at = [], 0
         for s in steps:
             n = s.positions.numel()
@@ -116,9 +116,25 @@ class StageModel(nn.Module):
             logits = linear(self.norm(hidden), self.lm_head)  # [N, V]
             return [logits[a:b].view(rows, t, -1) for a, b, rows, t in spans]
         # Only the next token's logits are needed: the last position of every row of every step.
-        last = torch.cat([torch.arange(a + t - 1, b, t, device=hidden.device) for a, b, _, t in spans])
-        logits = linear(self.norm(hidden[last]), self.lm_head)  # [rows in all, V]
+        if any(t > 1 for *_, t in spans):  # rows of several positions: keep each row's last
+            hidden = hidden[torch.cat([torch.arange(a + t - 1, b, t, device=hidden.device) for a, b, _, t in spans])]
+        logits = linear(self.norm(hidden), self.lm_head)  # [rows in all, V]
         return list(logits.split([rows for _, _, rows, _ in spans]))
+
+    def _rope(self, hidden: torch.Tensor, steps: Sequence[Step]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary (cos, sin) tables [N, head_dim] of every row of the pass, in row order.
+
+        A fixed RoPE is a function of the position alone, element by element, so one call covers
+        every step and gives each row bitwise what a call for its step alone gives. A RoPE that
+        rescales with the largest position it is given (dynamic, longrope) gets one call per step.
+        """
+        if self._rope_per_call and len(steps) > 1:
+            tables = [self.rotary_emb(hidden[None, :1], s.positions.reshape(1, -1)) for s in steps]  # [1, n, hd]
+            cos, sin = (torch.cat([t[i][0] for t in tables]) for i in (0, 1))
+            return cos, sin
+        positions = torch.cat([s.positions.reshape(-1) for s in steps]) if len(steps) > 1 else steps[0].positions
+        cos, sin = self.rotary_emb(hidden[None, :1], positions.reshape(1, -1))  # [1, N, hd]
+        return cos[0], sin[0]
 
     def _layer(
         self,
@@ -139,20 +155,32 @@ class StageModel(nn.Module):
         v = linear(x, attn.v_proj).view(n, -1, head_dim)
         q, k = apply_rotary_pos_emb(q, k, *rope, unsqueeze_dim=1)
         outputs = []
+        decode = [y.view(n, 1, -1, head_dim).transpose(1, 2) for y in (q, k, v)]  # [N, H, 1, hd]: rows of one position
         for step, (a, b, rows, t), mask in zip(steps, spans, masks, strict=True):
-            qs, ks, vs = (y[a:b].view(rows, t, -1, head_dim).transpose(1, 2) for y in (q, k, v))  # [B, H, T, hd]
+            if t == 1:
+                qs, ks, vs = (y[a:b] for y in decode)
+            else:  # [B, H, T, hd]
+                qs, ks, vs = (y[a:b].view(rows, t, -1, head_dim).transpose(1, 2) for y in (q, k, v))
             keys, values = step.cache.update(ks, vs, attn.layer_idx)  # [B, H_kv, past + T, hd]
-            if mask is not None:  # SDPA's fused kernels take grouped heads only without a mask
-                groups = qs.shape[1] // keys.shape[1]
-                keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-            out = F.scaled_dot_product_attention(
-                qs, keys, values, attn_mask=mask, is_causal=mask is None and t > 1, scale=attn.scaling,
-                enable_gqa=mask is None,
-            )  # [B, H, T, hd]  # fmt: skip
-            outputs.append(out.transpose(1, 2).reshape(b - a, -1))
+            outputs.append(attend(qs, keys, values, mask, attn.scaling).transpose(1, 2).reshape(b - a, -1))
         hidden = hidden + linear(torch.cat(outputs) if len(outputs) > 1 else outputs[0], attn.o_proj)
         x = layer.post_attention_layernorm(hidden)
         return hidden + linear(mlp.act_fn(linear(x, mlp.gate_proj)) * linear(x, mlp.up_proj), mlp.down_proj)
+
+
+def attend(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """SDPA of one step, as transformers' sdpa_attention_forward computes it: queries [B, H, T, hd]
+    against the cached keys and values [B, H_kv, past + T, hd], which are grouped-query heads when
+    H_kv < H; mask as `causal_mask` gives it. Returns [B, H, T, hd]."""
+    if mask is not None:  # SDPA's fused kernels take grouped heads only without a mask
+        groups = queries.shape[1] // keys.shape[1]
+        keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+    t = queries.shape[2]
+    return F.scaled_dot_product_attention(
+        queries, keys, values, attn_mask=mask, is_causal=mask is None and t > 1, scale=scale, enable_gqa=mask is None
+    )
 
 
 def linear(x: torch.Tensor, module: nn.Linear) -> torch.Tensor:

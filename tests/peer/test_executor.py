@@ -398,3 +398,62 @@ def test_projections_through_onednn_compute_what_f_linear_computes(stages, monke
     through_onednn = hidden()
     monkeypatch.setattr(stage_module, "ONEDNN_MIN_WEIGHT_ELEMENTS", 1 << 62)
     assert torch.allclose(through_onednn, hidden(), atol=1e-5)
+
+
+def test_a_step_of_non_finite_hidden_states_is_refused_alone(stages) -> None:
+    """The pass's one finiteness check finds the step with a NaN (or an inf): only it is refused,
+    its session stays as it was and can step again, and the others get what they get alone."""
+    ex, d = StageExecutor(stages[1]), stages[1].config.hidden_size
+    for sid in "abc":
+        ex.open_session(sid, 8)
+    good = {sid: torch.randn(1, 2, d, generator=torch.Generator().manual_seed(ord(sid))) for sid in "ac"}
+    bad = torch.randn(1, 2, d)
+    bad[0, 1, 3] = float("nan")
+    out = ex.step_many([StepRequest("a", good["a"], pos(0, 2)), StepRequest("b", bad, pos(0, 2)),
+                        StepRequest("c", good["c"], pos(0, 2))])  # fmt: skip
+    assert isinstance(out[1], InvalidInput) and "NaN" in str(out[1])
+    assert ex.stats.refused["InvalidInput"] == 1 and ex.stats.steps == 2
+    assert ex.session_length("b") == 0 and [ex.session_length(s) for s in "ac"] == [2, 2]
+    assert ex.step("b", bad.nan_to_num(), pos(0, 2)).tokens is not None  # not left busy
+    bad[0, 1, 3] = float("-inf")
+    assert isinstance(ex.step_many([StepRequest("a", bad[:, 1:], pos(2, 1))])[0], InvalidInput)
+    for sid in "ac":
+        alone = StageExecutor(stages[1])
+        alone.open_session(sid, 8)
+        result = out["abc".index(sid)]
+        assert isinstance(result, StepResult) and result.tokens is not None
+        assert torch.equal(result.tokens, alone.step(sid, good[sid], pos(0, 2)).tokens)
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "default"},
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 16},
+        {"rope_type": "dynamic", "factor": 2.0},
+    ],
+    ids=lambda r: r["rope_type"],
+)  # fmt: skip
+def test_rotary_tables_of_a_pass_are_each_steps_own(stages, rope: dict) -> None:
+    """A pass's rotary tables give every row bitwise what its step's own call gives: one call for
+    the whole pass where the RoPE is fixed, and one per step where it rescales by the longest (dynamic)."""
+    from peer.kv_cache import SessionKVCache
+    from peer.stage import StageModel, Step
+
+    config = stages[0].config.__class__.from_dict(stages[0].config.to_dict())
+    config.rope_parameters = {**rope, "rope_theta": 10000.0}
+    config.max_position_embeddings = 32  # the dynamic RoPE rescales for a call reaching past it
+    stage = StageModel(config, 0, 1)
+    cache = SessionKVCache(first_layer=0, num_layers=1, batch=1, kv_heads=2, head_dim=16, max_length=64,
+                           dtype=torch.float32, device="cpu")  # fmt: skip
+    spans = [(0, 5), (40, 1), (7, 3), (60, 1)]
+    steps = [Step(ids(*range(n)), pos(start, n)[None], cache) for start, n in spans]
+    hidden = torch.zeros(sum(n for _, n in spans), config.hidden_size)
+    cos, sin = stage._rope(hidden, steps)
+    at = 0
+    for step, (_, n) in zip(steps, spans, strict=True):
+        own_cos, own_sin = stage._rope(hidden, [step])
+        assert torch.equal(cos[at : at + n], own_cos) and torch.equal(sin[at : at + n], own_sin)
+        at += n
+    assert stage._rope_per_call == (rope["rope_type"] == "dynamic")

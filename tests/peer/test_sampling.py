@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peer.errors import InvalidInput
-from peer.sampling import SamplingParams, argmax, filter_logits, sample, sample_many
+from peer.sampling import SamplingParams, argmax, filter_logits, joined, sample, sample_many
 
 
 def logits_of(probs: list[float]) -> torch.Tensor:
@@ -162,3 +162,24 @@ def test_many_sessions_at_once_pick_what_each_picks_alone() -> None:
 def test_many_sessions_refuse_logits_that_are_not_a_matrix() -> None:
     with pytest.raises(InvalidInput, match=r"\[B, V\]"):
         sample_many([torch.zeros(1, 5), torch.zeros(5)], [SamplingParams()] * 2, [0, 0])
+
+
+def test_joined_reads_one_pass_splits_in_place_and_copies_anything_else() -> None:
+    """The splits of one pass's logits are read where they lie; parts from elsewhere (other
+    buffers, gaps, strides, dtypes) are concatenated. Either way the result is torch.cat's."""
+    logits = torch.randn(7, 11)
+    parts = list(logits.split([2, 1, 4]))
+    together = joined(parts)
+    assert together.data_ptr() == logits.data_ptr() and torch.equal(together, torch.cat(parts))
+    assert torch.equal(joined(parts[1:]), logits[2:]) and joined(parts[1:]).data_ptr() == parts[1].data_ptr()
+    assert joined(parts[:1]) is parts[0]
+    others = [
+        [logits[:2], logits[3:5]],  # a gap
+        [logits[2:4], logits[:2]],  # out of order
+        [logits[:2], torch.randn(3, 11)],  # another buffer
+        [logits[:2, :5], logits[2:4, :5]],  # strided rows
+        [logits.view(torch.int32)[:2], logits[2:3]],  # the same bytes read as another dtype
+    ]
+    for case in others:
+        got = joined(case)
+        assert torch.equal(got, torch.cat(case)) and got.data_ptr() != case[0].data_ptr()
