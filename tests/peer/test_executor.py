@@ -457,3 +457,43 @@ def test_rotary_tables_of_a_pass_are_each_steps_own(stages, rope: dict) -> None:
         assert torch.equal(cos[at : at + n], own_cos) and torch.equal(sin[at : at + n], own_sin)
         at += n
     assert stage._rope_per_call == (rope["rope_type"] == "dynamic")
+
+
+def test_small_attention_on_one_thread_leaves_every_threads_count_as_it_was(stages, monkeypatch) -> None:
+    """A pass narrows its own thread to one for small attention and restores it after, also when the
+    pass fails; the thread count seen by another thread meanwhile is untouched."""
+    import peer.stage as stage_module
+
+    if not stage_module._openmp_runtimes():
+        pytest.skip("this torch has no OpenMP runtime that threadpoolctl finds")
+    threads, seen = torch.get_num_threads(), []
+    if threads == 1:
+        pytest.skip("one thread: nothing to narrow")
+    real = stage_module.attend
+
+    def watched(*args, **kwargs):
+        other = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        other.start()
+        other.join(timeout=30)
+        seen.append(("in attention", torch.get_num_threads()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stage_module, "attend", watched)
+    ex = StageExecutor(stages[0])
+    ex.open_session("s", 8)
+    ex.step("s", ids(1, 2, 3), pos(0, 3))
+    assert seen[:2] == [threads, ("in attention", 1)] and torch.get_num_threads() == threads
+
+    def failing(*args, **kwargs):
+        assert torch.get_num_threads() == 1
+        raise RuntimeError("attention failed")
+
+    monkeypatch.setattr(stage_module, "attend", failing)
+    with pytest.raises(RuntimeError, match="attention failed"):
+        ex.step("s", ids(4), pos(3, 1))
+    assert torch.get_num_threads() == threads
+    monkeypatch.setattr(stage_module, "ATTENTION_ONE_THREAD_MAX_MACS", 0)  # every attention on the pool
+    monkeypatch.setattr(stage_module, "attend", watched)
+    seen.clear()
+    ex.step("s", ids(4), pos(3, 1))
+    assert seen[:2] == [threads, ("in attention", threads)]
