@@ -16,7 +16,6 @@ from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
-from threadpoolctl import ThreadpoolController
 from torch import nn
 from transformers.models.llama.modeling_llama import (
     LlamaDecoderLayer,
@@ -33,12 +32,6 @@ from peer.profile import check_supported
 # on the CPUs measured it reads a large weight matrix up to 3x faster than the default BLAS path,
 # for one row and for sixteen, while for small matrices its fixed cost per call loses.
 ONEDNN_MIN_WEIGHT_ELEMENTS = 3 << 18
-# A session's attention with fewer query-key multiply-adds than this runs on one CPU thread. Each
-# SDPA call is an OpenMP parallel region, and a decode step's attention is microseconds of work: with
-# workers that sleep (OMP_WAIT_POLICY=PASSIVE), waking them costs more. Measured with torch 2.13 on
-# 2 vCPUs: the tiny model's decode attention 62 us a call on 2 threads against 8 on one; its last
-# stage, 16 sessions in one pass, 9.3 ms against 6.5.
-ATTENTION_ONE_THREAD_MAX_MACS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -153,12 +146,7 @@ class StageModel(nn.Module):
         masks: list[torch.Tensor | None],
     ) -> torch.Tensor:
         """One decoder layer over the ragged batch hidden [N, D]: the arithmetic of transformers'
-        LlamaDecoderLayer with SDPA attention, with attention split by session.
-
-        A session's attention below ATTENTION_ONE_THREAD_MAX_MACS runs on one thread. SDPA's
-        one-query path splits the keys by thread count, which moves its float32 result by about
-        1e-7; the choice follows from the session's own shapes alone, so a session gets the same
-        bits in any batch, and its small attention the same bits on peers of any thread count."""
+        LlamaDecoderLayer with SDPA attention, with attention split by session."""
         attn, mlp = layer.self_attn, layer.mlp
         n, head_dim = hidden.shape[0], attn.head_dim
         x = layer.input_layernorm(hidden)
@@ -168,22 +156,13 @@ class StageModel(nn.Module):
         q, k = apply_rotary_pos_emb(q, k, *rope, unsqueeze_dim=1)
         outputs = []
         decode = [y.view(n, 1, -1, head_dim).transpose(1, 2) for y in (q, k, v)]  # [N, H, 1, hd]: rows of one position
-        pool = torch.get_num_threads() if hidden.device.type == "cpu" else 1
-        threads = pool
-        try:
-            for step, (a, b, rows, t), mask in zip(steps, spans, masks, strict=True):
-                if t == 1:
-                    qs, ks, vs = (y[a:b] for y in decode)
-                else:  # [B, H, T, hd]
-                    qs, ks, vs = (y[a:b].view(rows, t, -1, head_dim).transpose(1, 2) for y in (q, k, v))
-                keys, values = step.cache.update(ks, vs, attn.layer_idx)  # [B, H_kv, past + T, hd]
-                wanted = 1 if qs.numel() * keys.shape[2] < ATTENTION_ONE_THREAD_MAX_MACS else pool
-                if wanted != threads:
-                    set_thread_count(threads := wanted)
-                outputs.append(attend(qs, keys, values, mask, attn.scaling).transpose(1, 2).reshape(b - a, -1))
-        finally:
-            if threads != pool:
-                set_thread_count(pool)
+        for step, (a, b, rows, t), mask in zip(steps, spans, masks, strict=True):
+            if t == 1:
+                qs, ks, vs = (y[a:b] for y in decode)
+            else:  # [B, H, T, hd]
+                qs, ks, vs = (y[a:b].view(rows, t, -1, head_dim).transpose(1, 2) for y in (q, k, v))
+            keys, values = step.cache.update(ks, vs, attn.layer_idx)  # [B, H_kv, past + T, hd]
+            outputs.append(attend(qs, keys, values, mask, attn.scaling).transpose(1, 2).reshape(b - a, -1))
         hidden = hidden + linear(torch.cat(outputs) if len(outputs) > 1 else outputs[0], attn.o_proj)
         x = layer.post_attention_layernorm(hidden)
         return hidden + linear(mlp.act_fn(linear(x, mlp.gate_proj)) * linear(x, mlp.up_proj), mlp.down_proj)
@@ -202,20 +181,6 @@ def attend(
     return F.scaled_dot_product_attention(
         queries, keys, values, attn_mask=mask, is_causal=mask is None and t > 1, scale=scale, enable_gqa=mask is None
     )
-
-
-def set_thread_count(threads: int) -> None:
-    """The OpenMP team size of the parallel regions this thread opens next, torch's among them: each
-    loaded OpenMP runtime's omp_set_num_threads, through threadpoolctl. That value is the calling
-    thread's own (OpenMP 4.5, section 3.2.1), so other threads, and torch.set_num_threads's
-    process-wide value that new threads start from, stay as they were. No OpenMP runtime: nothing."""
-    for runtime in _openmp_runtimes():
-        runtime.set_num_threads(threads)
-
-
-@functools.cache
-def _openmp_runtimes() -> list[Any]:
-    return ThreadpoolController().select(user_api="openmp").lib_controllers
 
 
 def linear(x: torch.Tensor, module: nn.Linear) -> torch.Tensor:
