@@ -242,7 +242,7 @@ class StageExecutor:
             for i, request in enumerate(requests):
                 try:
                     session = self._get(request.session_id)
-                    if session.busy:
+                    if session.busy or any(session is taken for _, taken, _, _ in accepted):
                         raise SessionBusy(f"session {request.session_id!r} already has a step in progress")
                     inputs = self._check_inputs(session, request.inputs)
                     positions = self._check_positions(session, request.positions, inputs.shape[1])
@@ -251,11 +251,12 @@ class StageExecutor:
                         self._refuse(type(e).__name__)
                     outcomes.append(e)
                     continue
-                session.busy = True
                 accepted.append((i, session, inputs, positions))
                 outcomes.append(StepResult())
             if not self.stage.is_first:
                 accepted = self._refuse_non_finite(accepted, outcomes)
+            for _, session, _, _ in accepted:  # only now: a check that raised leaves no session busy
+                session.busy = True
         if not accepted:
             return outcomes
         try:
@@ -338,8 +339,8 @@ class StageExecutor:
         outcomes: list[StepResult | ExecutorError],
     ) -> list[tuple[int, Session, torch.Tensor, torch.Tensor]]:
         """The steps whose hidden states are all finite; the others are refused with InvalidInput in
-        `outcomes` and left idle. One check covers the whole pass; only a pass that fails it is
-        checked step by step. Called with the lock held."""
+        `outcomes`. One check covers the whole pass; only a pass that fails it is checked step by
+        step. Called with the lock held, before any session is marked busy."""
         rows = [x for _, _, x, _ in accepted]
         if not rows or bool(
             torch.isfinite(torch.cat([x.reshape(-1) for x in rows]) if len(rows) > 1 else rows[0]).all()
@@ -350,7 +351,6 @@ class StageExecutor:
             if bool(torch.isfinite(step[2]).all()):
                 finite.append(step)
             else:
-                step[1].busy = False
                 self._refuse("InvalidInput")
                 outcomes[step[0]] = InvalidInput("hidden states contain NaN or infinite values")
         return finite

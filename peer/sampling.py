@@ -134,17 +134,20 @@ def joined(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     first = parts[0]
     if len(parts) == 1:
         return first
-    storage, end = first.untyped_storage().data_ptr(), first.storage_offset()
+    storage, end = first.untyped_storage(), first.storage_offset()
     for part in parts:
         if not (
             part.is_contiguous()
             and part.storage_offset() == end
             and part.shape[1] == first.shape[1]
             and part.dtype == first.dtype
-            and part.untyped_storage().data_ptr() == storage
+            and not (part.is_neg() or part.is_conj())  # lazy negation or conjugation: cat applies it
+            and part.untyped_storage().data_ptr() == storage.data_ptr()
         ):
             return torch.cat(list(parts))
         end += part.numel()
+    if end * first.element_size() > storage.nbytes():  # another storage at the same address
+        return torch.cat(list(parts))
     return first.as_strided((sum(p.shape[0] for p in parts), first.shape[1]), (first.shape[1], 1))
 
 

@@ -457,3 +457,21 @@ def test_rotary_tables_of_a_pass_are_each_steps_own(stages, rope: dict) -> None:
         assert torch.equal(cos[at : at + n], own_cos) and torch.equal(sin[at : at + n], own_sin)
         at += n
     assert stage._rope_per_call == (rope["rope_type"] == "dynamic")
+
+
+def test_a_pass_whose_checks_fail_leaves_no_session_busy(stages, monkeypatch) -> None:
+    """An error in the pass's finiteness check (out of memory, say) reaches the caller, and every
+    session of the pass can step again."""
+    ex, d = StageExecutor(stages[1]), stages[1].config.hidden_size
+    for sid in "ab":
+        ex.open_session(sid, 8)
+
+    def out_of_memory(_: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("out of memory")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "isfinite", out_of_memory)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            ex.step_many([StepRequest(sid, torch.randn(1, 2, d), pos(0, 2)) for sid in "ab"])
+    outcomes = ex.step_many([StepRequest(sid, torch.randn(1, 2, d), pos(0, 2)) for sid in "ab"])
+    assert all(isinstance(o, StepResult) for o in outcomes) and ex.stats.steps == 2

@@ -3,6 +3,7 @@ the token drawn at step n depends only on (seed, n, logits), so replayed steps d
 
 from __future__ import annotations
 
+import numpy
 import pytest
 import torch
 from hypothesis import given, settings
@@ -179,7 +180,11 @@ def test_joined_reads_one_pass_splits_in_place_and_copies_anything_else() -> Non
         [logits[:2], torch.randn(3, 11)],  # another buffer
         [logits[:2, :5], logits[2:4, :5]],  # strided rows
         [logits.view(torch.int32)[:2], logits[2:3]],  # the same bytes read as another dtype
+        [logits[:2], torch._neg_view(logits[2:4])],  # a lazily negated view
     ]
     for case in others:
         got = joined(case)
         assert torch.equal(got, torch.cat(case)) and got.data_ptr() != case[0].data_ptr()
+    rows = numpy.arange(12, dtype=numpy.float32).reshape(4, 3)  # two storages at one address
+    case = [torch.from_numpy(rows[:2]), torch.from_numpy(rows)[2:4]]
+    assert torch.equal(joined(case), torch.cat(case))
