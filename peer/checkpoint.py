@@ -12,7 +12,8 @@ from typing import Any, Protocol
 
 import torch
 
-from peer.errors import CheckpointError
+from peer.architectures import architecture_of
+from peer.errors import CheckpointError, UnsupportedModel
 from peer.gguf_file import GGUFFile
 from peer.model_store import ModelFiles
 
@@ -152,7 +153,12 @@ def unpermute_rope_rows(weights: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def open_checkpoint(files: ModelFiles, config: Any, dtype: torch.dtype | None = None) -> TensorSource:
-    """Open the tensor source of a resolved model for stages of `dtype`; close it when they are built."""
+    """Open the tensor source of a resolved model for stages of `dtype`; close it when they are built.
+    UnsupportedModel for a GGUF file of an architecture whose GGUF layout is not read here."""
     if files.format == "gguf":
+        if not architecture_of(config).gguf:
+            raise UnsupportedModel(
+                f"GGUF files of {config.model_type} models are not read yet; use the model's safetensors checkpoint"
+            )
         return GGUFSource(files.gguf_path, config.num_attention_heads, config.num_key_value_heads)
     return SafetensorsSource(files.weights, dtype)

@@ -78,7 +78,7 @@ class ModelFiles:
     meta_dir: Path
 
     def load_config(self) -> Any:
-        """The model's transformers config (a LlamaConfig for supported models)."""
+        """The model's transformers config (LlamaConfig, Qwen3Config, ...: see peer.architectures)."""
         from transformers import AutoConfig
 
         try:

@@ -9,21 +9,7 @@ from typing import Any
 
 import torch
 
-from peer.errors import UnsupportedModel
-
-SUPPORTED_MODEL_TYPES = ("llama",)
-
-
-def check_supported(config: Any) -> None:
-    """Raise UnsupportedModel unless the config describes a Llama-architecture decoder we can split."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModel(
-            f"model type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
-            "(TinyLlama, SmolLM2, Llama 2/3)"
-        )
-    if getattr(config, "pretraining_tp", 1) not in (1, None):
-        raise UnsupportedModel("tensor-parallel pretraining checkpoints (pretraining_tp > 1) are not supported")
+from peer.architectures import architecture_of
 
 
 def head_dim(config: Any) -> int:
@@ -49,15 +35,15 @@ class ModelProfile:
 
     @classmethod
     def from_config(cls, config: Any, dtype: torch.dtype = torch.float32) -> ModelProfile:
-        """Profile a Llama-architecture config at `dtype`."""
-        check_supported(config)
+        """Profile a config of a supported architecture (`peer.architectures`) at `dtype`;
+        UnsupportedModel for any other."""
+        arch = architecture_of(config)
         d, i = config.hidden_size, config.intermediate_size
         hd, h, hkv = head_dim(config), config.num_attention_heads, config.num_key_value_heads
-        attn_bias = bool(getattr(config, "attention_bias", False))
+        qkv_bias, o_bias = arch.biases(config)
         mlp_bias = bool(getattr(config, "mlp_bias", False))
         attn = d * h * hd + 2 * d * hkv * hd + h * hd * d
-        if attn_bias:
-            attn += h * hd + 2 * hkv * hd + d
+        attn += (h * hd + 2 * hkv * hd if qkv_bias else 0) + (d if o_bias else 0) + (2 * hd if arch.qk_norm else 0)
         mlp = 3 * d * i + ((2 * i + d) if mlp_bias else 0)
         elt = torch.empty((), dtype=dtype).element_size()
         return cls(

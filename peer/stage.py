@@ -1,10 +1,11 @@
-"""One pipeline stage of a Llama-architecture model: the decoder layers [start, end), plus the
-token embeddings on the first stage and the final norm and LM head on the last. Plain torch.nn
-around transformers' own Llama modules and weights, so a chain of stages computes what the whole
-Hugging Face model computes. A forward pass takes the steps of several sessions at once as one
-ragged batch: every token of every session is a row of the token-wise work (norms, projections,
-MLP), and only attention runs per session, against that session's own KV cache. It knows nothing
-of sessions' lifetimes, budgets, files or networks."""
+"""One pipeline stage of a decoder-only model: the decoder layers [start, end), plus the token
+embeddings on the first stage and the final norm and LM head on the last. Plain torch.nn around
+transformers' own modules and weights for the model's architecture (`peer.architectures`: Llama,
+Qwen2, Qwen3), so a chain of stages computes what the whole Hugging Face model computes. A forward
+pass takes the steps of several sessions at once as one ragged batch: every token of every session
+is a row of the token-wise work (norms, projections, MLP), and only attention runs per session,
+against that session's own KV cache. It knows nothing of sessions' lifetimes, budgets, files or
+networks."""
 
 from __future__ import annotations
 
@@ -17,16 +18,11 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import (
-    LlamaDecoderLayer,
-    LlamaRMSNorm,
-    LlamaRotaryEmbedding,
-    apply_rotary_pos_emb,
-)
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from peer.architectures import architecture_of
 from peer.errors import LayerRangeError
 from peer.kv_cache import SessionKVCache
-from peer.profile import check_supported
 
 # Weights with at least this many elements go through oneDNN's inner product on CPU at float32:
 # on the CPUs measured it reads a large weight matrix up to 3x faster than the default BLAS path,
@@ -44,11 +40,13 @@ class Step:
 
 
 class StageModel(nn.Module):
-    """Layers [start, end) of a Llama model; embeddings if start == 0, norm and head if end == L."""
+    """Layers [start, end) of a model; embeddings if start == 0, norm and head if end == L.
+    UnsupportedModel for an architecture `peer.architectures` has no row for."""
 
     def __init__(self, config: Any, start: int, end: int) -> None:
         super().__init__()
-        check_supported(config)
+        self.architecture = architecture_of(config)
+        decoder_layer, rms_norm, rotary = self.architecture.classes()
         if not 0 <= start < end <= config.num_hidden_layers:
             raise LayerRangeError(f"stage range [{start}, {end}) is not inside [0, {config.num_hidden_layers})")
         config = copy.copy(config)
@@ -58,11 +56,11 @@ class StageModel(nn.Module):
         self.is_first, self.is_last = start == 0, end == config.num_hidden_layers
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if self.is_first else None
         # layer_idx stays global: the KV cache maps it to the stage's own buffers.
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, layer_idx=i) for i in range(start, end))
-        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if self.is_last else None
+        self.layers = nn.ModuleList(decoder_layer(config, layer_idx=i) for i in range(start, end))
+        self.norm = rms_norm(config.hidden_size, eps=config.rms_norm_eps) if self.is_last else None
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if self.is_last else None
         with torch.device("cpu"):  # rotary tables are computed, never loaded, even on a meta build
-            self.rotary_emb = LlamaRotaryEmbedding(config=config)
+            self.rotary_emb = rotary(config=config)
         # transformers' dynamic_rope_update: these types rescale by the largest position of a call.
         rope_type = str(self.rotary_emb.rope_type)
         self._rope_per_call = "dynamic" in rope_type or rope_type == "longrope"
@@ -109,7 +107,7 @@ class StageModel(nn.Module):
             at += n
         masks = [causal_mask(s.cache.length, s.positions.shape[1], hidden.device) for s in steps]
         for layer in self.layers:
-            hidden = self._layer(cast(LlamaDecoderLayer, layer), hidden, rope, steps, spans, masks)
+            hidden = self._layer(layer, hidden, rope, steps, spans, masks)
         if self.norm is None or self.lm_head is None:
             return [hidden[a:b].view(rows, t, d) for a, b, rows, t in spans]
         if all_logits:
@@ -138,7 +136,7 @@ class StageModel(nn.Module):
 
     def _layer(
         self,
-        layer: LlamaDecoderLayer,
+        layer: nn.Module,
         hidden: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         steps: Sequence[Step],
@@ -146,13 +144,16 @@ class StageModel(nn.Module):
         masks: list[torch.Tensor | None],
     ) -> torch.Tensor:
         """One decoder layer over the ragged batch hidden [N, D]: the arithmetic of transformers'
-        LlamaDecoderLayer with SDPA attention, with attention split by session."""
-        attn, mlp = layer.self_attn, layer.mlp
+        decoder layer of this architecture (LlamaDecoderLayer, and the table's differences) with
+        SDPA attention, with attention split by session."""
+        attn, mlp = cast(Any, layer.self_attn), cast(Any, layer.mlp)
         n, head_dim = hidden.shape[0], attn.head_dim
-        x = layer.input_layernorm(hidden)
+        x = cast(Any, layer).input_layernorm(hidden)
         q = linear(x, attn.q_proj).view(n, -1, head_dim)  # [N, H, hd]
         k = linear(x, attn.k_proj).view(n, -1, head_dim)  # [N, H_kv, hd]
         v = linear(x, attn.v_proj).view(n, -1, head_dim)
+        if self.architecture.qk_norm:  # per head, before the rotation
+            q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = apply_rotary_pos_emb(q, k, *rope, unsqueeze_dim=1)
         outputs = []
         decode = [y.view(n, 1, -1, head_dim).transpose(1, 2) for y in (q, k, v)]  # [N, H, 1, hd]: rows of one position
@@ -164,7 +165,7 @@ class StageModel(nn.Module):
             keys, values = step.cache.update(ks, vs, attn.layer_idx)  # [B, H_kv, past + T, hd]
             outputs.append(attend(qs, keys, values, mask, attn.scaling).transpose(1, 2).reshape(b - a, -1))
         hidden = hidden + linear(torch.cat(outputs) if len(outputs) > 1 else outputs[0], attn.o_proj)
-        x = layer.post_attention_layernorm(hidden)
+        x = cast(Any, layer).post_attention_layernorm(hidden)
         return hidden + linear(mlp.act_fn(linear(x, mlp.gate_proj)) * linear(x, mlp.up_proj), mlp.down_proj)
 
 
