@@ -1,7 +1,8 @@
 """What differs between the decoder-only architectures a stage can hold, in one table: the classes
 transformers itself uses for each architecture's decoder layer, RMSNorm and rotary embedding, and
-the few switches the stage's arithmetic and the memory profile read. A stage runs transformers'
-own modules and weights for every architecture here; nothing is copied per architecture.
+the few switches the stage's arithmetic and the start-up checks read (biases are the modules' own).
+A stage runs transformers' own modules and weights for every architecture here; nothing is copied
+per architecture.
 
 What the architectures here share (a pre-norm residual block: RMSNorm, attention with rotary
 positions, RMSNorm, gated MLP) is the stage's code; what they do not share is a row of this table.
@@ -27,9 +28,8 @@ class Architecture:
     module: str  # transformers' modeling module, e.g. "transformers.models.qwen3.modeling_qwen3"
     prefix: str  # its class names' prefix, e.g. "Qwen3"
     examples: str  # model families users know it by, for messages
-    qkv_bias: bool | None = None  # bias on the q, k, v projections; None: config.attention_bias says
-    o_bias: bool | None = None  # bias on the output projection; None: config.attention_bias says
     qk_norm: bool = False  # an RMSNorm over each head's queries and keys before the rotation
+    window_from_config: bool = False  # config.sliding_window, when set, limits every layer's attention
     gguf: bool = False  # GGUF files read (their Q/K rows un-permuted as llama.cpp's Llama converter permutes them)
 
     def classes(self) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
@@ -42,14 +42,6 @@ class Architecture:
             getattr(module, f"{p}RotaryEmbedding"),
         )
 
-    def biases(self, config: Any) -> tuple[bool, bool]:
-        """(q/k/v bias, output bias) for a config of this architecture."""
-        configured = bool(getattr(config, "attention_bias", False))
-        return (
-            configured if self.qkv_bias is None else self.qkv_bias,
-            configured if self.o_bias is None else self.o_bias,
-        )
-
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.model_type: a
@@ -57,9 +49,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("llama", "transformers.models.llama.modeling_llama", "Llama", "TinyLlama, SmolLM2, Llama 2/3",
                      gguf=True),
         Architecture("mistral", "transformers.models.mistral.modeling_mistral", "Mistral",
-                     "Mistral 7B v0.2 and later, without a sliding window"),
-        Architecture("qwen2", "transformers.models.qwen2.modeling_qwen2", "Qwen2", "Qwen2, Qwen2.5",
-                     qkv_bias=True, o_bias=False),
+                     "Mistral 7B v0.2 and later, without a sliding window", window_from_config=True),
+        Architecture("qwen2", "transformers.models.qwen2.modeling_qwen2", "Qwen2", "Qwen2, Qwen2.5"),
         Architecture("qwen3", "transformers.models.qwen3.modeling_qwen3", "Qwen3", "Qwen3 dense", qk_norm=True),
     )
 }  # fmt: skip
@@ -67,17 +58,19 @@ ARCHITECTURES: dict[str, Architecture] = {
 
 def architecture_of(config: Any) -> Architecture:
     """The table's row for `config`. UnsupportedModel, naming the model type and listing the supported
-    ones, for a model type not in the table or a config whose layers use what no row describes
-    (sliding-window attention, tensor-parallel pretraining)."""
+    ones, for a model type not in the table or a config whose layers use what no row describes:
+    sliding-window attention (a `layer_types` entry other than full attention; for a row that reads
+    it, a `sliding_window` shorter than the context), tensor-parallel pretraining."""
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:
         supported = "; ".join(f"{a.model_type} ({a.examples})" for a in ARCHITECTURES.values())
         raise UnsupportedModel(f"model type {model_type!r} is not supported; supported: {supported}")
-    layer_types = getattr(config, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types) or (
-        getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    arch = ARCHITECTURES[model_type]
+    window = getattr(config, "sliding_window", None) if arch.window_from_config else None
+    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or []) or (
+        window is not None and window < config.max_position_embeddings  # a window no sequence reaches is none
     ):
         raise UnsupportedModel(f"{model_type}: sliding-window attention layers are not supported yet")
     if getattr(config, "pretraining_tp", 1) not in (1, None):
         raise UnsupportedModel("tensor-parallel pretraining checkpoints (pretraining_tp > 1) are not supported")
-    return ARCHITECTURES[model_type]
+    return arch

@@ -154,11 +154,17 @@ def unpermute_rope_rows(weights: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def open_checkpoint(files: ModelFiles, config: Any, dtype: torch.dtype | None = None) -> TensorSource:
     """Open the tensor source of a resolved model for stages of `dtype`; close it when they are built.
-    UnsupportedModel for a GGUF file of an architecture whose GGUF layout is not read here."""
+    UnsupportedModel where `check_readable` refuses it."""
+    check_readable(files, config)
     if files.format == "gguf":
-        if not architecture_of(config).gguf:
-            raise UnsupportedModel(
-                f"GGUF files of {config.model_type} models are not read yet; use the model's safetensors checkpoint"
-            )
         return GGUFSource(files.gguf_path, config.num_attention_heads, config.num_key_value_heads)
     return SafetensorsSource(files.weights, dtype)
+
+
+def check_readable(files: ModelFiles, config: Any) -> None:
+    """UnsupportedModel for a checkpoint whose format is not read here for its architecture (a GGUF
+    file of a row without GGUF support); a peer calls it at start, before it takes any layers."""
+    if files.format == "gguf" and not architecture_of(config).gguf:
+        raise UnsupportedModel(
+            f"GGUF files of {config.model_type} models are not read yet; use the model's safetensors checkpoint"
+        )

@@ -27,7 +27,7 @@ class ModelProfile:
     max_position_embeddings: int
     dtype: torch.dtype
     tied_embeddings: bool
-    layer_bytes: int  # one decoder layer: attention, MLP, two norms
+    layer_bytes: int  # one decoder layer: attention (with any biases and QK norms), MLP, norms
     embedding_bytes: int  # token embedding table, held by the first stage
     norm_bytes: int  # final RMSNorm, held by the last stage
     head_bytes: int  # LM head, held by the last stage (a copy of the embeddings when tied)
@@ -37,14 +37,10 @@ class ModelProfile:
     def from_config(cls, config: Any, dtype: torch.dtype = torch.float32) -> ModelProfile:
         """Profile a config of a supported architecture (`peer.architectures`) at `dtype`;
         UnsupportedModel for any other."""
-        arch = architecture_of(config)
-        d, i = config.hidden_size, config.intermediate_size
-        hd, h, hkv = head_dim(config), config.num_attention_heads, config.num_key_value_heads
-        qkv_bias, o_bias = arch.biases(config)
-        mlp_bias = bool(getattr(config, "mlp_bias", False))
-        attn = d * h * hd + 2 * d * hkv * hd + h * hd * d
-        attn += (h * hd + 2 * hkv * hd if qkv_bias else 0) + (d if o_bias else 0) + (2 * hd if arch.qk_norm else 0)
-        mlp = 3 * d * i + ((2 * i + d) if mlp_bias else 0)
+        decoder_layer, _, _ = architecture_of(config).classes()
+        d, hd, hkv = config.hidden_size, head_dim(config), config.num_key_value_heads
+        with torch.device("meta"):  # shapes only: what transformers builds, biases and norms included
+            layer = sum(p.numel() for p in decoder_layer(config, layer_idx=0).parameters())
         elt = torch.empty((), dtype=dtype).element_size()
         return cls(
             num_layers=config.num_hidden_layers,
@@ -53,7 +49,7 @@ class ModelProfile:
             max_position_embeddings=config.max_position_embeddings,
             dtype=dtype,
             tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-            layer_bytes=(attn + mlp + 2 * d) * elt,
+            layer_bytes=layer * elt,
             embedding_bytes=config.vocab_size * d * elt,
             norm_bytes=d * elt,
             head_bytes=config.vocab_size * d * elt,

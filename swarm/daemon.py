@@ -23,6 +23,7 @@ from typing import Any
 import platformdirs
 from aiohttp import web
 
+from peer.checkpoint import check_readable
 from peer.config import default_config_path, read_config_file
 from peer.errors import ConfigError, ModelStoreError, SwarmError
 from peer.model_store import ModelStore
@@ -128,6 +129,7 @@ def build_node(config: SwarmConfig, keyring: Keyring, *, show_progress: bool = T
     resources = detect_resources(config.peer.resources)
     dtype = resolve_dtype(config.peer.model.dtype, resources.device)
     profile = ModelProfile.from_config(model_config, dtype)
+    check_readable(files, model_config)  # refused now, not after the layer map hands this peer layers
     try:
         tokenizer: Tokenizer | None = Tokenizer.from_dir(files.meta_dir, model_config)
     except ModelStoreError as e:

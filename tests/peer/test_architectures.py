@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from peer.architectures import ARCHITECTURES, architecture_of
-from peer.checkpoint import open_checkpoint
+from peer.checkpoint import check_readable, open_checkpoint
 from peer.config import StoreConfig
 from peer.errors import UnsupportedModel
 from peer.executor import StageExecutor, StepRequest, StepResult
@@ -42,17 +42,24 @@ def tiny_config(model_type: str, **extra):
     return AutoConfig.for_model(model_type, **{**shape, **extra})
 
 
+def randomised(model):
+    """`model` with every norm weight and bias drawn too (they start at one and zero), so that a norm
+    applied in the wrong place, or a bias left out, shows in the logits."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.5)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+    return model
+
+
 @pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
 def checkpoint(request, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random checkpoint of each supported architecture, saved with save_pretrained."""
     config = tiny_config(request.param, **({"sliding_window": None} if request.param == "mistral" else {}))
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    if request.param == "qwen2":  # its biases start at zero: give them values, so that they count
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(0, 0.5)
+    model = randomised(AutoModelForCausalLM.from_config(config))
     path = tmp_path_factory.mktemp(f"tiny-{request.param}")
     model.save_pretrained(path)
     return path
@@ -98,14 +105,21 @@ def test_sessions_in_one_pass_get_what_each_gets_alone(checkpoint: Path, tmp_pat
         assert torch.allclose(alone[sid].logits, together[sid].logits, atol=1e-5, rtol=0), sid
 
 
-def test_the_profile_counts_what_transformers_builds(checkpoint: Path) -> None:
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"tie_word_embeddings": True}, {"attention_bias": True}, {"mlp_bias": True}, {"head_dim": 32}],
+    ids=lambda e: ",".join(e) or "plain",
+)
+def test_the_profile_counts_what_transformers_builds(checkpoint: Path, extra: dict) -> None:
+    """Also for keys some architectures ignore (mistral's attention_bias, the Qwens' mlp_bias)."""
     config = AutoConfig.from_pretrained(checkpoint)
-    profile = ModelProfile.from_config(config)
-    decoder_layer, _, _ = architecture_of(config).classes()
-    built = sum(p.numel() for p in decoder_layer(config, layer_idx=0).parameters()) * 4
+    for key, value in extra.items():
+        setattr(config, key, value)
+    profile = ModelProfile.from_config(config, torch.bfloat16)
     model = AutoModelForCausalLM.from_config(config)
-    assert profile.layer_bytes == built
-    assert profile.total_weight_bytes == sum(p.numel() for p in model.parameters()) * 4
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    assert profile.layer_bytes == layer * 2
+    assert profile.total_weight_bytes == sum(p.numel() for p in model.parameters()) * 2
 
 
 def test_an_unsupported_architecture_is_refused_by_name() -> None:
@@ -117,6 +131,17 @@ def test_an_unsupported_architecture_is_refused_by_name() -> None:
     sliding = tiny_config("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=0)
     with pytest.raises(UnsupportedModel, match="sliding-window"):
         architecture_of(sliding)
-    assert architecture_of(tiny_config("qwen2", sliding_window=16)).model_type == "qwen2"  # a window not in use
+    # Windows that no layer uses, or that no sequence reaches, are no windows.
+    for config in (
+        tiny_config("qwen2", sliding_window=16),  # use_sliding_window false, as Qwen2.5 ships
+        tiny_config("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=LAYERS),
+        tiny_config("mistral", sliding_window=128),  # max_position_embeddings
+    ):
+        assert architecture_of(config).model_type == config.model_type
+    gguf, safetensors = SimpleNamespace(format="gguf"), SimpleNamespace(format="safetensors")
     with pytest.raises(UnsupportedModel, match="GGUF files of qwen3 models are not read yet"):
-        open_checkpoint(SimpleNamespace(format="gguf"), tiny_config("qwen3"))  # type: ignore[arg-type]
+        open_checkpoint(gguf, tiny_config("qwen3"))  # type: ignore[arg-type]
+    with pytest.raises(UnsupportedModel, match="GGUF files of qwen2 models"):
+        check_readable(gguf, tiny_config("qwen2"))  # type: ignore[arg-type]  # what a peer checks at start
+    check_readable(gguf, tiny_config("llama"))  # type: ignore[arg-type]
+    check_readable(safetensors, tiny_config("qwen3"))  # type: ignore[arg-type]

@@ -1,7 +1,7 @@
 """Three `swarm-peer` processes serving a tiny random checkpoint of each architecture beyond Llama
 (save_pretrained, with a word-level tokenizer): the layer map splits it over all three, and greedy
 output equals Hugging Face's single-process model token for token, also for a batch of sessions
-at once."""
+at once. A peer given a checkpoint it cannot read refuses at start."""
 
 from __future__ import annotations
 
@@ -9,13 +9,19 @@ import json
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.peer.test_architectures import tiny_config
+from peer.errors import UnsupportedModel
+from peer.model_store import ModelFiles, ModelStore
+from swarm.auth import Keyring
+from swarm.daemon import build_node
+from tests.peer.test_architectures import randomised, tiny_config
+from tests.swarm.inproc import make_config
 from tests.swarm.procs import PeerProcess, start_seeded_swarm, write_config
 from tests.swarm.test_fuzz import write_word_tokenizer
 
@@ -33,7 +39,7 @@ def swarm(request, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
     tmp = tmp_path_factory.mktemp(f"arch-{request.param}")
     model_dir = tmp / "model"
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(request.param, num_hidden_layers=6))
+    model = randomised(AutoModelForCausalLM.from_config(tiny_config(request.param, num_hidden_layers=6)))
     model.save_pretrained(model_dir)
     write_word_tokenizer(model_dir, 256)
     config = write_config(tmp / "config.yaml", tmp / "cache", model={"spec": str(model_dir)})
@@ -74,3 +80,15 @@ def test_greedy_output_is_hugging_faces_token_for_token(swarm) -> None:
     with ThreadPoolExecutor(len(PROMPTS)) as pool:  # at once: the stages' passes carry several sessions
         together = list(pool.map(lambda p: greedy_ids(swarm["entry"], p), PROMPTS))
     assert together == [expected[tuple(p)] for p in PROMPTS]
+
+
+def test_a_peer_refuses_a_gguf_it_cannot_read_at_start(tmp_path: Path, monkeypatch) -> None:
+    """Before it joins a swarm and takes layers, not when it loads them (it would retry for ever)."""
+    meta = tmp_path / "meta"
+    tiny_config("qwen3").save_pretrained(meta)
+    files = ModelFiles(spec="qwen3.gguf", format="gguf", weights=(tmp_path / "qwen3.gguf",), meta_dir=meta)
+    monkeypatch.setattr(ModelStore, "resolve", lambda self, spec: files)
+    monkeypatch.setattr(ModelStore, "fingerprint", lambda self, f: "0" * 64)
+    config = make_config(tmp_path, tmp_path / "qwen3.gguf", "a", [])
+    with pytest.raises(UnsupportedModel, match="GGUF files of qwen3 models are not read yet"):
+        build_node(config, Keyring.of(b"k" * 32), show_progress=False)
