@@ -9,7 +9,6 @@ import itertools
 import re
 from fractions import Fraction
 from random import Random
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -229,9 +228,10 @@ def flat_profile(num_layers: int, layer_bytes: int, embedding_bytes: int = 0, he
 
 
 def smollm2_profile() -> ModelProfile:
-    """SmolLM2-135M's shape from the config fields from_config reads (importing transformers takes seconds)."""
-    config = SimpleNamespace(
-        model_type="llama",
+    """SmolLM2-135M's shape (its config's fields; the profile builds one layer on the meta device)."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
         vocab_size=49152,
         hidden_size=576,
         intermediate_size=1536,
