@@ -1,8 +1,9 @@
 """Read individual tensors from a checkpoint without loading the rest of it. Safetensors files and
 GGUF files are both memory-mapped; a tensor's bytes are touched only when it is read. Both sources
-speak Hugging Face Llama names (`model.layers.3.self_attn.q_proj.weight`) and return tensors in
-Hugging Face layout, so GGUF tensors are dequantized and their Q/K rows un-permuted here. This
-module knows file formats; which tensors a stage needs is `peer.shard`'s business."""
+speak Hugging Face names (`model.layers.3.self_attn.q_proj.weight`) and return tensors in Hugging
+Face layout, so GGUF tensors are dequantized here and what llama.cpp's converter did to them for
+the architecture (`peer.architectures.GGUFLayout`) undone. This module knows file formats; which
+tensors a stage needs is `peer.shard`'s business."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
-from peer.architectures import architecture_of
+from peer.architectures import GGUFLayout, architecture_of
 from peer.errors import CheckpointError, UnsupportedModel
 from peer.gguf_file import GGUFFile
 from peer.model_store import ModelFiles
@@ -20,18 +21,8 @@ from peer.model_store import ModelFiles
 # torch dtypes -> the names safetensors headers use.
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
-# GGUF (llama.cpp) tensor names -> Hugging Face Llama names.
-_GGUF_LAYER = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
+# GGUF (llama.cpp) names of the tensors outside the layers -> Hugging Face names; the layers' own
+# names depend on the architecture (`peer.architectures.GGUFLayout`).
 _GGUF_GLOBAL = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -102,14 +93,16 @@ class SafetensorsSource:
 
 
 class GGUFSource:
-    """Tensors of a llama.cpp GGUF file, dequantized to float32 as they are read."""
+    """Tensors of a llama.cpp GGUF file, dequantized to float32 as they are read, with what llama.cpp's
+    converter did to them undone as `layout` describes (Q/K row permutation, norm weight offsets)."""
 
-    def __init__(self, path: Path, num_heads: int, num_kv_heads: int) -> None:
+    def __init__(self, path: Path, layout: GGUFLayout, num_heads: int, num_kv_heads: int) -> None:
         self._file: GGUFFile | None = GGUFFile(path)  # reads the header and tensor index only
-        self._heads = {"attn_q": num_heads, "attn_k": num_kv_heads}
+        self._layout = layout
+        self._heads = {"attn_q": num_heads, "attn_k": num_kv_heads} if layout.permuted_qk else {}
         self._tensors: dict[str, tuple[str, str]] = {}
         for gguf_name in self._file.tensors:
-            hf, kind = _gguf_to_hf(gguf_name)
+            hf, kind = _gguf_to_hf(gguf_name, layout)
             if hf is not None:
                 self._tensors[hf] = (gguf_name, kind)
 
@@ -123,6 +116,8 @@ class GGUFSource:
         weights = self._file.read(gguf_name)
         if kind in self._heads:
             weights = unpermute_rope_rows(weights, self._heads[kind])
+        if self._layout.norm_offset and kind.endswith("norm") and gguf_name.endswith(".weight"):
+            weights = weights - self._layout.norm_offset  # float32, as transformers' GGUF loader subtracts
         return weights if dtype is None else weights.to(dtype)
 
     def close(self) -> None:
@@ -132,13 +127,13 @@ class GGUFSource:
             self._file = None
 
 
-def _gguf_to_hf(name: str) -> tuple[str | None, str]:
+def _gguf_to_hf(name: str, layout: GGUFLayout) -> tuple[str | None, str]:
     m = _GGUF_NAME.match(name)
     if m:
         layer, kind, suffix = m.groups()
-        if kind not in _GGUF_LAYER:
+        if kind not in layout.layer_names:
             return None, kind
-        return f"model.layers.{layer}.{_GGUF_LAYER[kind]}.{suffix}", kind
+        return f"model.layers.{layer}.{layout.layer_names[kind]}.{suffix}", kind
     base, _, suffix = name.rpartition(".")
     return (f"{_GGUF_GLOBAL[base]}.{suffix}", base) if base in _GGUF_GLOBAL else (None, base)
 
@@ -156,15 +151,16 @@ def open_checkpoint(files: ModelFiles, config: Any, dtype: torch.dtype | None = 
     """Open the tensor source of a resolved model for stages of `dtype`; close it when they are built.
     UnsupportedModel where `check_readable` refuses it."""
     check_readable(files, config)
-    if files.format == "gguf":
-        return GGUFSource(files.gguf_path, config.num_attention_heads, config.num_key_value_heads)
+    layout = architecture_of(config).gguf
+    if files.format == "gguf" and layout is not None:
+        return GGUFSource(files.gguf_path, layout, config.num_attention_heads, config.num_key_value_heads)
     return SafetensorsSource(files.weights, dtype)
 
 
 def check_readable(files: ModelFiles, config: Any) -> None:
     """UnsupportedModel for a checkpoint whose format is not read here for its architecture (a GGUF
     file of a row without GGUF support); a peer calls it at start, before it takes any layers."""
-    if files.format == "gguf" and not architecture_of(config).gguf:
+    if files.format == "gguf" and architecture_of(config).gguf is None:
         raise UnsupportedModel(
             f"GGUF files of {config.model_type} models are not read yet; use the model's safetensors checkpoint"
         )

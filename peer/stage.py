@@ -1,7 +1,8 @@
 """One pipeline stage of a decoder-only model: the decoder layers [start, end), plus the token
 embeddings on the first stage and the final norm and LM head on the last. Plain torch.nn around
 transformers' own modules and weights for the model's architecture (`peer.architectures`: Llama,
-Mistral, Qwen2, Qwen3), so a chain of stages computes what the whole Hugging Face model computes.
+Mistral, Qwen2, Qwen3, Gemma 3), so a chain of stages computes what the whole Hugging Face model
+computes.
 A forward pass takes the steps of several sessions at once as one ragged batch: every token of
 every session is a row of the token-wise work (norms, projections, MLP), and only attention runs
 per session, against that session's own KV cache. It knows nothing of sessions' lifetimes,
@@ -45,8 +46,8 @@ class StageModel(nn.Module):
 
     def __init__(self, config: Any, start: int, end: int) -> None:
         super().__init__()
-        self.architecture = architecture_of(config)
-        decoder_layer, rms_norm, rotary = self.architecture.classes()
+        self.architecture = arch = architecture_of(config)
+        decoder_layer, rms_norm, rotary = arch.classes()
         if not 0 <= start < end <= config.num_hidden_layers:
             raise LayerRangeError(f"stage range [{start}, {end}) is not inside [0, {config.num_hidden_layers})")
         config = copy.copy(config)
@@ -59,11 +60,17 @@ class StageModel(nn.Module):
         self.layers = nn.ModuleList(decoder_layer(config, layer_idx=i) for i in range(start, end))
         self.norm = rms_norm(config.hidden_size, eps=config.rms_norm_eps) if self.is_last else None
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if self.is_last else None
-        with torch.device("cpu"):  # rotary tables are computed, never loaded, even on a meta build
+        with torch.device("cpu"):  # rotary tables and scales are computed, never loaded, even on a meta build
             self.rotary_emb = rotary(config=config)
+            # As Gemma3TextScaledWordEmbedding: a float32 scalar, rounded to the weights' dtype when used.
+            self._embed_scale = torch.tensor(config.hidden_size**0.5) if arch.scaled_embeddings else None
         # transformers' dynamic_rope_update: these types rescale by the largest position of a call.
-        rope_type = str(self.rotary_emb.rope_type)
-        self._rope_per_call = "dynamic" in rope_type or rope_type == "longrope"
+        rope_types = self.rotary_emb.rope_type  # one type, or one per layer type
+        types = rope_types.values() if isinstance(rope_types, dict) else [rope_types]
+        self._rope_per_call = any("dynamic" in str(t) or t == "longrope" for t in types)
+        self._rope_keys = [arch.rope_key(config, i) for i in range(start, end)]
+        self._windows = [arch.layer_window(config, cast(Any, layer).self_attn) for layer in self.layers]
+        self._logit_cap: float | None = getattr(config, "final_logit_softcapping", None)
 
     def checkpoint_names(self) -> dict[str, str]:
         """This module's parameter names -> the Hugging Face checkpoint names they load from."""
@@ -97,41 +104,57 @@ class StageModel(nn.Module):
         d = self.config.hidden_size
         if self.embed_tokens is not None:
             hidden = self.embed_tokens(torch.cat([s.inputs.reshape(-1) for s in steps]))  # [N, D]
+            if self._embed_scale is not None:
+                hidden = hidden * self._embed_scale.to(hidden.dtype)
         else:
             hidden = torch.cat([s.inputs.reshape(-1, d) for s in steps])  # [N, D]
-        rope = self._rope(hidden, steps)  # [N, head_dim]: one row per token, broadcast over heads
+        # [N, head_dim] per rotary table: one row per token, broadcast over heads
+        ropes = {key: self._rope(hidden, steps, key) for key in dict.fromkeys(self._rope_keys)}
         spans, at = [], 0
         for s in steps:
             n = s.positions.numel()
             spans.append((at, at + n, *s.positions.shape))
             at += n
-        masks = [causal_mask(s.cache.length, s.positions.shape[1], hidden.device) for s in steps]
-        for layer in self.layers:
-            hidden = self._layer(layer, hidden, rope, steps, spans, masks)
+        masks = {
+            window: [attention_mask(s.cache.length, s.positions.shape[1], window, hidden.device) for s in steps]
+            for window in dict.fromkeys(self._windows)
+        }
+        for layer, key, window in zip(self.layers, self._rope_keys, self._windows, strict=True):
+            hidden = self._layer(layer, hidden, ropes[key], steps, spans, masks[window])
         if self.norm is None or self.lm_head is None:
             return [hidden[a:b].view(rows, t, d) for a, b, rows, t in spans]
         if all_logits:
-            logits = linear(self.norm(hidden), self.lm_head)  # [N, V]
+            logits = self._logits(hidden)  # [N, V]
             return [logits[a:b].view(rows, t, -1) for a, b, rows, t in spans]
         # Only the next token's logits are needed: the last position of every row of every step.
         if any(t > 1 for *_, t in spans):  # rows of several positions: keep each row's last
             hidden = hidden[torch.cat([torch.arange(a + t - 1, b, t, device=hidden.device) for a, b, _, t in spans])]
-        logits = linear(self.norm(hidden), self.lm_head)  # [rows in all, V]
+        logits = self._logits(hidden)  # [rows in all, V]
         return list(logits.split([rows for _, _, rows, _ in spans]))
 
-    def _rope(self, hidden: torch.Tensor, steps: Sequence[Step]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rotary (cos, sin) tables [N, head_dim] of every row of the pass, in row order.
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [N, V] of final hidden states [N, D]: norm, LM head, and the config's soft cap if any."""
+        assert self.norm is not None and self.lm_head is not None
+        logits = linear(self.norm(hidden), self.lm_head)
+        if self._logit_cap is not None:  # as Gemma3ForCausalLM (and Gemma 2) cap them
+            logits = torch.tanh(logits / self._logit_cap) * self._logit_cap
+        return logits
+
+    def _rope(self, hidden: torch.Tensor, steps: Sequence[Step], key: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary (cos, sin) tables [N, head_dim] of every row of the pass, in row order, for the
+        layers whose rotary key (`Architecture.rope_key`) is `key`.
 
         A fixed RoPE is a function of the position alone, element by element, so one call covers
         every step and gives each row bitwise what a call for its step alone gives. A RoPE that
         rescales with the largest position it is given (dynamic, longrope) gets one call per step.
         """
+        extra = () if key is None else (key,)
         if self._rope_per_call and len(steps) > 1:
-            tables = [self.rotary_emb(hidden[None, :1], s.positions.reshape(1, -1)) for s in steps]  # [1, n, hd]
-            cos, sin = (torch.cat([t[i][0] for t in tables]) for i in (0, 1))
+            tables = [self.rotary_emb(hidden[None, :1], s.positions.reshape(1, -1), *extra) for s in steps]
+            cos, sin = (torch.cat([t[i][0] for t in tables]) for i in (0, 1))  # from [1, n, hd] each
             return cos, sin
         positions = torch.cat([s.positions.reshape(-1) for s in steps]) if len(steps) > 1 else steps[0].positions
-        cos, sin = self.rotary_emb(hidden[None, :1], positions.reshape(1, -1))  # [1, N, hd]
+        cos, sin = self.rotary_emb(hidden[None, :1], positions.reshape(1, -1), *extra)  # [1, N, hd]
         return cos[0], sin[0]
 
     def _layer(
@@ -141,11 +164,11 @@ class StageModel(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         steps: Sequence[Step],
         spans: list[tuple[int, int, int, int]],
-        masks: list[torch.Tensor | None],
+        masks: list[tuple[int, torch.Tensor | None]],
     ) -> torch.Tensor:
         """One decoder layer over the ragged batch hidden [N, D]: the arithmetic of transformers'
         decoder layer of this architecture (LlamaDecoderLayer, and the table's differences) with
-        SDPA attention, with attention split by session."""
+        SDPA attention, with attention split by session; masks per step as `attention_mask` gives."""
         attn, mlp = cast(Any, layer.self_attn), cast(Any, layer.mlp)
         n, head_dim = hidden.shape[0], attn.head_dim
         x = cast(Any, layer).input_layernorm(hidden)
@@ -157,16 +180,25 @@ class StageModel(nn.Module):
         q, k = apply_rotary_pos_emb(q, k, *rope, unsqueeze_dim=1)
         outputs = []
         decode = [y.view(n, 1, -1, head_dim).transpose(1, 2) for y in (q, k, v)]  # [N, H, 1, hd]: rows of one position
-        for step, (a, b, rows, t), mask in zip(steps, spans, masks, strict=True):
+        for step, (a, b, rows, t), (first, mask) in zip(steps, spans, masks, strict=True):
             if t == 1:
                 qs, ks, vs = (y[a:b] for y in decode)
             else:  # [B, H, T, hd]
                 qs, ks, vs = (y[a:b].view(rows, t, -1, head_dim).transpose(1, 2) for y in (q, k, v))
             keys, values = step.cache.update(ks, vs, attn.layer_idx)  # [B, H_kv, past + T, hd]
+            if first:  # a sliding window: the keys before it are out of every query's reach
+                keys, values = (y.narrow(2, first, y.shape[2] - first) for y in (keys, values))
             outputs.append(attend(qs, keys, values, mask, attn.scaling).transpose(1, 2).reshape(b - a, -1))
-        hidden = hidden + linear(torch.cat(outputs) if len(outputs) > 1 else outputs[0], attn.o_proj)
-        x = cast(Any, layer).post_attention_layernorm(hidden)
-        return hidden + linear(mlp.act_fn(linear(x, mlp.gate_proj)) * linear(x, mlp.up_proj), mlp.down_proj)
+        out = linear(torch.cat(outputs) if len(outputs) > 1 else outputs[0], attn.o_proj)
+        norms = cast(Any, layer)
+        if not self.architecture.sandwich_norms:
+            hidden = hidden + out
+            x = norms.post_attention_layernorm(hidden)
+            return hidden + linear(mlp.act_fn(linear(x, mlp.gate_proj)) * linear(x, mlp.up_proj), mlp.down_proj)
+        hidden = hidden + norms.post_attention_layernorm(out)
+        x = norms.pre_feedforward_layernorm(hidden)
+        out = linear(mlp.act_fn(linear(x, mlp.gate_proj)) * linear(x, mlp.up_proj), mlp.down_proj)
+        return hidden + norms.post_feedforward_layernorm(out)
 
 
 def attend(
@@ -204,6 +236,22 @@ def onednn() -> bool:
     except RuntimeError:
         return False
     return bool(torch.allclose(got, F.linear(x, w), atol=1e-4))
+
+
+def attention_mask(past: int, new: int, window: int | None, device: torch.device) -> tuple[int, torch.Tensor | None]:
+    """(first, mask): queries at positions [past, past + new) attend to keys [first, past + new), with
+    a boolean mask [1, 1, new, past + new - first], or None where SDPA's own causal rule (or none) is
+    exact. `window` as transformers' sliding_window_overlay counts it: a key at a distance under
+    `window` from its query (None: the whole past)."""
+    end = past + new
+    if window is None or end <= window:
+        return 0, causal_mask(past, new, device)
+    first = max(0, past - window + 1)  # the earliest key of the first query
+    if new == 1:
+        return first, None
+    query = torch.arange(past, end, device=device)[:, None]
+    key = torch.arange(first, end, device=device)[None, :]
+    return first, ((key <= query) & (key > query - window))[None, None]
 
 
 def causal_mask(past: int, new: int, device: torch.device) -> torch.Tensor | None:

@@ -1,11 +1,14 @@
 """Every architecture in `peer.architectures` runs as stages that compute what its whole Hugging
 Face model computes: tiny random checkpoints written with save_pretrained, split into 1, 2, 3 and L
-single-layer stages, give logits within 1e-4 (float32) and the same greedy tokens; sessions in one
-pass get what they get alone; the memory profile counts exactly the parameters transformers builds;
-an unsupported architecture, or an unsupported part of one, is refused by name."""
+single-layer stages, give logits within 1e-4 (float32) and the same greedy tokens, also with a
+prefill in chunks and a replayed step; sessions in one pass get what they get alone; the memory
+profile counts exactly the parameters transformers builds; an unsupported architecture, or an
+unsupported part of one, is refused by name. Sliding windows are a few positions wide, so prompts
+and decodes run past them."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,9 +24,30 @@ from peer.executor import StageExecutor, StepRequest, StepResult
 from peer.model_store import ModelStore
 from peer.pipeline import LocalPipeline, even_split, load_stages
 from peer.profile import ModelProfile
+from peer.stage import attention_mask
 from tests.peer.test_exactness import STEPS, assert_same_run, hf_reference, pipeline_run
 
 LAYERS = 4
+# Per architecture, what its tiny checkpoint sets beyond `tiny_config`'s shape: the parts that set
+# it apart in use, windows short enough that a 7-token prompt and 8 steps run past them.
+VARIANTS = {
+    "llama": {},
+    "mistral": {"sliding_window": 3},
+    "qwen2": {},  # Qwen2.5 ships without sliding windows
+    "qwen3": {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 2},  # layers 2, 3 slide
+    "gemma3_text": {
+        "sliding_window_pattern": 3,  # layers 0, 1 slide, 2 is global, 3 slides (and 4 slides, 5 is global)
+        "sliding_window": 4,
+        "head_dim": 32,
+        "query_pre_attn_scalar": 24,  # attention scaled by 24 ** -0.5, not head_dim ** -0.5
+        "rope_parameters": {  # global layers: another base, and a scaled RoPE
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        "final_logit_softcapping": 5.0,
+        "tie_word_embeddings": True,
+    },
+}
 
 
 def tiny_config(model_type: str, **extra):
@@ -57,7 +81,7 @@ def randomised(model):
 @pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
 def checkpoint(request, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random checkpoint of each supported architecture, saved with save_pretrained."""
-    config = tiny_config(request.param, **({"sliding_window": None} if request.param == "mistral" else {}))
+    config = tiny_config(request.param, **VARIANTS[request.param])
     torch.manual_seed(0)
     model = randomised(AutoModelForCausalLM.from_config(config))
     path = tmp_path_factory.mktemp(f"tiny-{request.param}")
@@ -80,9 +104,28 @@ def test_stages_match_hugging_face(checkpoint: Path, tmp_path: Path, split: str)
     assert_same_run(ours, reference)
 
 
+def test_chunked_prefill_and_replay_match_hugging_face(checkpoint: Path, tmp_path: Path) -> None:
+    """A prefill in two chunks (the second one past the windows) and a decode step replayed after a
+    rewind give Hugging Face's logits."""
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    prompt = torch.tensor([[3, 17, 42, 99, 5, 250, 7, 64, 31]])
+    ref_logits, ref_tokens = hf_reference(model, prompt, 3)
+    pipe = LocalPipeline(stages_of(checkpoint, tmp_path, even_split(LAYERS, 2)))
+    pipe.open("s", 16)
+    pipe.step("s", prompt[:, :2], 0)
+    result = pipe.step("s", prompt[:, 2:], 2, all_logits=True)
+    assert torch.allclose(result.logits[0], ref_logits[0][2:], atol=1e-4, rtol=0)
+    first = torch.tensor([[ref_tokens[0]]])
+    pipe.step("s", first, 9)
+    again = pipe.step("s", first, 9, all_logits=True)  # replayed, as after a lost reply: overwrites
+    assert torch.allclose(again.logits[0], ref_logits[1], atol=1e-4, rtol=0)
+    assert int(again.tokens[0]) == ref_tokens[1]
+    pipe.close("s")
+
+
 def test_sessions_in_one_pass_get_what_each_gets_alone(checkpoint: Path, tmp_path: Path) -> None:
     (stage,) = stages_of(checkpoint, tmp_path, [(0, LAYERS)])
-    prompts = {"a": [5, 6, 7], "b": [9, 1, 2, 3, 4, 8], "c": [11]}
+    prompts = {"a": [5, 6, 7], "b": [9, 1, 2, 3, 4, 8], "c": [11]}  # b runs past the windows
 
     def run(together: bool) -> dict[str, StepResult]:
         ex = StageExecutor(stage)
@@ -122,26 +165,39 @@ def test_the_profile_counts_what_transformers_builds(checkpoint: Path, extra: di
     assert profile.total_weight_bytes == sum(p.numel() for p in model.parameters()) * 2
 
 
-def test_an_unsupported_architecture_is_refused_by_name() -> None:
-    with pytest.raises(UnsupportedModel, match=r"'gpt2' is not supported; supported: llama .*mistral .*qwen2 .*qwen3"):
+def test_an_unsupported_architecture_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    supported = r"supported: llama .*mistral .*qwen2 .*qwen3 .*gemma3_text"
+    with pytest.raises(UnsupportedModel, match=rf"'gpt2' is not supported; {supported}"):
         architecture_of(AutoConfig.for_model("gpt2"))
-    mistral = tiny_config("mistral", sliding_window=16)
-    with pytest.raises(UnsupportedModel, match="mistral: sliding-window attention"):
-        ModelProfile.from_config(mistral)
-    sliding = tiny_config("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=0)
-    with pytest.raises(UnsupportedModel, match="sliding-window"):
-        architecture_of(sliding)
-    # Windows that no layer uses, or that no sequence reaches, are no windows.
-    for config in (
-        tiny_config("qwen2", sliding_window=16),  # use_sliding_window false, as Qwen2.5 ships
-        tiny_config("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=LAYERS),
-        tiny_config("mistral", sliding_window=128),  # max_position_embeddings
-    ):
-        assert architecture_of(config).model_type == config.model_type
+    with pytest.raises(UnsupportedModel, match=r"'gemma3' is not supported \(for Gemma 3, give its text model"):
+        architecture_of(AutoConfig.for_model("gemma3"))  # the multimodal model
+    for part, config in {
+        "attention logit soft-capping": tiny_config("gemma3_text", attn_logit_softcapping=50.0),
+        "bidirectional attention": tiny_config("gemma3_text", use_bidirectional_attention=True),
+        "pretraining_tp": tiny_config("llama", pretraining_tp=2),
+    }.items():
+        with pytest.raises(UnsupportedModel, match=part):
+            ModelProfile.from_config(config)
+    # A row without a GGUF layout refuses GGUF files at start, and at opening.
+    monkeypatch.setitem(ARCHITECTURES, "qwen3", dataclasses.replace(ARCHITECTURES["qwen3"], gguf=None))
     gguf, safetensors = SimpleNamespace(format="gguf"), SimpleNamespace(format="safetensors")
     with pytest.raises(UnsupportedModel, match="GGUF files of qwen3 models are not read yet"):
         open_checkpoint(gguf, tiny_config("qwen3"))  # type: ignore[arg-type]
-    with pytest.raises(UnsupportedModel, match="GGUF files of qwen2 models"):
-        check_readable(gguf, tiny_config("qwen2"))  # type: ignore[arg-type]  # what a peer checks at start
-    check_readable(gguf, tiny_config("llama"))  # type: ignore[arg-type]
+    with pytest.raises(UnsupportedModel, match="GGUF files of qwen3 models"):
+        check_readable(gguf, tiny_config("qwen3"))  # type: ignore[arg-type]  # what a peer checks at start
+    check_readable(gguf, tiny_config("qwen2"))  # type: ignore[arg-type]
     check_readable(safetensors, tiny_config("qwen3"))  # type: ignore[arg-type]
+
+
+def test_attention_windows_count_as_transformers_does() -> None:
+    """Keys at a distance under the window from their query; none cut off before the window fills."""
+    cpu = torch.device("cpu")
+    assert attention_mask(0, 4, 4, cpu) == (0, None)  # SDPA's causal rule: the window is not reached
+    assert attention_mask(9, 1, 4, cpu) == (6, None)  # decode: positions 6..9
+    first, mask = attention_mask(5, 3, 4, cpu)  # queries 5, 6, 7
+    assert first == 2 and mask is not None
+    assert mask[0, 0].tolist() == [
+        [True, True, True, True, False, False],  # query 5: keys 2..5
+        [False, True, True, True, True, False],
+        [False, False, True, True, True, True],
+    ]

@@ -450,10 +450,10 @@ def test_rotary_tables_of_a_pass_are_each_steps_own(stages, rope: dict) -> None:
     spans = [(0, 5), (40, 1), (7, 3), (60, 1)]
     steps = [Step(ids(*range(n)), pos(start, n)[None], cache) for start, n in spans]
     hidden = torch.zeros(sum(n for _, n in spans), config.hidden_size)
-    cos, sin = stage._rope(hidden, steps)
+    cos, sin = stage._rope(hidden, steps, None)
     at = 0
     for step, (_, n) in zip(steps, spans, strict=True):
-        own_cos, own_sin = stage._rope(hidden, [step])
+        own_cos, own_sin = stage._rope(hidden, [step], None)
         assert torch.equal(cos[at : at + n], own_cos) and torch.equal(sin[at : at + n], own_sin)
         at += n
     assert stage._rope_per_call == (rope["rope_type"] == "dynamic")
