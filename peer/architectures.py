@@ -7,6 +7,7 @@ copied per architecture.
 What the architectures here share (a residual block of RMSNorm, attention with rotary positions,
 RMSNorm and gated MLP) is the stage's code; what they do not share is a field of a row:
 
+- Fused projections (Phi-3): one matrix for queries, keys and values, one for the MLP's gate and up.
 - QK norms (Qwen3, Gemma 3): an RMSNorm over each head's queries and keys before the rotation.
 - Sandwich norms (Gemma 3): the attention and MLP outputs are normed before they join the residual,
   and the MLP's input has its own norm.
@@ -17,8 +18,9 @@ RMSNorm and gated MLP) is the stage's code; what they do not share is a field of
   positions only; see `Architecture.layer_window`.
 - Final logit soft-capping: `tanh(logits / cap) * cap` where the config sets a cap (Gemma 2 style).
 
-An architecture whose layers need more than the table can say (mixtures of experts, fused
-projections, attention soft-capping) is refused by `architecture_of` until it has its row."""
+Each row's rotation is its module's own `apply_rotary_pos_emb` (Phi-3's rotates part of each head).
+An architecture whose layers need more than the table can say (mixtures of experts, attention
+soft-capping) is refused by `architecture_of` until it has its row."""
 
 from __future__ import annotations
 
@@ -40,6 +42,14 @@ _GGUF_LLAMA_NAMES = {
     "attn_output": "self_attn.o_proj",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GGUF_PHI3_NAMES = {
+    "attn_qkv": "self_attn.qkv_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_up": "mlp.gate_up_proj",  # gate rows first, then up rows, as transformers' Phi3MLP splits them
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
@@ -69,6 +79,7 @@ class Architecture:
     module: str  # transformers' modeling module, e.g. "transformers.models.qwen3.modeling_qwen3"
     prefix: str  # its class names' prefix, e.g. "Qwen3"
     examples: str  # model families users know it by, for messages
+    fused_projections: bool = False  # qkv_proj for q/k/v and gate_up_proj for the MLP (Phi-3)
     qk_norm: bool = False  # an RMSNorm over each head's queries and keys before the rotation
     sandwich_norms: bool = False  # post-attention, pre- and post-feedforward norms (Gemma 2/3)
     scaled_embeddings: bool = False  # embeddings times sqrt(hidden_size) in the weights' dtype (Gemma)
@@ -85,6 +96,10 @@ class Architecture:
             getattr(module, f"{p}RMSNorm"),
             getattr(module, f"{p}RotaryEmbedding"),
         )
+
+    def rotation(self) -> Any:
+        """The module's apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim) -> (q, k), from transformers."""
+        return importlib.import_module(self.module).apply_rotary_pos_emb
 
     def layer_window(self, config: Any, attention: nn.Module) -> int | None:
         """How many positions (the query's own included) a layer's queries attend to, as transformers'
@@ -109,6 +124,8 @@ ARCHITECTURES: dict[str, Architecture] = {
                      gguf=GGUFLayout(_GGUF_LLAMA_NAMES)),
         Architecture("qwen3", "transformers.models.qwen3.modeling_qwen3", "Qwen3", "Qwen3 dense", qk_norm=True,
                      gguf=GGUFLayout({**_GGUF_LLAMA_NAMES, **_GGUF_QK_NORMS})),
+        Architecture("phi3", "transformers.models.phi3.modeling_phi3", "Phi3", "Phi-3, Phi-3.5, Phi-4 mini",
+                     fused_projections=True, window_from_config=True, gguf=GGUFLayout(_GGUF_PHI3_NAMES)),
         Architecture("gemma3_text", "transformers.models.gemma3.modeling_gemma3", "Gemma3", "Gemma 3 text models",
                      qk_norm=True, sandwich_norms=True, scaled_embeddings=True, rope_by_layer_type=True,
                      gguf=GGUFLayout({**_GGUF_LLAMA_NAMES, **_GGUF_QK_NORMS, **_GGUF_SANDWICH_NAMES},

@@ -1,9 +1,8 @@
 """One pipeline stage of a decoder-only model: the decoder layers [start, end), plus the token
 embeddings on the first stage and the final norm and LM head on the last. Plain torch.nn around
 transformers' own modules and weights for the model's architecture (`peer.architectures`: Llama,
-Mistral, Qwen2, Qwen3, Gemma 3), so a chain of stages computes what the whole Hugging Face model
-computes.
-A forward pass takes the steps of several sessions at once as one ragged batch: every token of
+Mistral, Qwen2, Qwen3, Phi-3, Gemma 3), so a chain of stages computes what the whole Hugging Face
+model computes. A forward pass takes the steps of several sessions at once as one ragged batch: every token of
 every session is a row of the token-wise work (norms, projections, MLP), and only attention runs
 per session, against that session's own KV cache. It knows nothing of sessions' lifetimes,
 budgets, files or networks."""
@@ -19,7 +18,6 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from peer.architectures import architecture_of
 from peer.errors import LayerRangeError
@@ -69,6 +67,7 @@ class StageModel(nn.Module):
         types = rope_types.values() if isinstance(rope_types, dict) else [rope_types]
         self._rope_per_call = any("dynamic" in str(t) or t == "longrope" for t in types)
         self._rope_keys = [arch.rope_key(config, i) for i in range(start, end)]
+        self._rotate = arch.rotation()
         self._windows = [arch.layer_window(config, cast(Any, layer).self_attn) for layer in self.layers]
         self._logit_cap: float | None = getattr(config, "final_logit_softcapping", None)
 
@@ -170,14 +169,19 @@ class StageModel(nn.Module):
         decoder layer of this architecture (LlamaDecoderLayer, and the table's differences) with
         SDPA attention, with attention split by session; masks per step as `attention_mask` gives."""
         attn, mlp = cast(Any, layer.self_attn), cast(Any, layer.mlp)
-        n, head_dim = hidden.shape[0], attn.head_dim
+        n, head_dim, arch = hidden.shape[0], attn.head_dim, self.architecture
         x = cast(Any, layer).input_layernorm(hidden)
-        q = linear(x, attn.q_proj).view(n, -1, head_dim)  # [N, H, hd]
-        k = linear(x, attn.k_proj).view(n, -1, head_dim)  # [N, H_kv, hd]
-        v = linear(x, attn.v_proj).view(n, -1, head_dim)
-        if self.architecture.qk_norm:  # per head, before the rotation
+        if arch.fused_projections:  # [N, (H + 2 H_kv) hd], split as Phi3Attention splits it
+            kv = self.config.num_key_value_heads * head_dim
+            q, k, v = linear(x, attn.qkv_proj).split([self.config.num_attention_heads * head_dim, kv, kv], dim=-1)
+            q, k, v = (y.view(n, -1, head_dim) for y in (q, k, v))
+        else:
+            q = linear(x, attn.q_proj).view(n, -1, head_dim)  # [N, H, hd]
+            k = linear(x, attn.k_proj).view(n, -1, head_dim)  # [N, H_kv, hd]
+            v = linear(x, attn.v_proj).view(n, -1, head_dim)
+        if arch.qk_norm:  # per head, before the rotation
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = apply_rotary_pos_emb(q, k, *rope, unsqueeze_dim=1)
+        q, k = self._rotate(q, k, *rope, unsqueeze_dim=1)
         outputs = []
         decode = [y.view(n, 1, -1, head_dim).transpose(1, 2) for y in (q, k, v)]  # [N, H, 1, hd]: rows of one position
         for step, (a, b, rows, t), (first, mask) in zip(steps, spans, masks, strict=True):
@@ -191,14 +195,18 @@ class StageModel(nn.Module):
             outputs.append(attend(qs, keys, values, mask, attn.scaling).transpose(1, 2).reshape(b - a, -1))
         out = linear(torch.cat(outputs) if len(outputs) > 1 else outputs[0], attn.o_proj)
         norms = cast(Any, layer)
-        if not self.architecture.sandwich_norms:
+        if not arch.sandwich_norms:
             hidden = hidden + out
-            x = norms.post_attention_layernorm(hidden)
-            return hidden + linear(mlp.act_fn(linear(x, mlp.gate_proj)) * linear(x, mlp.up_proj), mlp.down_proj)
+            return hidden + self._mlp(mlp, norms.post_attention_layernorm(hidden))
         hidden = hidden + norms.post_attention_layernorm(out)
-        x = norms.pre_feedforward_layernorm(hidden)
-        out = linear(mlp.act_fn(linear(x, mlp.gate_proj)) * linear(x, mlp.up_proj), mlp.down_proj)
-        return hidden + norms.post_feedforward_layernorm(out)
+        return hidden + norms.post_feedforward_layernorm(self._mlp(mlp, norms.pre_feedforward_layernorm(hidden)))
+
+    def _mlp(self, mlp: Any, x: torch.Tensor) -> torch.Tensor:
+        """The gated MLP of normed hidden states x [N, D]: down(act(gate(x)) * up(x))."""
+        if self.architecture.fused_projections:  # gate rows first, as Phi3MLP chunks them
+            gate, up = linear(x, mlp.gate_up_proj).chunk(2, dim=-1)
+            return linear(up * mlp.activation_fn(gate), mlp.down_proj)
+        return linear(mlp.act_fn(linear(x, mlp.gate_proj)) * linear(x, mlp.up_proj), mlp.down_proj)
 
 
 def attend(

@@ -36,6 +36,7 @@ VARIANTS = {
     "mistral": {"sliding_window": 3},
     "qwen2": {},  # Qwen2.5 ships without sliding windows
     "qwen3": {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 2},  # layers 2, 3 slide
+    "phi3": {"sliding_window": 5, "partial_rotary_factor": 0.5, "pad_token_id": 0},  # rotates half of each head
     "gemma3_text": {
         "sliding_window_pattern": 3,  # layers 0, 1 slide, 2 is global, 3 slides (and 4 slides, 5 is global)
         "sliding_window": 4,
@@ -167,7 +168,8 @@ def test_the_profile_counts_what_transformers_builds(checkpoint: Path, extra: di
 
 
 # llama.cpp's architecture names (its convert_hf_to_gguf.py writes Mistral as llama).
-LLAMA_CPP_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}
+LLAMA_CPP_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+                  "gemma3_text": "gemma3"}  # fmt: skip
 
 
 def write_gguf_as_llama_cpp(model, path: Path) -> None:
@@ -185,6 +187,8 @@ def write_gguf_as_llama_cpp(model, path: Path) -> None:
         (w.add_key_length, head_dim), (w.add_value_length, head_dim), (w.add_rope_freq_base, rope["rope_theta"]),
     ]:  # fmt: skip
         add(value)
+    if c.pad_token_id is not None:
+        w.add_pad_token_id(c.pad_token_id)
     kinds = {module: kind for kind, module in layout.layer_names.items()}
     ends = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
             "lm_head.weight": "output.weight"}  # fmt: skip
@@ -227,7 +231,7 @@ def test_a_gguf_reads_as_transformers_reads_it(checkpoint: Path, tmp_path: Path)
 
 
 def test_an_unsupported_architecture_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
-    supported = r"supported: llama .*mistral .*qwen2 .*qwen3 .*gemma3_text"
+    supported = r"supported: llama .*mistral .*qwen2 .*qwen3 .*phi3 .*gemma3_text"
     with pytest.raises(UnsupportedModel, match=rf"'gpt2' is not supported; {supported}"):
         architecture_of(AutoConfig.for_model("gpt2"))
     with pytest.raises(UnsupportedModel, match=r"'gemma3' is not supported \(for Gemma 3, give its text model"):
