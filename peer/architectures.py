@@ -17,10 +17,13 @@ RMSNorm and gated MLP) is the stage's code; what they do not share is a field of
   layers), or every layer with `config.sliding_window` (Mistral), attends to its last `window`
   positions only; see `Architecture.layer_window`.
 - Final logit soft-capping: `tanh(logits / cap) * cap` where the config sets a cap (Gemma 2 style).
+- Mixtures of experts (Qwen3-MoE): the MLP is transformers' own sparse block (router and experts),
+  run over every token of a pass; its experts' weights, one 3-D tensor per projection in memory,
+  are stacked from the per-expert tensors checkpoints store (`Architecture.experts`).
 
 Each row's rotation is its module's own `apply_rotary_pos_emb` (Phi-3's rotates part of each head).
-An architecture whose layers need more than the table can say (mixtures of experts, attention
-soft-capping) is refused by `architecture_of` until it has its row."""
+An architecture whose layers need more than the table can say (attention soft-capping, layers of
+different sizes) is refused by `architecture_of` until it has its row."""
 
 from __future__ import annotations
 
@@ -85,6 +88,9 @@ class Architecture:
     scaled_embeddings: bool = False  # embeddings times sqrt(hidden_size) in the weights' dtype (Gemma)
     rope_by_layer_type: bool = False  # the rotary embedding is called with the layer's type (Gemma 3)
     window_from_config: bool = False  # config.sliding_window, when set, limits every layer's attention
+    # Mixture of experts: each fused expert parameter -> the per-expert projections a checkpoint stores
+    # for it (experts.E.<name>.weight), concatenated by rows, then stacked over E.
+    experts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     gguf: GGUFLayout | None = field(default=None)  # None: GGUF files of it are not read
 
     def classes(self) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
@@ -108,6 +114,15 @@ class Architecture:
             return getattr(config, "sliding_window", None)
         return getattr(attention, "sliding_window", None)
 
+    def expert_parts(self, name: str, config: Any) -> list[list[str]] | None:
+        """For a fused expert parameter's checkpoint name (model.layers.N.mlp.experts.gate_up_proj),
+        the names it is made of, per expert; None for any other name."""
+        prefix, _, param = name.rpartition(".experts.")
+        if not prefix or param not in self.experts:
+            return None
+        parts = self.experts[param]
+        return [[f"{prefix}.experts.{e}.{part}.weight" for part in parts] for e in range(config.num_experts)]
+
     def rope_key(self, config: Any, layer_idx: int) -> str | None:
         """Which rotary table a layer uses: its layer type where tables differ by type, else the one."""
         return config.layer_types[layer_idx] if self.rope_by_layer_type else None
@@ -126,6 +141,9 @@ ARCHITECTURES: dict[str, Architecture] = {
                      gguf=GGUFLayout({**_GGUF_LLAMA_NAMES, **_GGUF_QK_NORMS})),
         Architecture("phi3", "transformers.models.phi3.modeling_phi3", "Phi3", "Phi-3, Phi-3.5, Phi-4 mini",
                      fused_projections=True, window_from_config=True, gguf=GGUFLayout(_GGUF_PHI3_NAMES)),
+        Architecture("qwen3_moe", "transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3Moe",
+                     "Qwen3 mixtures of experts, e.g. Qwen3-30B-A3B", qk_norm=True,
+                     experts={"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}),
         Architecture("gemma3_text", "transformers.models.gemma3.modeling_gemma3", "Gemma3", "Gemma 3 text models",
                      qk_norm=True, sandwich_norms=True, scaled_embeddings=True, rope_by_layer_type=True,
                      gguf=GGUFLayout({**_GGUF_LLAMA_NAMES, **_GGUF_QK_NORMS, **_GGUF_SANDWICH_NAMES},
@@ -147,6 +165,11 @@ def architecture_of(config: Any) -> Architecture:
         raise UnsupportedModel(f"{model_type}: attention logit soft-capping is not supported")
     if getattr(config, "use_bidirectional_attention", False):
         raise UnsupportedModel(f"{model_type}: bidirectional attention (an encoder) is not a decoder-only model")
+    if ARCHITECTURES[model_type].experts and (config.mlp_only_layers or config.decoder_sparse_step != 1):
+        raise UnsupportedModel(
+            f"{model_type}: dense layers among the expert layers (mlp_only_layers, decoder_sparse_step) are not "
+            "supported yet: the memory profile assumes layers of one size"
+        )
     if getattr(config, "pretraining_tp", 1) not in (1, None):
         raise UnsupportedModel("tensor-parallel pretraining checkpoints (pretraining_tp > 1) are not supported")
     return ARCHITECTURES[model_type]

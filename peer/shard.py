@@ -56,9 +56,16 @@ def load_stage(
         if ckpt in reuse and tuple(reuse[ckpt].shape) == tuple(expected[param]):
             state[param] = reuse[ckpt]  # a layer this peer already holds: keep it
             continue
-        if ckpt not in available:
+        parts = stage.architecture.expert_parts(ckpt, config) if ckpt not in available else None
+        if parts is not None:  # experts stored one by one: [E, rows of the parts, D]
+            missing = [n for names in parts for n in names if n not in available]
+            if missing:
+                raise CheckpointError(f"checkpoint has no tensor {missing[0]!r} needed by layers [{start}, {end})")
+            tensor = torch.stack([torch.cat([source.read(n, dtype) for n in names]) for names in parts])
+        elif ckpt not in available:
             raise CheckpointError(f"checkpoint has no tensor {ckpt!r} needed by layers [{start}, {end})")
-        tensor = source.read(ckpt, dtype)
+        else:
+            tensor = source.read(ckpt, dtype)
         if tuple(tensor.shape) != tuple(expected[param]):
             raise CheckpointError(
                 f"tensor {ckpt!r} has shape {tuple(tensor.shape)}, the config expects {tuple(expected[param])}"

@@ -202,7 +202,10 @@ class StageModel(nn.Module):
         return hidden + norms.post_feedforward_layernorm(self._mlp(mlp, norms.pre_feedforward_layernorm(hidden)))
 
     def _mlp(self, mlp: Any, x: torch.Tensor) -> torch.Tensor:
-        """The gated MLP of normed hidden states x [N, D]: down(act(gate(x)) * up(x))."""
+        """The gated MLP of normed hidden states x [N, D]: down(act(gate(x)) * up(x)), or a mixture of
+        experts' sparse block as transformers runs it (routing is per token)."""
+        if self.architecture.experts:
+            return cast(torch.Tensor, mlp(x[None])[0])
         if self.architecture.fused_projections:  # gate rows first, as Phi3MLP chunks them
             gate, up = linear(x, mlp.gate_up_proj).chunk(2, dim=-1)
             return linear(up * mlp.activation_fn(gate), mlp.down_proj)

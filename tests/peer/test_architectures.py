@@ -36,6 +36,7 @@ VARIANTS = {
     "mistral": {"sliding_window": 3},
     "qwen2": {},  # Qwen2.5 ships without sliding windows
     "qwen3": {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 2},  # layers 2, 3 slide
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48, "norm_topk_prob": True},
     "phi3": {"sliding_window": 5, "partial_rotary_factor": 0.5, "pad_token_id": 0},  # rotates half of each head
     "gemma3_text": {
         "sliding_window_pattern": 3,  # layers 0, 1 slide, 2 is global, 3 slides (and 4 slides, 5 is global)
@@ -214,8 +215,13 @@ def write_gguf_as_llama_cpp(model, path: Path) -> None:
 
 def test_a_gguf_reads_as_transformers_reads_it(checkpoint: Path, tmp_path: Path) -> None:
     """Every tensor of a GGUF written as llama.cpp writes the architecture: bit for bit what
-    transformers' own GGUF loader makes of it, and within rounding the original weights."""
+    transformers' own GGUF loader makes of it, and within rounding the original weights. A row
+    without a GGUF layout refuses GGUF files."""
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    if architecture_of(model.config).gguf is None:
+        with pytest.raises(UnsupportedModel, match=f"GGUF files of {model.config.model_type} models are not read"):
+            check_readable(SimpleNamespace(format="gguf"), model.config)  # type: ignore[arg-type]
+        return
     write_gguf_as_llama_cpp(model, tmp_path / "m.gguf")
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).state_dict()
     config = model.config
@@ -231,7 +237,7 @@ def test_a_gguf_reads_as_transformers_reads_it(checkpoint: Path, tmp_path: Path)
 
 
 def test_an_unsupported_architecture_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
-    supported = r"supported: llama .*mistral .*qwen2 .*qwen3 .*phi3 .*gemma3_text"
+    supported = r"supported: llama .*mistral .*qwen2 .*qwen3 .*phi3 .*qwen3_moe .*gemma3_text"
     with pytest.raises(UnsupportedModel, match=rf"'gpt2' is not supported; {supported}"):
         architecture_of(AutoConfig.for_model("gpt2"))
     with pytest.raises(UnsupportedModel, match=r"'gemma3' is not supported \(for Gemma 3, give its text model"):
@@ -240,6 +246,7 @@ def test_an_unsupported_architecture_is_refused_by_name(monkeypatch: pytest.Monk
         "attention logit soft-capping": tiny_config("gemma3_text", attn_logit_softcapping=50.0),
         "bidirectional attention": tiny_config("gemma3_text", use_bidirectional_attention=True),
         "pretraining_tp": tiny_config("llama", pretraining_tp=2),
+        "dense layers among the expert layers": tiny_config("qwen3_moe", **VARIANTS["qwen3_moe"], mlp_only_layers=[1]),
     }.items():
         with pytest.raises(UnsupportedModel, match=part):
             ModelProfile.from_config(config)

@@ -42,7 +42,7 @@ FAILOVER_TOKENS = 600  # seconds of decoding after the fault's chunk, however fa
 SPECIAL = {"<unk>": 0, "<s>": 1, "</s>": 2}  # the word tokenizer's; every other id i is the word "w<i>"
 
 
-@pytest.fixture(scope="module", params=["mistral", "qwen2", "qwen3", "phi3", "gemma3_text"])
+@pytest.fixture(scope="module", params=["mistral", "qwen2", "qwen3", "qwen3_moe", "phi3", "gemma3_text"])
 def swarm(request, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Three peers serving a tiny checkpoint of the architecture, ready; its directory, the status,
     the entry's URL and the peers."""
