@@ -16,6 +16,7 @@ import yaml
 from peer.errors import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZE_MODES = ("none", "int8")  # as peer.quantize, which this module does not import (torch)
 
 
 def _is_int(value: Any) -> bool:
@@ -52,14 +53,19 @@ class ModelConfig:
 
     # A model spec: "smollm2-135m", a hub id, a local Hugging Face directory or a local .gguf file.
     spec: str = "smollm2-135m"
-    # Weight and activation dtype; "auto" is float32 on CPU and bfloat16/float16 on accelerators.
+    # Weight and activation dtype; "auto" is float32 on CPU and bfloat16/float16 on accelerators,
+    # and bfloat16 on CPU with quantized weights (the int8 kernel takes bfloat16 activations).
     dtype: str = "auto"
+    # How projection, head and embedding weights are held: "none", or "int8" (peer.quantize).
+    quantize: str = "none"
 
     def __post_init__(self) -> None:
         if not isinstance(self.spec, str) or not self.spec.strip():
             raise ConfigError(f"model.spec must be a non-empty string, not {self.spec!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"model.dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.quantize not in QUANTIZE_MODES:
+            raise ConfigError(f"model.quantize must be one of {', '.join(QUANTIZE_MODES)}, not {self.quantize!r}")
 
 
 @dataclass(frozen=True)

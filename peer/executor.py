@@ -101,7 +101,7 @@ class StageExecutor:
         self.config = config or ExecutorConfig()
         self.clock = clock
         cfg = stage.config
-        self.dtype = next(stage.parameters()).dtype
+        self.dtype = stage.compute_dtype
         self.device = next(stage.parameters()).device
         self.profile = ModelProfile.from_config(cfg, self.dtype)
         self.budget_bytes = self.config.kv_cache_budget_mb * MIB

@@ -1,7 +1,7 @@
 """The tensor index of a GGUF file and fast dequantization of its tensors. gguf-py's GGUFReader
 builds Python objects for every metadata value (SmolLM2's 100,000-entry vocabulary takes seconds);
-a stage only needs where each tensor lies, so this reads the header, skips the metadata, and
-memory-maps the data. The common formats (F32, F16, BF16, Q8_0, Q4_0, Q4_1) are dequantized with
+a stage only needs where each tensor lies, so this reads the header, keeps the scalar metadata,
+skips the arrays, and memory-maps the data. The common formats (F32, F16, BF16, Q8_0, Q4_0, Q4_1) are dequantized with
 torch in the same float32 arithmetic as gguf-py; others fall back to gguf-py itself. Metadata such
 as the config and tokenizer is converted by transformers in `peer.model_store`, not here."""
 
@@ -77,6 +77,7 @@ class GGUFFile:
         from gguf import GGML_QUANT_SIZES
 
         self.path = path
+        self.metadata: dict[str, int | float | bool | str] = {}  # scalar and string keys; arrays skipped
         try:
             with open(path, "rb") as f:
                 self._map: mmap.mmap | None = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -102,6 +103,8 @@ class GGUFFile:
         for _ in range(n_kv):
             key = cur.string()
             value = cur.skip_value(int(cur.take("I")))
+            if value is not None:
+                self.metadata[key] = value
             if key == "general.alignment" and isinstance(value, int):
                 if value <= 0 or value % 8:
                     raise ValueError(f"invalid general.alignment {value}")

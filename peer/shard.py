@@ -15,6 +15,7 @@ import torch
 
 from peer.checkpoint import TensorSource
 from peer.errors import CheckpointError
+from peer.quantize import quantizable, quantize_weight
 from peer.stage import StageModel
 
 log = logging.getLogger(__name__)
@@ -30,12 +31,15 @@ def load_stage(
     device: torch.device | str = "cpu",
     progress: Callable[[int, int], None] | None = None,
     reuse: Mapping[str, torch.Tensor] | None = None,
+    quantize: str = "none",
 ) -> StageModel:
     """Stage [start, end) with its weights read from `source`, on `device` at `dtype`.
 
     progress(done, total) is called after each tensor, for a progress bar on long loads.
     reuse maps checkpoint names to tensors already held (a previous stage's, see `held_tensors`);
-    those are taken as they are instead of being read again.
+    those are taken as they are instead of being read again (they are held as `quantize` says).
+    quantize ("none" or "int8", `peer.quantize`) holds the projection, head and embedding weights
+    quantized, each quantized as it is read, so memory peaks at the quantized stage plus one tensor.
     """
     reuse = reuse or {}
     t0 = time.perf_counter()
@@ -71,6 +75,8 @@ def load_stage(
                 f"tensor {ckpt!r} has shape {tuple(tensor.shape)}, the config expects {tuple(expected[param])}"
             )
         state[param] = tensor.to(device=device, dtype=dtype)
+        if quantizable(param):
+            state[param] = quantize_weight(state[param], quantize)
         if progress:
             progress(done, len(names))
     stage.load_state_dict(state, strict=True, assign=True)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peer import quantize
 from peer.architectures import architecture_of
 from peer.errors import LayerRangeError
 from peer.kv_cache import SessionKVCache
@@ -71,6 +72,11 @@ class StageModel(nn.Module):
         self._windows = [arch.layer_window(config, cast(Any, layer).self_attn) for layer in self.layers]
         self._logit_cap: float | None = getattr(config, "final_logit_softcapping", None)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the stage's activations: its norms' weights' (quantized weights keep theirs)."""
+        return cast(torch.dtype, cast(Any, self.layers[0]).input_layernorm.weight.dtype)
+
     def checkpoint_names(self) -> dict[str, str]:
         """This module's parameter names -> the Hugging Face checkpoint names they load from."""
         names = {}
@@ -102,7 +108,12 @@ class StageModel(nn.Module):
         """
         d = self.config.hidden_size
         if self.embed_tokens is not None:
-            hidden = self.embed_tokens(torch.cat([s.inputs.reshape(-1) for s in steps]))  # [N, D]
+            ids = torch.cat([s.inputs.reshape(-1) for s in steps])
+            table = self.embed_tokens.weight
+            if quantize.is_quantized(table):
+                hidden = quantize.embedding(ids, table, self.compute_dtype)  # [N, D]
+            else:
+                hidden = self.embed_tokens(ids)  # [N, D]
             if self._embed_scale is not None:
                 hidden = hidden * self._embed_scale.to(hidden.dtype)
         else:
@@ -228,8 +239,11 @@ def attend(
 
 
 def linear(x: torch.Tensor, module: nn.Linear) -> torch.Tensor:
-    """module(x), through oneDNN for large float32 weights on CPU where that is available."""
+    """module(x), through oneDNN for large float32 weights on CPU where that is available, and through
+    `peer.quantize` for quantized weights."""
     w = module.weight
+    if quantize.is_quantized(w):
+        return quantize.linear(x, w, module.bias)
     if w.numel() >= ONEDNN_MIN_WEIGHT_ELEMENTS and w.dtype == torch.float32 and w.device.type == "cpu" and onednn():
         return torch.ops.mkldnn._linear_pointwise(x, w, module.bias, "none", [], "")
     return F.linear(x, w, module.bias)

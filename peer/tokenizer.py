@@ -61,7 +61,14 @@ class Tokenizer:
         for m in messages:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise InvalidInput("each chat message must be a mapping with string 'role' and 'content'")
-        out = self.hf.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tokenize=True)
+        from jinja2 import TemplateError
+
+        try:
+            out = self.hf.apply_chat_template(
+                list(messages), add_generation_prompt=add_generation_prompt, tokenize=True
+            )
+        except TemplateError as e:  # the template's own raise_exception, e.g. roles it does not take
+            raise InvalidInput(f"the model's chat template refuses these messages: {e}") from e
         ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
         return [int(i) for i in ids]
 

@@ -8,6 +8,8 @@ has one). The families live in `scripts/benchmarks/`, over one typed model descr
   separate process with the same thread count as each peer, runs alternating, so that each ratio
   compares runs made under the same conditions.
 - `memory.py`: per-stage resident memory against the stage's share of the weights.
+- `quantize.py`: int8 weights against float32 and bfloat16: resident memory, decode speed and
+  perplexity on a fixed local text.
 - `failover.py`: the wait from SIGKILLing a stage mid-stream to the next token, and the text checked.
 - `network.py`: on the network test bed, decode under added delay per hop, and failover from a cut.
 """
@@ -31,6 +33,7 @@ from benchmarks.memory import load_child, memory  # noqa: E402
 from benchmarks.models import MODELS, PREFILL_TOKENS, baseline_child  # noqa: E402
 from benchmarks.network import network  # noqa: E402
 from benchmarks.perf import concurrency, decode, hops, overhead, pipeline, prefill  # noqa: E402
+from benchmarks.quantize import quantize  # noqa: E402
 
 
 def main() -> int:
@@ -38,7 +41,7 @@ def main() -> int:
     modes = parser.add_subparsers(
         dest="mode",
         required=True,
-        metavar="{decode,prefill,concurrency,overhead,hops,pipeline,memory,failover,network}",
+        metavar="{decode,prefill,concurrency,overhead,hops,pipeline,memory,quantize,failover,network}",
     )
 
     def perf(name: str, help_: str, func: Any, runs: int, max_tokens: int) -> argparse.ArgumentParser:
@@ -126,7 +129,19 @@ def main() -> int:
     child.add_argument("--start", type=int, required=True)
     child.add_argument("--end", type=int, required=True)
     child.add_argument("--cache-dir", required=True)
+    child.add_argument("--quantize", default="none")
     child.set_defaults(func=load_child)
+
+    qua = modes.add_parser("quantize", help="int8 weights: resident memory, decode speed and perplexity")
+    qua.add_argument("--model-dir", help="checkpoint for the memory rows (default: TinyLlama-shaped, float32)")
+    qua.add_argument("--ranges", default="0:11,5:16", help="stages [start, end) for the memory rows")
+    qua.add_argument("--models", default="smollm2-135m,gemma3-270m", help="model specs for speed and perplexity")
+    qua.add_argument("--runs", type=int, default=5, help="decode runs per variant, alternating (default %(default)s)")
+    qua.add_argument("--max-tokens", type=int, default=64, help="tokens per decode run (default %(default)s)")
+    qua.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: every core)")
+    qua.add_argument("--cache-dir", help="model cache for the embedded models (default: the user's)")
+    qua.add_argument("--out", default="results", help="directory for quantize.json and generated checkpoints")
+    qua.set_defaults(func=quantize)
 
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _interrupt)  # a plain `kill` of this script stops its peers too

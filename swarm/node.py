@@ -1141,6 +1141,7 @@ class Node:
                 "spec": self.model.spec,
                 "fingerprint": self.model.fingerprint,
                 "dtype": str(self.model.profile.dtype).removeprefix("torch."),
+                "quantize": self.model.profile.quantize,
                 "num_layers": self.model.profile.num_layers,
             },
             "resources": {

@@ -26,11 +26,12 @@ log = logging.getLogger(__name__)
 class StageHost:
     """Holds at most one stage, [start, end) of the model, and swaps it for another range."""
 
-    def __init__(self, files: ModelFiles, config: Any, dtype: torch.dtype, device: str) -> None:
+    def __init__(self, files: ModelFiles, config: Any, dtype: torch.dtype, device: str, quantize: str = "none") -> None:
         self.files = files
         self.config = config
         self.dtype = dtype
         self.device = device
+        self.quantize = quantize  # how projection, head and embedding weights are held (peer.quantize)
         self.stage: StageModel | None = None
         self._lock = threading.Lock()  # one load at a time, whoever calls
 
@@ -53,7 +54,8 @@ class StageHost:
             gc.collect()
             source = open_checkpoint(self.files, self.config, self.dtype)
             try:
-                stage = load_stage(source, self.config, start, end, dtype=self.dtype, device=self.device, reuse=reuse)
+                stage = load_stage(source, self.config, start, end, dtype=self.dtype, device=self.device, reuse=reuse,
+                                   quantize=self.quantize)  # fmt: skip
             finally:
                 source.close()
             log.debug("layers [%d, %d): %d tensors kept from the previous range", start, end, len(reuse))

@@ -30,26 +30,33 @@ def load_child(args: argparse.Namespace) -> int:
     from peer.model_store import ModelStore
     from peer.profile import ModelProfile
     from peer.shard import load_stage
+    from swarm.stage_host import release_freed_memory
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     files = ModelStore(StoreConfig(cache_dir=args.cache_dir), show_progress=False).resolve(args.model_dir)
     config = files.load_config()
-    profile = ModelProfile.from_config(config, dtype)
+    quantize = getattr(args, "quantize", "none")
+    profile = ModelProfile.from_config(config, dtype, quantize)
+    if quantize != "none":  # the base a quantizing peer has: the quantization library imported
+        from peer.quantize import quantize_weight
+
+        quantize_weight(torch.zeros(1, 32), quantize)
     empty = args.end <= args.start  # k = 0: the runtime's base, no stage
     source = open_checkpoint(files, config, dtype)
     try:
-        stage = None if empty else load_stage(source, config, args.start, args.end, dtype=dtype)
+        stage = None if empty else load_stage(source, config, args.start, args.end, dtype=dtype, quantize=quantize)
     finally:
         source.close()
     gc.collect()
+    release_freed_memory()  # as a peer's stage host does after every load
     loaded = proc_status_bytes("VmRSS")["VmRSS"]
     params = [] if stage is None else list({id(p): p for p in stage.parameters()}.values())
     # Weights loaded at the checkpoint's own dtype are views of its memory map, resident only once
     # read; read every one, as the first forward pass does, so RSS shows what a serving stage holds.
     with torch.no_grad():
         for p in params:
-            p.sum()
+            (p.qdata if hasattr(p, "qdata") else p).sum()
     gc.collect()
     status = proc_status_bytes("VmRSS", "VmHWM", "RssAnon", "RssFile")
     report = {
@@ -60,22 +67,32 @@ def load_child(args: argparse.Namespace) -> int:
         "rss_loaded_bytes": loaded,  # before the weights were read
         "rss_anon_bytes": status["RssAnon"],
         "rss_file_bytes": status["RssFile"],  # file-backed: pages of the checkpoint's memory map
-        "param_bytes": sum(p.numel() * p.element_size() for p in params),
+        "param_bytes": sum(held_bytes(p) for p in params),
         "share_bytes": 0 if empty else profile.stage_weight_bytes(args.start, args.end),
     }
     print(json.dumps(report))
     return 0
 
 
-def run_child(model_dir: Path, args: argparse.Namespace, start: int, end: int) -> dict[str, Any]:
-    """Measure one stage load in a fresh interpreter."""
+def held_bytes(p: Any) -> int:
+    """Bytes a parameter holds: a quantized one's int8 values and scales, a plain one's elements."""
+    if hasattr(p, "qdata"):
+        return int(p.qdata.numel() * p.qdata.element_size() + p.scale.numel() * p.scale.element_size())
+    return int(p.numel() * p.element_size())
+
+
+def run_child(
+    model_dir: Path, args: argparse.Namespace, start: int, end: int, dtype: str | None = None, quantize: str = "none"
+) -> dict[str, Any]:
+    """Measure one stage load in a fresh interpreter (at args.dtype unless `dtype` is given)."""
     cmd = [
         *(sys.executable, str(BENCH), "_load-child"),
-        *("--model-dir", str(model_dir), "--dtype", args.dtype, "--threads", str(args.threads)),
+        *("--model-dir", str(model_dir), "--dtype", dtype or args.dtype, "--threads", str(args.threads)),
         *("--start", str(start), "--end", str(end), "--cache-dir", str(Path(args.out) / "store-cache")),
+        *("--quantize", quantize),
     ]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(args.threads)}
-    log(f"loading layers [{start}, {end}) in a fresh process …")
+    log(f"loading layers [{start}, {end}) at {dtype or args.dtype}, quantize {quantize}, in a fresh process …")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, env=env, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"load of layers [{start}, {end}) failed (exit {done.returncode}):\n{done.stderr}")

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import gguf
+import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -22,9 +23,10 @@ from peer.checkpoint import GGUFSource, check_readable, open_checkpoint
 from peer.config import StoreConfig
 from peer.errors import UnsupportedModel
 from peer.executor import StageExecutor, StepRequest, StepResult
-from peer.model_store import ModelStore
+from peer.model_store import ModelStore, complete_gguf_config
 from peer.pipeline import LocalPipeline, even_split, load_stages
 from peer.profile import ModelProfile
+from peer.shard import load_stage
 from peer.stage import attention_mask
 from tests.peer.test_exactness import STEPS, assert_same_run, hf_reference, pipeline_run
 
@@ -190,6 +192,14 @@ def write_gguf_as_llama_cpp(model, path: Path) -> None:
         add(value)
     if c.pad_token_id is not None:
         w.add_pad_token_id(c.pad_token_id)
+    # What llama.cpp writes that transformers' GGUF config mapping leaves out (peer.model_store reads it).
+    if c.model_type == "phi3":
+        w.add_rope_dimension_count(int(head_dim * c.rope_parameters.get("partial_rotary_factor", 1.0)))
+    if c.model_type in ("phi3", "gemma3_text") and c.sliding_window:
+        w.add_sliding_window(c.sliding_window)
+    if c.model_type == "gemma3_text" and rope.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope["factor"])
     kinds = {module: kind for kind, module in layout.layer_names.items()}
     ends = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
             "lm_head.weight": "output.weight"}  # fmt: skip
@@ -234,6 +244,49 @@ def test_a_gguf_reads_as_transformers_reads_it(checkpoint: Path, tmp_path: Path)
         assert torch.equal(ours, theirs[name]), name
         assert torch.allclose(ours, original[name], atol=1e-6, rtol=0), name
     source.close()
+
+
+@pytest.mark.parametrize(
+    ("model_type", "extra"),
+    [
+        ("phi3", {"partial_rotary_factor": 0.5, "sliding_window": 5, "pad_token_id": 0}),
+        ("gemma3_text", {"num_hidden_layers": 6, "sliding_window": 4, "head_dim": 32, "query_pre_attn_scalar": 32,
+                         "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                                "rope_theta": 1000000.0},
+                                             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}),
+    ],
+    ids=["phi3", "gemma3_text"],
+)  # fmt: skip
+def test_a_gguf_config_has_what_llama_cpp_writes_and_transformers_leaves_out(
+    model_type: str, extra: dict, tmp_path: Path
+) -> None:
+    """A GGUF written as llama.cpp writes these models (with what it hard-codes: Gemma 3's sliding
+    pattern and local base, its attention scale) runs as the original model once its converted
+    config has what transformers' GGUF mapping leaves out: a Phi-3's rotary part and window, a
+    Gemma 3's linearly scaled global RoPE."""
+    torch.manual_seed(0)
+    model = randomised(AutoModelForCausalLM.from_config(tiny_config(model_type, **extra))).eval()
+    write_gguf_as_llama_cpp(model, tmp_path / "m.gguf")
+    config = AutoConfig.from_pretrained(tmp_path, gguf_file="m.gguf")
+    complete_gguf_config(config, tmp_path / "m.gguf")
+    files = SimpleNamespace(format="gguf", gguf_path=tmp_path / "m.gguf")
+    stage = load_stage(open_checkpoint(files, config), config, 0, config.num_hidden_layers)  # type: ignore[arg-type]
+    prompt = torch.tensor([[3, 17, 42, 99, 5, 250, 7, 64, 31]])
+    assert_same_run(pipeline_run(LocalPipeline([stage]), prompt, 3), hf_reference(model, prompt, 3))
+
+
+def test_gguf_files_with_what_is_not_read_are_refused(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("phi3", pad_token_id=0))
+    path = tmp_path / "m.gguf"
+    writer = gguf.GGUFWriter(str(path), "phi3")
+    writer.add_tensor("rope_factors_long.weight", np.ones(8, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedModel, match="longrope factors"):
+        complete_gguf_config(model.config, path)
 
 
 def test_an_unsupported_architecture_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:

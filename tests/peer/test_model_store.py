@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -23,7 +24,17 @@ from peer.errors import (
     ModelStoreError,
     UnknownModelSpec,
 )
-from peer.model_store import EMBEDDED, EmbeddedModel, ModelFiles, ModelStore, WheelPart
+from peer.model_store import (
+    EMBEDDED,
+    MARKER,
+    EmbeddedModel,
+    ModelFiles,
+    ModelStore,
+    WheelPart,
+    _meta_complete,
+    sha256_file,
+)
+from peer.tokenizer import Tokenizer
 
 
 def closed_loopback_url() -> str:
@@ -259,6 +270,34 @@ def test_local_gguf_file_and_directory(smollm2, tmp_path: Path) -> None:
     s.resolve(str(local))
     assert tokenizer_json.read_bytes() == good
     assert not list(files.meta_dir.parent.glob("*.tmp-*")), "conversion left a temporary directory"
+
+
+@pytest.mark.real_model
+def test_an_embedded_models_file_given_by_path_gets_its_template_and_ends(gemma3, tmp_path: Path) -> None:
+    """The Gemma 3 GGUF carries no chat template: given by path, it is recognised by its hash and gets
+    the embedded entry's, and <end_of_turn> ends a generation, as under its spec."""
+    store, embedded = gemma3
+    local = tmp_path / "gemma.gguf"
+    local.symlink_to(embedded.gguf_path)
+    files = store.resolve(str(local))
+    assert files.meta_dir != embedded.meta_dir
+    tokenizer = Tokenizer.from_dir(files.meta_dir, files.load_config())
+    assert tokenizer.has_chat_template and tokenizer.eos_token_ids == {1, 106}
+    assert tokenizer.apply_chat([{"role": "user", "content": "Hi"}])[:2] == [2, 105]  # <bos><start_of_turn>
+
+
+def test_a_conversion_made_with_other_inputs_is_not_complete(tmp_path: Path) -> None:
+    """A converted directory counts only for the inputs it was made with (template, ends, version),
+    and only while its files hash as recorded."""
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    (meta / "config.json").write_text("{}")
+    (meta / MARKER).write_text(json.dumps({"inputs": "a", "files": {"config.json": sha256_file(meta / "config.json")}}))
+    assert _meta_complete(meta, "a") and not _meta_complete(meta, "b")
+    (meta / "config.json").write_text('{"x": 1}')
+    assert not _meta_complete(meta, "a")
+    (meta / MARKER).write_text(json.dumps({"config.json": "0" * 64}))  # the marker before inputs were recorded
+    assert not _meta_complete(meta, "a")
 
 
 def test_gguf_fingerprint_ignores_the_file_name(tmp_path: Path, fake_embedded) -> None:

@@ -6,6 +6,7 @@ formatted as Gemma's turns and answered as Hugging Face answers that text."""
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -90,3 +91,26 @@ def test_a_chat_is_gemmas_turns_answered_as_hugging_face_answers_them(swarm, ref
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert ids[:2] == [2, 105] and got["usage"]["prompt_tokens"] == len(ids)
     assert got["choices"][0]["message"]["content"] == hf_greedy(reference, ids, {1, 106})
+
+
+def test_gemmas_turns_take_system_text_first_and_refuse_it_later(swarm, reference) -> None:
+    """Several turns render in Gemma's format; a system message after a turn is a clear 400."""
+    _, tokenizer = reference
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Name a colour."},
+    ]
+    text = (
+        "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+        "<start_of_turn>user\nName a colour.<end_of_turn>\n<start_of_turn>model\n"
+    )
+    got = post(swarm["entry"], "/v1/chat/completions", {"messages": messages, "max_tokens": 4, "temperature": 0})
+    assert got["usage"]["prompt_tokens"] == len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    late = [*messages, {"role": "system", "content": "Now be formal."}]
+    req = urllib.request.Request(swarm["entry"] + "/v1/chat/completions", headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"messages": late, "max_tokens": 4}).encode())  # fmt: skip
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=60)
+    assert refused.value.code == 400 and b"only before the first turn" in refused.value.read()

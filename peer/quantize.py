@@ -1,0 +1,92 @@
+"""Quantized resident weights. With `int8`, every linear layer's weight, the LM head and the token
+embedding table are held as int8 with one float32 scale per output row: symmetric, the row's
+largest magnitude over 127.5, as torchao's `Int8Tensor.from_hp` with `PerRow` granularity makes
+them (torchao's Int8WeightOnlyConfig). That is a quarter of float32 and half of bfloat16, plus
+4 bytes a row. Norms, biases, rotary tables and a mixture's expert tensors stay in the stage's
+dtype. Activations stay in the stage's dtype too; on CPU the product runs through PyTorch's
+int8 weight-only kernel (`torch._weight_int8pack_mm`, bfloat16 or float16 activations), elsewhere
+through torchao's own dispatch for the tensor. Quantized weights change the numbers: quality is
+measured as perplexity against the unquantized model (scripts/bench.py), not token for token."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+QUANTIZE_MODES = ("none", "int8")
+SCALE_BYTES = 4  # one float32 scale per output row
+
+
+def quantizable(name: str) -> bool:
+    """Whether a stage parameter is held quantized: 2-D projection weights of the decoder layers,
+    the LM head and the embedding table (not norms, biases, routers or 3-D expert tensors)."""
+    if name in ("embed_tokens.weight", "lm_head.weight"):
+        return True
+    if not name.endswith("_proj.weight") or not name.startswith("layers."):
+        return False
+    return ".experts." not in name
+
+
+def quantize_weight(weight: torch.Tensor, mode: str) -> torch.Tensor:
+    """`weight` [N, K] held as `mode` ("int8": torchao's Int8Tensor, int8 [N, K] and float32 scales
+    [N, 1]); "none" returns it unchanged. ValueError for an unknown mode."""
+    if mode == "none":
+        return weight
+    if mode != "int8":
+        raise ValueError(f"unknown quantization {mode!r}; use one of {', '.join(QUANTIZE_MODES)}")
+    int8_tensor, per_row = _torchao()
+    return int8_tensor.from_hp(weight, per_row())
+
+
+def is_quantized(weight: torch.Tensor) -> bool:
+    """True for a weight `quantize_weight` made (an int8 tensor with per-row scales)."""
+    return hasattr(weight, "qdata") and hasattr(weight, "scale")
+
+
+def quantized_bytes(shape: tuple[int, ...]) -> int:
+    """Bytes an int8 weight of `shape` [N, K] holds: N * K int8 values and N float32 scales."""
+    rows, cols = shape
+    return rows * cols + rows * SCALE_BYTES
+
+
+def linear(x: torch.Tensor, weight: Any, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] @ weight.T (+ bias) for an int8 `weight` [N, K]; result [..., N] in x's dtype."""
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        scales = weight.scale.reshape(-1).to(x.dtype)
+        out = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight.qdata, scales)
+        out = out.view(*x.shape[:-1], -1)
+        return out if bias is None else out + bias
+    return F.linear(x, weight, bias)
+
+
+def embedding(ids: torch.Tensor, weight: Any, dtype: torch.dtype) -> torch.Tensor:
+    """Rows `ids` of an int8 embedding table, dequantized in float32 and rounded to `dtype`."""
+    return (weight.qdata[ids].to(torch.float32) * weight.scale[ids]).to(dtype)
+
+
+@functools.cache
+def _torchao() -> tuple[Any, Any]:
+    """torchao's Int8Tensor and PerRow, imported once, without its start-up chatter (it reports
+    optional CUDA extensions it cannot load, and torch warns of its pytree registrations)."""
+    with _quiet("torchao", "torch.utils._pytree"):
+        from torchao.quantization import Int8Tensor
+        from torchao.quantization.granularity import PerRow
+    return Int8Tensor, PerRow
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str) -> Iterator[None]:
+    saved = [(logging.getLogger(name), logging.getLogger(name).level) for name in loggers]
+    for logger, _ in saved:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in saved:
+            logger.setLevel(level)

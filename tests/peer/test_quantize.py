@@ -1,0 +1,144 @@
+"""Quantized resident weights (`peer.quantize`, `--quantize int8`): every projection, head and
+embedding weight is held as int8 with a float32 scale per row, within half a step of the original;
+the stage computes with exactly those weights, on the CPU kernel (bfloat16 activations) and on the
+library's own path (float32); the profile counts the bytes a stage then holds; a tied table stays
+one table; bad settings are refused. Speed, memory and perplexity are scripts/bench.py's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from peer import quantize
+from peer.checkpoint import open_checkpoint
+from peer.config import ConfigError, ModelConfig, StoreConfig
+from peer.kv_cache import SessionKVCache
+from peer.model_store import ModelStore
+from peer.pipeline import LocalPipeline
+from peer.profile import ModelProfile, head_dim
+from peer.resources import resolve_dtype
+from peer.shard import load_stage
+from tests.peer.test_architectures import VARIANTS, randomised, tiny_config
+
+
+@pytest.fixture(scope="module", params=["llama-tied", "gemma3_text", "phi3"])
+def checkpoint(request, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model_type = request.param.removesuffix("-tied")
+    extra = {**VARIANTS[model_type], **({"tie_word_embeddings": True} if "tied" in request.param else {})}
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp(f"quantize-{request.param}")
+    randomised(AutoModelForCausalLM.from_config(tiny_config(model_type, **extra))).save_pretrained(path)
+    return path
+
+
+def load(path: Path, tmp_path: Path, start: int, end: int, dtype: torch.dtype, mode: str):
+    files = ModelStore(StoreConfig(cache_dir=str(tmp_path))).resolve(str(path))
+    config = files.load_config()
+    source = open_checkpoint(files, config, dtype)
+    try:
+        return load_stage(source, config, start, end, dtype=dtype, quantize=mode)
+    finally:
+        source.close()
+
+
+def test_weights_are_int8_rows_within_half_a_step(checkpoint: Path, tmp_path: Path) -> None:
+    plain = load(checkpoint, tmp_path, 0, 4, torch.float32, "none")
+    held = load(checkpoint, tmp_path, 0, 4, torch.float32, "int8")
+    originals = dict(plain.named_parameters(remove_duplicate=False))
+    quantized = [name for name, p in held.named_parameters(remove_duplicate=False) if quantize.is_quantized(p)]
+    assert quantized and set(quantized) == {n for n in originals if quantize.quantizable(n)}
+    assert any("norm" in n for n in originals) and not any("norm" in n for n in quantized)
+    for name, p in held.named_parameters(remove_duplicate=False):
+        w = originals[name].detach()
+        if name not in quantized:
+            assert torch.equal(p, w), name
+            continue
+        assert p.qdata.dtype == torch.int8 and p.qdata.shape == w.shape and p.scale.shape == (w.shape[0], 1)
+        step = p.scale.float()
+        assert torch.all((p.qdata.float() * step - w).abs() <= step / 2 + 1e-6), name
+
+
+def test_a_tied_table_stays_one_table(tmp_path: Path, tiny_llama) -> None:
+    stage = load(tiny_llama(layers=2, tied=True), tmp_path, 0, 2, torch.bfloat16, "int8")
+    assert stage.embed_tokens is not None and stage.lm_head is not None
+    assert stage.lm_head.weight is stage.embed_tokens.weight and quantize.is_quantized(stage.lm_head.weight)
+
+
+def dequantized(held, path: Path, tmp_path: Path, dtype: torch.dtype):
+    """A plain stage at `dtype` holding `held`'s int8 weights dequantized (q * scale)."""
+    plain = load(path, tmp_path, held.start, held.end, dtype, "none")
+    with torch.no_grad():
+        for name, p in held.named_parameters():
+            if quantize.is_quantized(p):
+                plain.get_parameter(name).copy_((p.qdata.float() * p.scale.float()).to(dtype))
+    return plain
+
+
+def logits_of(stage) -> torch.Tensor:
+    config, ids = stage.config, torch.tensor([[3, 17, 42, 99, 5, 250, 7]])
+    cache = SessionKVCache(first_layer=0, num_layers=stage.end, batch=1, kv_heads=config.num_key_value_heads,
+                           head_dim=head_dim(config), max_length=8, dtype=stage.compute_dtype,
+                           device="cpu")  # fmt: skip
+    cache.begin_step(0, ids.shape[1])
+    with torch.no_grad():
+        return stage(ids, torch.arange(7)[None], cache, all_logits=True)[0].float()
+
+
+def test_the_stage_computes_with_the_int8_weights(checkpoint: Path, tmp_path: Path) -> None:
+    """On the library's path (float32 activations) logits equal those of a stage holding the
+    dequantized weights as plain tensors, within 1e-4; on the CPU kernel (bfloat16 activations) they
+    are no further from those float32 logits than a plain bfloat16 stage with the same weights is."""
+    reference = logits_of(dequantized(load(checkpoint, tmp_path, 0, 4, torch.float32, "int8"), checkpoint,
+                                      tmp_path, torch.float32))  # fmt: skip
+    library = logits_of(load(checkpoint, tmp_path, 0, 4, torch.float32, "int8"))
+    assert torch.allclose(library, reference, atol=1e-4, rtol=0)
+    held = load(checkpoint, tmp_path, 0, 4, torch.bfloat16, "int8")
+    kernel, plain = logits_of(held), logits_of(dequantized(held, checkpoint, tmp_path, torch.bfloat16))
+    assert (kernel - reference).abs().max() <= 2 * (plain - reference).abs().max()
+
+
+def test_an_int8_product_is_the_dequantized_product() -> None:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 64, generator=gen)
+    q = quantize.quantize_weight(w, "int8")
+    x = torch.randn(5, 64, generator=gen).to(torch.bfloat16)
+    reference = F.linear(x.float(), q.qdata.float() * q.scale)
+    got = quantize.linear(x, q, None).float()
+    assert got.shape == (5, 48) and (got - reference).abs().max() <= 2e-2 * reference.abs().max()
+    ids = torch.tensor([3, 0, 47])
+    assert torch.equal(quantize.embedding(ids, q, torch.float32), q.qdata[ids].float() * q.scale[ids])
+
+
+@pytest.mark.parametrize("rng", [(0, 2), (1, 3), (2, 4), (0, 4)])
+def test_the_profile_counts_what_an_int8_stage_holds(checkpoint: Path, tmp_path: Path, rng) -> None:
+    stage = load(checkpoint, tmp_path, *rng, torch.bfloat16, "int8")
+    held = 0
+    for p in stage.parameters():  # deduplicates a tied table
+        parts = (p.qdata, p.scale) if quantize.is_quantized(p) else (p,)
+        held += sum(t.numel() * t.element_size() for t in parts)
+    profile = ModelProfile.from_config(stage.config, torch.bfloat16, "int8")
+    assert held == profile.stage_weight_bytes(*rng)
+    plain = ModelProfile.from_config(stage.config, torch.float32)
+    assert profile.stage_weight_bytes(*rng) < 0.3 * plain.stage_weight_bytes(*rng) + 4096
+
+
+def test_an_int8_pipeline_generates(tmp_path: Path, tiny_llama) -> None:
+    stage = load(tiny_llama(layers=2), tmp_path, 0, 2, torch.bfloat16, "int8")
+    tokens = list(LocalPipeline([stage]).generate("q", [5, 6, 7], 6))
+    assert len(tokens) == 6 and all(0 <= t < 256 for t in tokens)
+
+
+def test_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match=r"model\.quantize must be one of none, int8"):
+        ModelConfig(quantize="int4")
+    with pytest.raises(ValueError, match="unknown quantization 'fp8'"):
+        quantize.quantize_weight(torch.zeros(2, 32), "fp8")
+    with pytest.raises(ValueError, match="unknown quantization"):
+        ModelProfile.from_config(tiny_config("llama"), torch.float32, "int3")
+    assert resolve_dtype("auto", "cpu", "int8") == torch.bfloat16  # the CPU kernel's activations
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("float32", "cpu", "int8") == torch.float32
