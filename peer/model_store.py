@@ -438,11 +438,12 @@ def _meta_complete(meta: Path, inputs: str) -> bool:
 
 def complete_gguf_config(config: Any, gguf: Path) -> None:
     """Set on `config` what llama.cpp's converter writes into a GGUF but transformers' GGUF config
-    mapping leaves out, as llama.cpp itself reads it (its llama-model.cpp); UnsupportedModel for what
-    neither is read here nor can be left out.
+    mapping leaves out, so the model runs as its safetensors checkpoint runs in transformers;
+    UnsupportedModel for what is not read here and cannot be left out.
 
     - phi3: `rope.dimension_count` (the rotary part of each head: Phi-4 mini rotates 3/4) and
-      `attention.sliding_window` (Phi-3 mini 4k's 2047); longrope factor tensors are refused.
+      `attention.sliding_window` (Phi-3 mini 4k's 2047; 0 or absent is none; llama.cpp itself
+      currently ignores Phi-3's window); longrope factor tensors are refused.
     - gemma3: `rope.scaling.type`/`factor` (a linear RoPE scaling of the global layers, 4B and up),
       and the attention scale, which llama.cpp takes as 1/sqrt(head_dim), 1/sqrt(hidden / heads) for
       the 27B model (transformers' mapping leaves query_pre_attn_scalar at its default 256).
@@ -464,7 +465,7 @@ def complete_gguf_config(config: Any, gguf: Path) -> None:
         head = config.hidden_size // config.num_attention_heads
         rotary = meta.get("phi3.rope.dimension_count", head)
         config.rope_parameters = {**config.rope_parameters, "partial_rotary_factor": int(rotary) / head}
-        config.sliding_window = meta.get("phi3.attention.sliding_window")
+        config.sliding_window = meta.get("phi3.attention.sliding_window") or None
     elif arch == "gemma3":
         scaling = meta.get("gemma3.rope.scaling.type", "none")
         if scaling == "linear":

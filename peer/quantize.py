@@ -5,7 +5,7 @@ them (torchao's Int8WeightOnlyConfig). That is a quarter of float32 and half of 
 4 bytes a row. Norms, biases, rotary tables and a mixture's expert tensors stay in the stage's
 dtype. Activations stay in the stage's dtype too; on CPU the product runs through PyTorch's
 int8 weight-only kernel (`torch._weight_int8pack_mm`, bfloat16 or float16 activations), elsewhere
-through torchao's own dispatch for the tensor. Quantized weights change the numbers: quality is
+on the weight dequantized a slice at a time (see `linear`). Quantized weights change the numbers: quality is
 measured as perplexity against the unquantized model (scripts/bench.py), not token for token."""
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ import torch.nn.functional as F
 
 QUANTIZE_MODES = ("none", "int8")
 SCALE_BYTES = 4  # one float32 scale per output row
+# PyTorch's CPU int8 kernel with bfloat16 activations is wrong, or crashes, for input widths that
+# are not a multiple of 16 (torch 2.13); other widths take the dequantizing path.
+KERNEL_WIDTH_MULTIPLE = 16
+DEQUANTIZE_CHUNK_ELEMENTS = 1 << 22  # weight elements dequantized at a time on the other path
 
 
 def quantizable(name: str) -> bool:
@@ -56,13 +60,26 @@ def quantized_bytes(shape: tuple[int, ...]) -> int:
 
 
 def linear(x: torch.Tensor, weight: Any, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., K] @ weight.T (+ bias) for an int8 `weight` [N, K]; result [..., N] in x's dtype."""
-    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+    """x [..., K] @ weight.T (+ bias) for an int8 `weight` [N, K]; result [..., N] in x's dtype.
+
+    On CPU with bfloat16 or float16 activations and K a multiple of KERNEL_WIDTH_MULTIPLE, PyTorch's
+    int8 weight-only kernel; otherwise the weight is dequantized (q * scale, in float32, rounded to
+    x's dtype) DEQUANTIZE_CHUNK_ELEMENTS at a time, so no full-precision copy of a large weight (an
+    LM head) is ever made."""
+    k = x.shape[-1]
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and k % KERNEL_WIDTH_MULTIPLE == 0:
         scales = weight.scale.reshape(-1).to(x.dtype)
-        out = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight.qdata, scales)
-        out = out.view(*x.shape[:-1], -1)
-        return out if bias is None else out + bias
-    return F.linear(x, weight, bias)
+        out = torch._weight_int8pack_mm(x.reshape(-1, k), weight.qdata, scales).view(*x.shape[:-1], -1)
+    else:
+        rows = max(1, DEQUANTIZE_CHUNK_ELEMENTS // k)
+        out = torch.cat(
+            [
+                F.linear(x, (weight.qdata[i : i + rows].to(torch.float32) * weight.scale[i : i + rows]).to(x.dtype))
+                for i in range(0, weight.qdata.shape[0], rows)
+            ],
+            dim=-1,
+        )
+    return out if bias is None else out + bias
 
 
 def embedding(ids: torch.Tensor, weight: Any, dtype: torch.dtype) -> torch.Tensor:

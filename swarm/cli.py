@@ -98,7 +98,8 @@ def format_status(status: dict[str, Any]) -> str:
     leader_name = f"{leader} ({peers[leader]['node_id']})" if leader in peers else str(leader)
     lines = [
         f"swarm of {alive} live peer(s); leader {leader_name}, term {status.get('term')}",
-        f"model {status['model']['spec']} (fingerprint {status['model']['fingerprint'][:12]}...)",
+        f"model {status['model']['spec']} (fingerprint {status['model']['fingerprint'][:12]}...)"
+        + (f", {quantize} weights" if (quantize := status["model"].get("quantize", "none")) != "none" else ""),
         f"layer map epoch {layer_map.get('epoch', '-')}: {'READY' if status.get('ready') else 'not ready'}"
         + (f" ({len(stages)} stage(s), {layer_map.get('num_layers')} layers)" if stages else ""),
         f"seen from {status['peer_id']} ({status['node_id']}) at {status['url']}",

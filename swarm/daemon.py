@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import hashlib
 import ipaddress
 import logging
 import os
@@ -125,6 +126,8 @@ def build_node(config: SwarmConfig, keyring: Keyring, *, show_progress: bool = T
     store = ModelStore(config.peer.store, show_progress=show_progress)
     files = store.resolve(config.peer.model.spec)
     fingerprint = store.fingerprint(files)
+    if config.peer.model.quantize != "none":  # the weights served differ: peers must agree on it too
+        fingerprint = hashlib.sha256(f"{fingerprint}|quantize={config.peer.model.quantize}".encode()).hexdigest()
     model_config = files.load_config()
     resources = detect_resources(config.peer.resources)
     quantize = config.peer.model.quantize

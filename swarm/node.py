@@ -386,7 +386,8 @@ class Node:
             if info.peer_id not in self._refused_models and len(self._refused_models) < MAX_INTRODUCTIONS:
                 self._refused_models.add(info.peer_id)
                 log.warning(
-                    "refusing peer %s (%s) at %s: it serves model fingerprint %s..., this swarm serves %s (%s...)",
+                    "refusing peer %s (%s) at %s: it serves model fingerprint %s..., this swarm serves %s (%s...); "
+                    "the model files and --quantize must be the same on every peer",
                     info.peer_id, info.node_id, info.url, info.fingerprint[:12], self.model.spec,
                     self.model.fingerprint[:12],
                 )  # fmt: skip

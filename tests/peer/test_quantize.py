@@ -101,14 +101,41 @@ def test_the_stage_computes_with_the_int8_weights(checkpoint: Path, tmp_path: Pa
     assert (kernel - reference).abs().max() <= 2 * (plain - reference).abs().max()
 
 
-def test_an_int8_product_is_the_dequantized_product() -> None:
+@pytest.mark.parametrize("width", [64, 40, 168])  # the CPU kernel takes multiples of 16; the rest dequantize
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_an_int8_product_is_the_dequantized_product(width: int, dtype: torch.dtype, rows: int) -> None:
+    gen = torch.Generator().manual_seed(width)
+    q = quantize.quantize_weight(torch.randn(48, width, generator=gen), "int8")
+    x, bias = torch.randn(rows, width, generator=gen).to(dtype), torch.randn(48, generator=gen).to(dtype)
+    reference = F.linear(x.float(), q.qdata.float() * q.scale, bias.float())
+    got = quantize.linear(x, q, bias).float()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert got.shape == (rows, 48) and (got - reference).abs().max() <= tolerance * reference.abs().max()
+
+
+def test_a_large_weight_is_dequantized_a_slice_at_a_time(monkeypatch) -> None:
+    """Off the CPU kernel no full-precision copy of the weight is made: slices of the chunk size."""
+    monkeypatch.setattr(quantize, "DEQUANTIZE_CHUNK_ELEMENTS", 64 * 10)
+    gen = torch.Generator().manual_seed(1)
+    q = quantize.quantize_weight(torch.randn(48, 64, generator=gen), "int8")
+    x = torch.randn(3, 64, generator=gen)
+    widths: list[int] = []
+    linear = F.linear
+
+    def recording(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        widths.append(w.shape[0])
+        return linear(a, w, b)
+
+    monkeypatch.setattr(quantize.F, "linear", recording)
+    got = quantize.linear(x, q, None)
+    assert widths == [10, 10, 10, 10, 8]
+    assert torch.allclose(got, linear(x, q.qdata.float() * q.scale), atol=1e-5, rtol=0)
+
+
+def test_an_int8_embedding_row_is_the_dequantized_row() -> None:
     gen = torch.Generator().manual_seed(0)
-    w = torch.randn(48, 64, generator=gen)
-    q = quantize.quantize_weight(w, "int8")
-    x = torch.randn(5, 64, generator=gen).to(torch.bfloat16)
-    reference = F.linear(x.float(), q.qdata.float() * q.scale)
-    got = quantize.linear(x, q, None).float()
-    assert got.shape == (5, 48) and (got - reference).abs().max() <= 2e-2 * reference.abs().max()
+    q = quantize.quantize_weight(torch.randn(48, 64, generator=gen), "int8")
     ids = torch.tensor([3, 0, 47])
     assert torch.equal(quantize.embedding(ids, q, torch.float32), q.qdata[ids].float() * q.scale[ids])
 

@@ -102,6 +102,8 @@ def test_format_status_summary_lines() -> None:
     lines = format_status(STATUS).splitlines()
     assert lines[0] == f"swarm of 4 live peer(s); leader {LEADER} (leader), term 12"
     assert lines[1] == "model smollm2-135m (fingerprint 0123456789ab...)"
+    quantized = {**STATUS, "model": {**STATUS["model"], "quantize": "int8"}}
+    assert format_status(quantized).splitlines()[1] == "model smollm2-135m (fingerprint 0123456789ab...), int8 weights"
     assert lines[2] == "layer map epoch 4: READY (3 stage(s), 30 layers)"
     assert lines[3] == f"seen from {MIDDLE} (mid) at http://10.0.0.3:50051"
     assert lines[4] == "error: tail failed to load layers [20, 30): out of memory"

@@ -1,6 +1,7 @@
 """Three `swarm-peer --quantize int8` processes on a tiny random Gemma 3 checkpoint (sliding and
 global layers): each holds its layers as int8 and computes in bfloat16 (the CPU default with
-quantized weights), and the swarm's greedy tokens are those of the same int8 stages in one process."""
+quantized weights), and the swarm's greedy tokens are those of the same int8 stages in one process.
+A peer started without --quantize is refused: the swarm would size its share in int8 bytes."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from peer.model_store import ModelStore
 from peer.pipeline import LocalPipeline
 from peer.shard import load_stage
 from tests.peer.test_architectures import VARIANTS, randomised, tiny_config
-from tests.swarm.procs import PeerProcess, start_seeded_swarm, write_config
+from tests.swarm.procs import PeerProcess, start_seeded_swarm, wait_for, write_config
 from tests.swarm.test_architectures import MAX_TOKENS, PROMPTS, greedy_ids
 from tests.swarm.test_fuzz import write_word_tokenizer
 
@@ -67,3 +68,21 @@ def test_greedy_tokens_are_those_of_the_int8_stages_in_one_process(swarm) -> Non
         torch.set_num_threads(threads)
     entry = swarm["status"]["layer_map"]["stages"][1]["url"]
     assert [greedy_ids(entry, p) for p in PROMPTS] == expected
+
+
+def test_a_peer_without_the_same_quantize_setting_is_refused(swarm) -> None:
+    first = swarm["peers"][0]
+    tmp = swarm["tmp"]
+    args = ["--config", str(tmp / "config.yaml"), "--port", "0", "--max-memory-mb", "900", "--state-dir",
+            str(tmp / "plain"), "--swarm-key-file", str(tmp / "swarm.key"), "--no-mdns", "--join",
+            str(first.url).removeprefix("http://")]  # fmt: skip
+    plain = PeerProcess("plain", args, tmp).start()
+    try:
+        plain.wait_url()
+        wait_for(lambda: "--quantize must be the same on every peer" in first.log(), 60,
+                 "the int8 peers to refuse the plain one", lambda: first.log()[-2000:])  # fmt: skip
+        status = first.status(timeout_s=10)
+        assert status is not None and len(status["layer_map"]["stages"]) == 3
+        assert all(s["url"] != plain.url for s in status["layer_map"]["stages"])
+    finally:
+        plain.stop()
