@@ -10,10 +10,7 @@ measured as perplexity against the unquantized model (scripts/bench.py), not tok
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import logging
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -89,21 +86,8 @@ def embedding(ids: torch.Tensor, weight: Any, dtype: torch.dtype) -> torch.Tenso
 
 @functools.cache
 def _torchao() -> tuple[Any, Any]:
-    """torchao's Int8Tensor and PerRow, imported once, without its start-up chatter (it reports
-    optional CUDA extensions it cannot load, and torch warns of its pytree registrations)."""
-    with _quiet("torchao", "torch.utils._pytree"):
-        from torchao.quantization import Int8Tensor
-        from torchao.quantization.granularity import PerRow
+    """torchao's Int8Tensor and PerRow, imported on first use (peer/__init__ quiets its start-up)."""
+    from torchao.quantization import Int8Tensor
+    from torchao.quantization.granularity import PerRow
+
     return Int8Tensor, PerRow
-
-
-@contextlib.contextmanager
-def _quiet(*loggers: str) -> Iterator[None]:
-    saved = [(logging.getLogger(name), logging.getLogger(name).level) for name in loggers]
-    for logger, _ in saved:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in saved:
-            logger.setLevel(level)

@@ -39,18 +39,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chat", action="store_true", help="use the model's chat template")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--model", help="model spec (default from the config: smollm2-135m)")
+    p.add_argument("--quantize", choices=["none", "int8"], help="hold weights as int8 (default from the config: none)")
     p.add_argument("--config", default=str(default_config_path()), help="YAML config for the peers")
     p.add_argument("--threads", type=int, help="torch threads per peer (default: every core)")
     p.add_argument("--keep-logs", action="store_true", help="keep the peers' logs and state after the run")
     return p.parse_args(argv)
 
 
-def memory_caps_mb(config: Any, spec: str, peers: int) -> list[int]:
+def memory_caps_mb(config: Any, spec: str, peers: int, quantize: str) -> list[int]:
     """Caps in proportion 1 : 2 : ... : N whose sum holds the model with room to spare."""
     store = ModelStore(config.peer.store)
     files = store.resolve(spec)  # fetched once here, so the peers do not all fetch it at once
     resources = detect_resources(config.peer.resources)
-    profile = ModelProfile.from_config(files.load_config(), resolve_dtype(config.peer.model.dtype, resources.device))
+    dtype = resolve_dtype(config.peer.model.dtype, resources.device, quantize)
+    profile = ModelProfile.from_config(files.load_config(), dtype, quantize)
     tokens = config.partition.kv_reserve_tokens
     # Each stage may hold a table (embeddings or head) besides its layers: count both ends.
     need = profile.total_weight_bytes + profile.head_bytes + profile.kv_bytes(0, profile.num_layers, tokens)
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="swarm-demo-"))
     swarm: Swarm | None = None
     try:
-        caps = memory_caps_mb(config, spec, args.num_peers)
+        quantize = args.quantize or config.peer.model.quantize
+        caps = memory_caps_mb(config, spec, args.num_peers, quantize)
         # Every peer may use every core: the stages of a generation take turns, and with two peers or
         # more their idle threads sleep at once (swarm.local: OMP_WAIT_POLICY=PASSIVE) instead of spinning.
         threads = args.threads or os.cpu_count() or 1
@@ -83,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
               f"logs in {workdir}", file=sys.stderr)  # fmt: skip
         names = {f"peer-{i + 1}": cap for i, cap in enumerate(caps)}
         # Each peer in a session of its own: Ctrl-C reaches this script, which stops them in order.
-        swarm = Swarm(workdir, Path(args.config), names, threads=threads, extra_args=("--model", spec),
-                      own_session=True)  # fmt: skip
+        swarm = Swarm(workdir, Path(args.config), names, threads=threads,
+                      extra_args=("--model", spec, "--quantize", quantize), own_session=True)  # fmt: skip
         swarm.start()
         try:
             swarm.wait_ready(READY_TIMEOUT_S, show=lambda line: print(line, file=sys.stderr))
