@@ -72,6 +72,8 @@ class GGUFLayout:
     layer_names: Mapping[str, str]  # GGUF tensor kind in blk.N -> module path in the decoder layer
     permuted_qk: bool = False  # Q/K rows permuted for llama.cpp's interleaved RoPE (its Llama converter)
     norm_offset: float = 0.0  # added to every RMSNorm weight (its Gemma converters store 1 + w)
+    # A fused expert parameter in the layer -> the GGUF kinds ([E, rows, K] each) it joins along rows.
+    experts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,10 @@ ARCHITECTURES: dict[str, Architecture] = {
                      fused_projections=True, window_from_config=True, gguf=GGUFLayout(_GGUF_PHI3_NAMES)),
         Architecture("qwen3_moe", "transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3Moe",
                      "Qwen3 mixtures of experts, e.g. Qwen3-30B-A3B", qk_norm=True,
-                     experts={"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}),
+                     experts={"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)},
+                     gguf=GGUFLayout({**_GGUF_LLAMA_NAMES, **_GGUF_QK_NORMS, "ffn_gate_inp": "mlp.gate"},
+                                     experts={"mlp.experts.gate_up_proj": ("ffn_gate_exps", "ffn_up_exps"),
+                                              "mlp.experts.down_proj": ("ffn_down_exps",)})),
         Architecture("gemma3_text", "transformers.models.gemma3.modeling_gemma3", "Gemma3", "Gemma 3 text models",
                      qk_norm=True, sandwich_norms=True, scaled_embeddings=True, rope_by_layer_type=True,
                      gguf=GGUFLayout({**_GGUF_LLAMA_NAMES, **_GGUF_QK_NORMS, **_GGUF_SANDWICH_NAMES},

@@ -105,11 +105,21 @@ class GGUFSource:
             hf, kind = _gguf_to_hf(gguf_name, layout)
             if hf is not None:
                 self._tensors[hf] = (gguf_name, kind)
+        # Fused expert parameters: model.layers.N.<param> from blk.N.<kind>.weight of each of its kinds.
+        self._joined: dict[str, tuple[str, ...]] = {}
+        for layer in {int(m.group(1)) for n in self._file.tensors if (m := _GGUF_NAME.match(n))}:
+            for param, kinds in layout.experts.items():
+                parts = tuple(f"blk.{layer}.{kind}.weight" for kind in kinds)
+                if all(p in self._file.tensors for p in parts):
+                    self._joined[f"model.layers.{layer}.{param}"] = parts
 
     def names(self) -> frozenset[str]:
-        return frozenset(self._tensors)
+        return frozenset(self._tensors) | frozenset(self._joined)
 
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if name in self._joined and self._file is not None:  # experts [E, rows, K]: joined along rows
+            joined = torch.cat([self._file.read(part) for part in self._joined[name]], dim=1)
+            return joined if dtype is None else joined.to(dtype)
         if name not in self._tensors or self._file is None:
             raise CheckpointError(f"checkpoint has no tensor {name!r}")
         gguf_name, kind = self._tensors[name]
@@ -122,6 +132,7 @@ class GGUFSource:
 
     def close(self) -> None:
         self._tensors.clear()
+        self._joined.clear()
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -444,6 +444,8 @@ def complete_gguf_config(config: Any, gguf: Path) -> None:
     - phi3: `rope.dimension_count` (the rotary part of each head: Phi-4 mini rotates 3/4) and
       `attention.sliding_window` (Phi-3 mini 4k's 2047; 0 or absent is none; llama.cpp itself
       currently ignores Phi-3's window); longrope factor tensors are refused.
+    - qwen3moe: `expert_feed_forward_length` (moe_intermediate_size), and normalised routing weights
+      (norm_topk_prob, as its released configs set it).
     - gemma3: `rope.scaling.type`/`factor` (a linear RoPE scaling of the global layers, 4B and up),
       and the attention scale, which llama.cpp takes as 1/sqrt(head_dim), 1/sqrt(hidden / heads) for
       the 27B model (transformers' mapping leaves query_pre_attn_scalar at its default 256).
@@ -466,6 +468,12 @@ def complete_gguf_config(config: Any, gguf: Path) -> None:
         rotary = meta.get("phi3.rope.dimension_count", head)
         config.rope_parameters = {**config.rope_parameters, "partial_rotary_factor": int(rotary) / head}
         config.sliding_window = meta.get("phi3.attention.sliding_window") or None
+    elif arch == "qwen3moe":
+        # The experts' width has no place in transformers' mapping, and GGUF stores no routing
+        # normalisation: Qwen3-MoE's released configs (30B-A3B, 235B-A22B) set norm_topk_prob.
+        width = meta.get("qwen3moe.expert_feed_forward_length", config.moe_intermediate_size)
+        config.moe_intermediate_size = int(width)
+        config.norm_topk_prob = True
     elif arch == "gemma3":
         scaling = meta.get("gemma3.rope.scaling.type", "none")
         if scaling == "linear":

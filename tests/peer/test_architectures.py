@@ -171,8 +171,8 @@ def test_the_profile_counts_what_transformers_builds(checkpoint: Path, extra: di
 
 
 # llama.cpp's architecture names (its convert_hf_to_gguf.py writes Mistral as llama).
-LLAMA_CPP_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
-                  "gemma3_text": "gemma3"}  # fmt: skip
+LLAMA_CPP_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3moe",
+                  "phi3": "phi3", "gemma3_text": "gemma3"}  # fmt: skip
 
 
 def write_gguf_as_llama_cpp(model, path: Path) -> None:
@@ -200,11 +200,21 @@ def write_gguf_as_llama_cpp(model, path: Path) -> None:
     if c.model_type == "gemma3_text" and rope.get("rope_type") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(rope["factor"])
+    if c.model_type == "qwen3_moe":
+        w.add_expert_count(c.num_experts)
+        w.add_expert_used_count(c.num_experts_per_tok)
+        w.add_expert_feed_forward_length(c.moe_intermediate_size)
     kinds = {module: kind for kind, module in layout.layer_names.items()}
     ends = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
             "lm_head.weight": "output.weight"}  # fmt: skip
     for key, tensor in model.state_dict().items():
         t = tensor.float().numpy().copy()
+        if key.startswith("model.layers.") and key.split(".", 3)[3] in layout.experts:
+            _, _, layer, param = key.split(".", 3)  # [E, rows, K]: split into the kinds it joins
+            parts = layout.experts[param]
+            for kind, part in zip(parts, np.split(t, len(parts), axis=1), strict=True):
+                w.add_tensor(f"blk.{layer}.{kind}.weight", np.ascontiguousarray(part))
+            continue
         if key.startswith("model.layers."):
             _, _, layer, rest = key.split(".", 3)
             module, suffix = rest.rsplit(".", 1)
@@ -233,7 +243,10 @@ def test_a_gguf_reads_as_transformers_reads_it(checkpoint: Path, tmp_path: Path)
             check_readable(SimpleNamespace(format="gguf"), model.config)  # type: ignore[arg-type]
         return
     write_gguf_as_llama_cpp(model, tmp_path / "m.gguf")
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).state_dict()
+    converted = AutoConfig.from_pretrained(tmp_path, gguf_file="m.gguf")
+    complete_gguf_config(converted, tmp_path / "m.gguf")  # as a peer's conversion does (the experts' width)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", config=converted,
+                                                  dtype=torch.float32).state_dict()  # fmt: skip
     config = model.config
     source = GGUFSource(tmp_path / "m.gguf", architecture_of(config).gguf, config.num_attention_heads,
                         config.num_key_value_heads)  # fmt: skip
@@ -254,8 +267,9 @@ def test_a_gguf_reads_as_transformers_reads_it(checkpoint: Path, tmp_path: Path)
                          "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0,
                                                                 "rope_theta": 1000000.0},
                                              "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}),
+        ("qwen3_moe", VARIANTS["qwen3_moe"]),  # the experts' width, normalised routing
     ],
-    ids=["phi3", "gemma3_text"],
+    ids=["phi3", "gemma3_text", "qwen3_moe"],
 )  # fmt: skip
 def test_a_gguf_config_has_what_llama_cpp_writes_and_transformers_leaves_out(
     model_type: str, extra: dict, tmp_path: Path
@@ -263,7 +277,7 @@ def test_a_gguf_config_has_what_llama_cpp_writes_and_transformers_leaves_out(
     """A GGUF written as llama.cpp writes these models (with what it hard-codes: Gemma 3's sliding
     pattern and local base, its attention scale) runs as the original model once its converted
     config has what transformers' GGUF mapping leaves out: a Phi-3's rotary part and window, a
-    Gemma 3's linearly scaled global RoPE."""
+    Gemma 3's linearly scaled global RoPE, a Qwen3-MoE's expert width and routing."""
     torch.manual_seed(0)
     model = randomised(AutoModelForCausalLM.from_config(tiny_config(model_type, **extra))).eval()
     write_gguf_as_llama_cpp(model, tmp_path / "m.gguf")
