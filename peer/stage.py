@@ -1,11 +1,11 @@
 """One pipeline stage of a decoder-only model: the decoder layers [start, end), plus the token
 embeddings on the first stage and the final norm and LM head on the last. Plain torch.nn around
 transformers' own modules and weights for the model's architecture (`peer.architectures`: Llama,
-Mistral, Qwen2, Qwen3, Phi-3, Gemma 3), so a chain of stages computes what the whole Hugging Face
-model computes. A forward pass takes the steps of several sessions at once as one ragged batch: every token of
-every session is a row of the token-wise work (norms, projections, MLP), and only attention runs
-per session, against that session's own KV cache. It knows nothing of sessions' lifetimes,
-budgets, files or networks."""
+Mistral, Qwen2, Qwen3, Qwen3-MoE, Phi-3, Gemma 3), so a chain of stages computes what the whole
+Hugging Face model computes. A forward pass takes the steps of several sessions at once as one
+ragged batch: every token of every session is a row of the token-wise work (norms, projections,
+MLP), and only attention runs per session, against that session's own KV cache. It knows nothing
+of sessions' lifetimes, budgets, files or networks."""
 
 from __future__ import annotations
 
