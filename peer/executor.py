@@ -171,6 +171,7 @@ class StageExecutor:
                 dtype=self.dtype,
                 device=self.device,
                 chunk_tokens=self.config.kv_cache_chunk_tokens,
+                windows=self.stage.windows,
             )
             self._sessions[session_id] = Session(
                 session_id, cache, batch_size, sampling or SamplingParams(), need, self.clock()
@@ -220,7 +221,8 @@ class StageExecutor:
         """Run one step of a session. inputs: token ids [B, T] or hidden [B, T, D]; positions: [T] or [B, T].
 
         Positions must be contiguous and start at or before the session's cached length (an earlier
-        start replays: the cache is cut back first). all_logits (last stage only) returns logits for
+        start replays: the cache is cut back first; past a sliding window, at most one position
+        earlier, see `SessionKVCache.earliest_start`). all_logits (last stage only) returns logits for
         every position as well as the sampled token; tests compare them with Hugging Face.
         """
         result = self.step_many([StepRequest(session_id, inputs, positions)], all_logits=all_logits)[0]
@@ -372,6 +374,11 @@ class StageExecutor:
         cached = session.cache.length
         if start < 0 or start > cached:
             raise PositionError(f"step starts at position {start} but the session holds positions [0, {cached})")
+        if start < session.cache.earliest_start:
+            raise PositionError(
+                f"step starts at position {start} but this stage's sliding-window layers keep only their last "
+                f"positions: a step of this session may start no earlier than {session.cache.earliest_start}"
+            )
         if start + t > session.cache.max_length:
             raise PositionError(
                 f"positions up to {start + t - 1} exceed the session's maximum length {session.cache.max_length}"

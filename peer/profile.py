@@ -1,13 +1,13 @@
 """A model's memory profile, computed from its config alone: bytes of one decoder layer, of the
-embeddings, the final norm and the LM head, and KV-cache bytes per token per layer, for a dtype
-and a quantization of the weights (`peer.quantize`).
+embeddings, the final norm and the LM head, KV-cache bytes per token per layer and each layer's
+sliding window, for a dtype and a quantization of the weights (`peer.quantize`).
 The partitioner sizes stages with it and the shard loader checks against it; it reads no weights."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -36,13 +36,16 @@ class ModelProfile:
     head_bytes: int  # LM head, held by the last stage (a copy of the embeddings when tied)
     kv_bytes_per_token_per_layer: int  # keys and values of one token in one layer
     quantize: str = "none"  # how projection, head and embedding weights are held
+    # Each layer's sliding window (its KV cache holds at most that many positions); () for none anywhere.
+    layer_windows: tuple[int | None, ...] = ()
 
     @classmethod
     def from_config(cls, config: Any, dtype: torch.dtype = torch.float32, quantize: str = "none") -> ModelProfile:
         """Profile a config of a supported architecture (`peer.architectures`) at `dtype`, with the
         weights `peer.quantize.quantizable` names held as `quantize` says; UnsupportedModel for an
         architecture without a row, ValueError for an unknown quantization."""
-        decoder_layer, _, _ = architecture_of(config).classes()
+        arch = architecture_of(config)
+        decoder_layer, _, _ = arch.classes()
         d, hd, hkv = config.hidden_size, head_dim(config), config.num_key_value_heads
         elt = torch.empty((), dtype=dtype).element_size()
 
@@ -55,6 +58,10 @@ class ModelProfile:
             raise ValueError(f"unknown quantization {quantize!r}; use one of {', '.join(QUANTIZE_MODES)}")
         with torch.device("meta"):  # shapes only: what transformers builds, biases and norms included
             layer = decoder_layer(config, layer_idx=0)
+            attention = type(cast(Any, layer).self_attn)
+            windows = tuple(
+                arch.layer_window(config, attention(config, layer_idx=i)) for i in range(config.num_hidden_layers)
+            )
         table = held("embed_tokens.weight", (config.vocab_size, d))
         return cls(
             num_layers=config.num_hidden_layers,
@@ -69,6 +76,7 @@ class ModelProfile:
             head_bytes=table,
             kv_bytes_per_token_per_layer=2 * hkv * hd * elt,
             quantize=quantize,
+            layer_windows=windows if any(windows) else (),
         )
 
     def stage_weight_bytes(self, start: int, end: int) -> int:
@@ -85,8 +93,11 @@ class ModelProfile:
         return total
 
     def kv_bytes(self, start: int, end: int, tokens: int, batch: int = 1) -> int:
-        """KV-cache bytes for `tokens` positions of `batch` sequences in layers [start, end)."""
-        return (end - start) * tokens * batch * self.kv_bytes_per_token_per_layer
+        """KV-cache bytes for `tokens` positions of `batch` sequences in layers [start, end), a
+        sliding-window layer holding at most its window (as `SessionKVCache` holds them)."""
+        windows = self.layer_windows or (None,) * self.num_layers
+        held = sum(min(tokens, w or tokens) for w in windows[start:end])
+        return held * batch * self.kv_bytes_per_token_per_layer
 
     @property
     def total_weight_bytes(self) -> int:

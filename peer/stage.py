@@ -73,6 +73,12 @@ class StageModel(nn.Module):
         self._logit_cap: float | None = getattr(config, "final_logit_softcapping", None)
 
     @property
+    def windows(self) -> list[int | None]:
+        """Each layer's sliding window (a query sees the keys at a distance under it), None for a
+        layer that sees the whole past; what `SessionKVCache` bounds its buffers by."""
+        return list(self._windows)
+
+    @property
     def compute_dtype(self) -> torch.dtype:
         """The dtype of the stage's activations: its norms' weights' (quantized weights keep theirs)."""
         return cast(torch.dtype, cast(Any, self.layers[0]).input_layernorm.weight.dtype)
@@ -200,8 +206,8 @@ class StageModel(nn.Module):
                 qs, ks, vs = (y[a:b] for y in decode)
             else:  # [B, H, T, hd]
                 qs, ks, vs = (y[a:b].view(rows, t, -1, head_dim).transpose(1, 2) for y in (q, k, v))
-            keys, values = step.cache.update(ks, vs, attn.layer_idx)  # [B, H_kv, past + T, hd]
-            if first:  # a sliding window: the keys before it are out of every query's reach
+            keys, values = step.cache.update(ks, vs, attn.layer_idx)  # [B, H_kv, past + T - first, hd]
+            if keys.shape[2] > step.cache.length + t - first:  # a cache built without the windows keeps them all
                 keys, values = (y.narrow(2, first, y.shape[2] - first) for y in (keys, values))
             outputs.append(attend(qs, keys, values, mask, attn.scaling).transpose(1, 2).reshape(b - a, -1))
         out = linear(torch.cat(outputs) if len(outputs) > 1 else outputs[0], attn.o_proj)

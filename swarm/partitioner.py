@@ -34,7 +34,11 @@ class Share:
 def partition(candidates: Sequence[Candidate], profile: ModelProfile, kv_reserve_tokens: int) -> tuple[Share, ...]:
     """Split the model's layers over `candidates` in pipeline order; raise SwarmTooSmall if they cannot hold it."""
     num_layers = profile.num_layers
-    layer_cost = profile.layer_bytes + kv_reserve_tokens * profile.kv_bytes_per_token_per_layer
+    # Every layer is costed as the one whose KV reserve is largest (a sliding-window layer reserves at
+    # most its window), so any contiguous share of them fits where this count says it does.
+    layer_cost = profile.layer_bytes + max(
+        (profile.kv_bytes(i, i + 1, kv_reserve_tokens) for i in range(num_layers)), default=0
+    )
     if num_layers < 1 or kv_reserve_tokens < 0 or layer_cost < 1:
         raise ValueError("partition needs num_layers >= 1, kv_reserve_tokens >= 0 and layers that take memory")
     if len({c.peer_id for c in candidates}) != len(candidates):

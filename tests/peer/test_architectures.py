@@ -128,6 +128,57 @@ def test_chunked_prefill_and_replay_match_hugging_face(checkpoint: Path, tmp_pat
     pipe.close("s")
 
 
+def test_a_prefill_in_chunks_past_a_wrapped_window_matches_hugging_face(checkpoint: Path, tmp_path: Path) -> None:
+    """Chunks of two positions: each chunk after the first window starts inside a ring that has
+    wrapped, so its earlier keys come back out of order in the buffer and must be put in order."""
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    prompt = torch.tensor([[3, 17, 42, 99, 5, 250, 7, 64, 31, 12, 200]])
+    ref_logits, ref_tokens = hf_reference(model, prompt, 4)
+    pipe = LocalPipeline(stages_of(checkpoint, tmp_path, even_split(LAYERS, 2)))
+    pipe.open("s", 32)
+    n = prompt.shape[1]
+    for start in range(0, n, 2):
+        result = pipe.step("s", prompt[:, start : start + 2], start, all_logits=True)
+        assert torch.allclose(result.logits[0], ref_logits[0][start : start + 2], atol=1e-4, rtol=0), start
+    tokens = [int(result.tokens[0])]
+    for i in range(3):  # decode steps past the windows
+        result = pipe.step("s", torch.tensor([[tokens[-1]]]), n + i, all_logits=True)
+        assert torch.allclose(result.logits[0, 0], ref_logits[i + 1][0], atol=1e-4, rtol=0), i
+        tokens.append(int(result.tokens[0]))
+    assert tokens == ref_tokens
+    pipe.close("s")
+
+
+def test_sliding_layers_hold_only_their_window(checkpoint: Path, tmp_path: Path) -> None:
+    """A session four times as long as the windows: a sliding layer's KV cache stops growing at its
+    window, what it holds is what the profile (and so the executor's reservation) counts, and a
+    step can no longer rewind past the window: refused by name, leaving the session as it was."""
+    from peer.errors import PositionError
+
+    (stage,) = stages_of(checkpoint, tmp_path, [(0, LAYERS)])
+    config = AutoConfig.from_pretrained(checkpoint)
+    profile = ModelProfile.from_config(config)
+    windows = [w for w in stage.windows if w is not None]
+    assert list(profile.layer_windows or (None,) * LAYERS) == stage.windows
+    ex = StageExecutor(stage)
+    length = 4 * max(windows, default=4)
+    ex.open_session("s", length)
+    ex.step("s", torch.arange(1, 7)[None], torch.arange(6))
+    for p in range(6, length):
+        ex.step("s", torch.tensor([[p % 200 + 1]]), torch.tensor([p]))
+    cache = ex._sessions["s"].cache
+    per_token = profile.kv_bytes_per_token_per_layer
+    assert cache.nbytes == profile.kv_bytes(0, LAYERS, length) == ex.reserved_bytes
+    assert cache.nbytes == per_token * sum(min(length, w or length) for w in stage.windows)
+    if not windows:
+        return
+    assert cache.nbytes < profile.kv_bytes_per_token_per_layer * LAYERS * length
+    with pytest.raises(PositionError, match=f"no earlier than {length - 1}"):
+        ex.step("s", torch.tensor([[1]]), torch.tensor([length - 2]))
+    assert ex.session_length("s") == length
+    ex.step("s", torch.tensor([[1]]), torch.tensor([length - 1]))  # the last step again is fine
+
+
 def test_sessions_in_one_pass_get_what_each_gets_alone(checkpoint: Path, tmp_path: Path) -> None:
     (stage,) = stages_of(checkpoint, tmp_path, [(0, LAYERS)])
     prompts = {"a": [5, 6, 7], "b": [9, 1, 2, 3, 4, 8], "c": [11]}  # b runs past the windows

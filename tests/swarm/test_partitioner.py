@@ -5,6 +5,7 @@ peers can hold the model. The ideal and the capacities are re-derived here from 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from fractions import Fraction
@@ -26,8 +27,9 @@ PEER_IDS = [f"peer-{c}" for c in "abcdefghijkl"]
 
 
 def layer_cost(profile: ModelProfile, tokens: int) -> int:
-    """Bytes of one decoder layer plus its KV-cache reserve."""
-    return profile.layer_bytes + profile.kv_bytes(0, 1, tokens)
+    """Bytes of one decoder layer plus its KV-cache reserve: the largest of any layer's, as sliding
+    layers reserve at most their window."""
+    return profile.layer_bytes + max(profile.kv_bytes(i, i + 1, tokens) for i in range(profile.num_layers))
 
 
 def in_pipeline_order(peers: list[Candidate]) -> list[Candidate]:
@@ -79,8 +81,10 @@ def swarms(draw: st.DrawFn) -> Swarm:
     """A random profile, KV reserve and 1 to 8 peers, some too small for one layer, some of equal size."""
     embedding = draw(st.integers(0, 20_000))
     tied = draw(st.booleans())
+    num_layers = draw(st.integers(1, 80))
+    windows = st.lists(st.one_of(st.none(), st.integers(1, 64)), min_size=num_layers, max_size=num_layers)
     profile = ModelProfile(
-        num_layers=draw(st.integers(1, 80)),
+        num_layers=num_layers,
         hidden_size=64,
         vocab_size=100,
         max_position_embeddings=2048,
@@ -91,6 +95,7 @@ def swarms(draw: st.DrawFn) -> Swarm:
         norm_bytes=draw(st.integers(0, 100)),
         head_bytes=embedding if tied else draw(st.integers(0, 20_000)),
         kv_bytes_per_token_per_layer=draw(st.integers(0, 50)),
+        layer_windows=tuple(draw(st.one_of(st.just([]), windows))),
     )
     tokens = draw(st.integers(0, 64))
     cost = layer_cost(profile, tokens)
@@ -134,14 +139,13 @@ def check_within_memory(
     """No stage needs more than its peer's usable bytes; embeddings count on the first, norm and head on the last."""
     assert all(stage_need(profile, s, tokens) <= by_id[s.peer_id].usable_bytes for s in shares)
     cost = layer_cost(profile, tokens)
-    if len(shares) > 1:
+    if len(shares) > 1:  # what the partitioner counts: equal to the need, or above it where layers slide
         first, last = shares[0], shares[-1]
-        assert stage_need(profile, first, tokens) == profile.embedding_bytes + (first.end - first.start) * cost
-        assert (
-            stage_need(profile, last, tokens)
-            == profile.norm_bytes + profile.head_bytes + (last.end - last.start) * cost
-        )
-        assert all(stage_need(profile, s, tokens) == (s.end - s.start) * cost for s in shares[1:-1])
+        bounds = [(first, profile.embedding_bytes), *((s, 0) for s in shares[1:-1]),
+                  (last, profile.norm_bytes + profile.head_bytes)]  # fmt: skip
+        for share, fixed in bounds:
+            need, counted = stage_need(profile, share, tokens), fixed + (share.end - share.start) * cost
+            assert need <= counted if profile.layer_windows else need == counted
 
 
 def check_order_and_standby(shares: tuple[Share, ...], swarm: Swarm) -> None:
@@ -287,6 +291,19 @@ def test_a_middle_peer_whose_share_rounds_to_zero_stands_by() -> None:
     shares = partition(peers, profile, 0)
     assert "tiny" not in {s.peer_id for s in shares}
     assert [s.end - s.start for s in shares] == [2, 1, 1]
+
+
+def test_sliding_layers_reserve_only_their_window() -> None:
+    """Layers that all slide over 4 positions reserve 4 positions of KV cache, not the 2048 asked for:
+    two peers that hold the model with windows do not without."""
+    windowed = dataclasses.replace(flat_profile(8, 100), kv_bytes_per_token_per_layer=10, layer_windows=(4,) * 8)
+    peers = [Candidate("a", 4 * 140), Candidate("b", 4 * 140)]
+    assert [(s.start, s.end) for s in partition(peers, windowed, 2048)] == [(0, 4), (4, 8)]
+    with pytest.raises(SwarmTooSmall):
+        partition(peers, dataclasses.replace(windowed, layer_windows=()), 2048)
+    mixed = dataclasses.replace(windowed, layer_windows=(4, None) * 4)  # one global layer: all cost as it does
+    with pytest.raises(SwarmTooSmall):
+        partition(peers, mixed, 2048)
 
 
 def test_duplicate_peer_ids_are_rejected() -> None:
