@@ -1,10 +1,13 @@
 """Runs one stage for many sessions. A session is opened with its maximum length (its KV cache is
 reserved against the stage's byte budget, and refused with CacheFull beyond it), then stepped with
 token ids (first stage) or hidden states and their positions, and closed; sessions idle past the
-timeout are evicted. The last stage samples the next token itself, so logits never leave it.
-Every input is validated before any state changes, so a bad request leaves other sessions, and its
-own session, as they were. Steps of several sessions run as one forward pass (`step_many`), which
-is how a stage batches the sessions that are in step. Thread-safe: calls may come from several threads."""
+timeout are evicted. The last stage samples the next token itself, so logits never leave it. Every
+input is validated before any state changes, so a bad request leaves other sessions, and its own
+session, as they were (a restart a sliding window no longer allows is refused by every stage of a
+pipeline alike: the check uses the whole model's windows). A pass that fails midway keeps what its
+sessions' caches still hold (`SessionKVCache.abort`). Steps of several sessions run as one forward
+pass (`step_many`), which is how a stage batches the sessions that are in step. Thread-safe: calls
+may come from several threads."""
 
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from peer.errors import (
     SessionExists,
     UnknownSession,
 )
-from peer.kv_cache import SessionKVCache
+from peer.kv_cache import SessionKVCache, restart_limit
 from peer.profile import ModelProfile, head_dim
 from peer.resources import MIB
 from peer.sampling import SamplingParams, sample_many
@@ -104,6 +107,9 @@ class StageExecutor:
         self.dtype = stage.compute_dtype
         self.device = next(stage.parameters()).device
         self.profile = ModelProfile.from_config(cfg, self.dtype)
+        # The whole model's windows: every stage of a pipeline holds a session at one length, so each
+        # refuses a restart that any of them (not only this one) can no longer serve.
+        self._model_windows = [w for w in self.profile.layer_windows if w is not None]
         self.budget_bytes = self.config.kv_cache_budget_mb * MIB
         self.stats = ExecutorStats()
         self._kv_heads, self._head_dim = cfg.num_key_value_heads, head_dim(cfg)
@@ -265,9 +271,14 @@ class StageExecutor:
             t0 = time.perf_counter()
             for _, session, inputs, positions in accepted:
                 session.cache.begin_step(int(positions[0, 0]), inputs.shape[1])
-            outs = self.stage.forward_batch(
-                [Step(inputs, positions, session.cache) for _, session, inputs, positions in accepted], all_logits
-            )
+            try:
+                outs = self.stage.forward_batch(
+                    [Step(inputs, positions, session.cache) for _, session, inputs, positions in accepted], all_logits
+                )
+            except BaseException:
+                for _, session, _, _ in accepted:
+                    session.cache.abort()
+                raise
             for _, session, _, _ in accepted:
                 session.cache.commit()
             picks = None
@@ -374,10 +385,11 @@ class StageExecutor:
         cached = session.cache.length
         if start < 0 or start > cached:
             raise PositionError(f"step starts at position {start} but the session holds positions [0, {cached})")
-        if start < session.cache.earliest_start:
+        earliest = restart_limit(cached, self._model_windows)
+        if start < earliest:
             raise PositionError(
-                f"step starts at position {start} but this stage's sliding-window layers keep only their last "
-                f"positions: a step of this session may start no earlier than {session.cache.earliest_start}"
+                f"step starts at position {start} but the model's sliding-window layers keep only their last "
+                f"positions: a step of this session may start no earlier than {earliest}"
             )
         if start + t > session.cache.max_length:
             raise PositionError(

@@ -6,9 +6,11 @@ truncated there first, so a replayed step overwrites rather than appends.
 A sliding-window layer (window W: a query sees the keys at a distance under W) keeps only its last
 W positions, in a ring: position p lives in slot p mod W. Its memory is bounded by the window
 however long the session grows (Gemma 3's sliding layers, Mistral, Phi-3). Once a session is past
-a window, a step may start no earlier than one position before the cached length (a replayed last
-step): the keys an earlier start would need are gone. It implements the `update` call that
-transformers' attention layers make; budgets and sessions live in `peer.executor`."""
+a window, a step may start no earlier than one position before the cached length (a replayed
+single-token step): the keys an earlier start would need are gone. A step that fails midway may
+have overwritten ring slots of positions before it; `abort` then empties the cache. It implements
+the `update` call that transformers' attention layers make; budgets and sessions live in
+`peer.executor`."""
 
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ class SessionKVCache:
         self._values: list[torch.Tensor] = list(self._keys)
         self._write_at = 0  # where the current step's keys go
         self._new = 0  # tokens in the current step
+        self._overwrites = False  # whether the current step writes over ring slots of earlier positions
 
     @property
     def capacity(self) -> int:
@@ -68,8 +71,7 @@ class SessionKVCache:
     def earliest_start(self) -> int:
         """The earliest position a step may start at: 0, or once the session is past a layer's
         window, one before the cached length."""
-        wrapped = any(w is not None and self.length > w for w in self.windows)
-        return max(0, self.length - 1) if wrapped else 0
+        return restart_limit(self.length, self.windows)
 
     def begin_step(self, start: int, new_tokens: int) -> None:
         """Prepare to write positions [start, start + new_tokens); drops anything cached from `start` on.
@@ -83,11 +85,17 @@ class SessionKVCache:
             raise ValueError(f"step ends at {start + new_tokens}, past the session maximum {self.max_length}")
         self._grow(start + new_tokens)
         self._write_at, self._new = start, new_tokens
+        self._overwrites = any(w is not None and start + new_tokens > w for w in self.windows)
         self.length = start
 
     def commit(self) -> None:
         """Mark the current step's positions valid."""
         self.length = self._write_at + self._new
+
+    def abort(self) -> None:
+        """The current step failed midway: keep the positions before it, or none where it may have
+        overwritten a ring slot of one of them (the session must then start again from 0)."""
+        self.length = 0 if self._overwrites else self._write_at
 
     def _grow(self, needed: int) -> None:
         for i, limit in enumerate(self._limits):
@@ -95,7 +103,9 @@ class SessionKVCache:
             if min(needed, limit) <= capacity:
                 continue  # a full ring never grows: it is as large as its window
             capacity = min(limit, max(needed, self._chunk, 2 * capacity))
-            kept = min(self.length, limit)  # a ring that grows has not wrapped: slot = position
+            # A ring that grows has not wrapped, so slot = position; the length may still count the
+            # positions this step is about to overwrite, which costs a copy and nothing else.
+            kept = min(self.length, limit)
             for buffers in (self._keys, self._values):
                 b, h, _, d = self._shape
                 new = torch.empty((b, h, capacity, d), dtype=self._dtype, device=self._device)
@@ -135,3 +145,11 @@ class SessionKVCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Positions cached before the current step (the interface transformers expects)."""
         return self.length
+
+
+def restart_limit(length: int, windows: Sequence[int | None]) -> int:
+    """The earliest position a step may start at, for a session holding `length` positions in layers
+    with these sliding `windows` (None: no window): 0 until the session is past a window, then one
+    before `length`. Every position a step from there on needs is still held."""
+    wrapped = any(w is not None and length > w for w in windows)
+    return max(0, length - 1) if wrapped else 0

@@ -206,8 +206,11 @@ class StageModel(nn.Module):
                 qs, ks, vs = (y[a:b] for y in decode)
             else:  # [B, H, T, hd]
                 qs, ks, vs = (y[a:b].view(rows, t, -1, head_dim).transpose(1, 2) for y in (q, k, v))
-            keys, values = step.cache.update(ks, vs, attn.layer_idx)  # [B, H_kv, past + T - first, hd]
-            if keys.shape[2] > step.cache.length + t - first:  # a cache built without the windows keeps them all
+            # [B, H_kv, past + T - first, hd]: keys [first, past + T) (see SessionKVCache.update); while
+            # the pass runs, cache.length is the step's start. A cache built without the windows returns
+            # keys from 0: the ones before `first` are out of every query's reach.
+            keys, values = step.cache.update(ks, vs, attn.layer_idx)
+            if keys.shape[2] > step.cache.length + t - first:
                 keys, values = (y.narrow(2, first, y.shape[2] - first) for y in (keys, values))
             outputs.append(attend(qs, keys, values, mask, attn.scaling).transpose(1, 2).reshape(b - a, -1))
         out = linear(torch.cat(outputs) if len(outputs) > 1 else outputs[0], attn.o_proj)
@@ -233,8 +236,9 @@ def attend(
     queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
     """SDPA of one step, as transformers' sdpa_attention_forward computes it: queries [B, H, T, hd]
-    against the cached keys and values [B, H_kv, past + T, hd], which are grouped-query heads when
-    H_kv < H; mask as `causal_mask` gives it. Returns [B, H, T, hd]."""
+    against the keys and values they may see [B, H_kv, S, hd], which are grouped-query heads when
+    H_kv < H; mask [1, 1, T, S] as `attention_mask` gives it, or None (all S keys for one query,
+    in any order; causal for several). Returns [B, H, T, hd]."""
     if mask is not None:  # SDPA's fused kernels take grouped heads only without a mask
         groups = queries.shape[1] // keys.shape[1]
         keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
@@ -271,9 +275,10 @@ def onednn() -> bool:
 
 def attention_mask(past: int, new: int, window: int | None, device: torch.device) -> tuple[int, torch.Tensor | None]:
     """(first, mask): queries at positions [past, past + new) attend to keys [first, past + new), with
-    a boolean mask [1, 1, new, past + new - first], or None where SDPA's own causal rule (or none) is
-    exact. `window` as transformers' sliding_window_overlay counts it: a key at a distance under
-    `window` from its query (None: the whole past)."""
+    a boolean mask [1, 1, new, past + new - first] over them in order, or None where SDPA's own
+    causal rule (or none, for one query, whose keys may then come in any order) is exact. `window`
+    as transformers' sliding_window_overlay counts it: a key at a distance under `window` from its
+    query (None: the whole past)."""
     end = past + new
     if window is None or end <= window:
         return 0, causal_mask(past, new, device)

@@ -35,10 +35,10 @@ def partition(candidates: Sequence[Candidate], profile: ModelProfile, kv_reserve
     """Split the model's layers over `candidates` in pipeline order; raise SwarmTooSmall if they cannot hold it."""
     num_layers = profile.num_layers
     # Every layer is costed as the one whose KV reserve is largest (a sliding-window layer reserves at
-    # most its window), so any contiguous share of them fits where this count says it does.
-    layer_cost = profile.layer_bytes + max(
-        (profile.kv_bytes(i, i + 1, kv_reserve_tokens) for i in range(num_layers)), default=0
-    )
+    # most its window), so any contiguous share of them fits where this count says it does: a model
+    # whose layers all slide reserves its window a layer, one with global layers their whole reserve.
+    layer_reserve = max((profile.kv_bytes(i, i + 1, kv_reserve_tokens) for i in range(num_layers)), default=0)
+    layer_cost = profile.layer_bytes + layer_reserve
     if num_layers < 1 or kv_reserve_tokens < 0 or layer_cost < 1:
         raise ValueError("partition needs num_layers >= 1, kv_reserve_tokens >= 0 and layers that take memory")
     if len({c.peer_id for c in candidates}) != len(candidates):
@@ -57,7 +57,7 @@ def partition(candidates: Sequence[Candidate], profile: ModelProfile, kv_reserve
         pool = [peer for peer in pool if peer.peer_id not in idle]
 
     if sum(caps) < num_layers:
-        needed = profile.total_weight_bytes + profile.kv_bytes(0, num_layers, kv_reserve_tokens)
+        needed = profile.total_weight_bytes + num_layers * layer_reserve
         available = sum(max(0, c.usable_bytes) for c in candidates)
         detail = f"{sum(caps)} of {num_layers} layers fit" if candidates else "no peers"
         raise SwarmTooSmall(needed, available, detail)

@@ -128,14 +128,20 @@ def test_chunked_prefill_and_replay_match_hugging_face(checkpoint: Path, tmp_pat
     pipe.close("s")
 
 
+def past_the_windows(checkpoint: Path, tmp_path: Path, steps: int):
+    """An 11-token prompt (longer than every tiny window), Hugging Face's logits and greedy tokens for
+    it and `steps` decode steps, and a 2-stage pipeline with session "s" open for 32 positions."""
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    prompt = torch.tensor([[3, 17, 42, 99, 5, 250, 7, 64, 31, 12, 200]])
+    pipe = LocalPipeline(stages_of(checkpoint, tmp_path, even_split(LAYERS, 2)))
+    pipe.open("s", 32)
+    return prompt, hf_reference(model, prompt, steps), pipe
+
+
 def test_a_prefill_in_chunks_past_a_wrapped_window_matches_hugging_face(checkpoint: Path, tmp_path: Path) -> None:
     """Chunks of two positions: each chunk after the first window starts inside a ring that has
     wrapped, so its earlier keys come back out of order in the buffer and must be put in order."""
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    prompt = torch.tensor([[3, 17, 42, 99, 5, 250, 7, 64, 31, 12, 200]])
-    ref_logits, ref_tokens = hf_reference(model, prompt, 4)
-    pipe = LocalPipeline(stages_of(checkpoint, tmp_path, even_split(LAYERS, 2)))
-    pipe.open("s", 32)
+    prompt, (ref_logits, ref_tokens), pipe = past_the_windows(checkpoint, tmp_path, 4)
     n = prompt.shape[1]
     for start in range(0, n, 2):
         result = pipe.step("s", prompt[:, start : start + 2], start, all_logits=True)
@@ -177,6 +183,54 @@ def test_sliding_layers_hold_only_their_window(checkpoint: Path, tmp_path: Path)
         ex.step("s", torch.tensor([[1]]), torch.tensor([length - 2]))
     assert ex.session_length("s") == length
     ex.step("s", torch.tensor([[1]]), torch.tensor([length - 1]))  # the last step again is fine
+
+
+def test_a_restart_past_the_windows_is_refused_by_every_stage(checkpoint: Path, tmp_path: Path) -> None:
+    """Split so that a stage may have no sliding layer of its own (Qwen3's first two layers): the
+    restart is refused before any stage moves, and the session goes on as if it had not been tried."""
+    from peer.errors import PositionError
+
+    prompt, (ref_logits, ref_tokens), pipe = past_the_windows(checkpoint, tmp_path, 2)
+    n = prompt.shape[1]
+    pipe.step("s", prompt, 0)
+    windowed = any(w is not None for ex in pipe.executors for w in ex.stage.windows)
+    if windowed:
+        with pytest.raises(PositionError, match=f"no earlier than {n - 1}"):
+            pipe.step("s", prompt[:, n - 3 :], n - 3)
+    else:  # no window: any restart is served
+        pipe.step("s", prompt[:, n - 3 :], n - 3)
+    assert [ex.session_length("s") for ex in pipe.executors] == [n] * len(pipe.executors)
+    result = pipe.step("s", torch.tensor([[ref_tokens[0]]]), n, all_logits=True)
+    assert torch.allclose(result.logits[0, 0], ref_logits[1][0], atol=1e-4, rtol=0)
+    pipe.close("s")
+
+
+def test_a_pass_that_fails_midway_leaves_a_cache_that_serves_what_it_claims(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass that raises after some layers wrote a step past the windows (out of memory, say): the
+    session keeps the positions before the step where no ring slot of theirs was overwritten, and
+    none where one may have been, and what it keeps gives Hugging Face's logits again."""
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    prompt = torch.tensor([[3, 17, 42, 99, 5, 250, 7, 64]])
+    with torch.no_grad():
+        want = model(prompt).logits[0]  # [T, V]
+    (stage,) = stages_of(checkpoint, tmp_path, [(0, LAYERS)])
+    ex = StageExecutor(stage)
+    ex.open_session("s", 16)
+    ex.step("s", prompt[:, :6], torch.arange(6))
+
+    def out_of_memory(*_: object) -> torch.Tensor:
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(stage.layers[LAYERS - 1].input_layernorm, "forward", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        ex.step("s", prompt[:, 6:], torch.arange(6, 8))
+    monkeypatch.undo()
+    kept = ex.session_length("s")
+    assert kept == (0 if any(stage.windows) else 6)
+    result = ex.step("s", prompt[:, kept:], torch.arange(kept, 8), all_logits=True)
+    assert torch.allclose(result.logits[0], want[kept:], atol=1e-4, rtol=0)
 
 
 def test_sessions_in_one_pass_get_what_each_gets_alone(checkpoint: Path, tmp_path: Path) -> None:

@@ -204,7 +204,7 @@ def test_too_small_exactly_when_no_choice_of_peers_holds_the_model(swarm: Swarm)
     except SwarmTooSmall as e:
         assert not possible
         assert try_partition((profile, tokens, candidates[::-1])) is None
-        needed = profile.total_weight_bytes + profile.kv_bytes(0, profile.num_layers, tokens)
+        needed = profile.total_weight_bytes + profile.num_layers * (layer_cost(profile, tokens) - profile.layer_bytes)
         available = sum(c.usable_bytes for c in candidates)
         assert (e.needed_bytes, e.available_bytes) == (needed, available)
         assert str(needed) in str(e) and str(available) in str(e)
