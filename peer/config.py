@@ -16,7 +16,7 @@ import yaml
 from peer.errors import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZE_MODES = ("none", "int8")  # as peer.quantize, which this module does not import (torch)
+QUANTIZE_MODES = ("none", "int8", "int4")  # as peer.quantize, which this module does not import (torch)
 
 
 def _is_int(value: Any) -> bool:
@@ -54,9 +54,10 @@ class ModelConfig:
     # A model spec: "smollm2-135m", a hub id, a local Hugging Face directory or a local .gguf file.
     spec: str = "smollm2-135m"
     # Weight and activation dtype; "auto" is float32 on CPU and bfloat16/float16 on accelerators,
-    # and bfloat16 on CPU with quantized weights (the int8 kernel takes bfloat16 activations).
+    # and bfloat16 on CPU with quantized weights (the CPU int8 kernel takes bfloat16 activations).
     dtype: str = "auto"
-    # How projection, head and embedding weights are held: "none", or "int8" (peer.quantize).
+    # How projection, head and embedding weights are held: "none", "int8" or "int4" (CPU only;
+    # peer.quantize).
     quantize: str = "none"
 
     def __post_init__(self) -> None:

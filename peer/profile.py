@@ -12,7 +12,7 @@ from typing import Any, cast
 import torch
 
 from peer.architectures import architecture_of
-from peer.quantize import QUANTIZE_MODES, quantizable, quantized_bytes
+from peer.quantize import QUANTIZE_MODES, held_as, quantized_bytes
 
 
 def head_dim(config: Any) -> int:
@@ -42,7 +42,7 @@ class ModelProfile:
     @classmethod
     def from_config(cls, config: Any, dtype: torch.dtype = torch.float32, quantize: str = "none") -> ModelProfile:
         """Profile a config of a supported architecture (`peer.architectures`) at `dtype`, with the
-        weights `peer.quantize.quantizable` names held as `quantize` says; UnsupportedModel for an
+        weights held as `peer.quantize.held_as` says for the setting `quantize`; UnsupportedModel for an
         architecture without a row, ValueError for an unknown quantization."""
         arch = architecture_of(config)
         decoder_layer, _, _ = arch.classes()
@@ -50,9 +50,8 @@ class ModelProfile:
         elt = torch.empty((), dtype=dtype).element_size()
 
         def held(name: str, shape: tuple[int, ...]) -> int:
-            if quantize != "none" and quantizable(name):
-                return quantized_bytes(shape)
-            return math.prod(shape) * elt
+            scheme = held_as(name, shape, quantize)
+            return math.prod(shape) * elt if scheme == "none" else quantized_bytes(shape, scheme, dtype)
 
         if quantize not in QUANTIZE_MODES:
             raise ValueError(f"unknown quantization {quantize!r}; use one of {', '.join(QUANTIZE_MODES)}")

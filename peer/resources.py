@@ -121,7 +121,12 @@ def default_dtype(device: str) -> torch.dtype:
 
 def resolve_dtype(name: str, device: str, quantize: str = "none") -> torch.dtype:
     """Turn a config dtype name into a torch dtype for this device; "auto" with quantized weights on
-    CPU is bfloat16, the activations PyTorch's int8 weight-only kernel takes (`peer.quantize`)."""
+    CPU is bfloat16, the activations PyTorch's int8 weight-only kernel takes (`peer.quantize`).
+    ConfigError for int4 weights off the CPU, where this build has no int4 kernel for them."""
+    if quantize == "int4" and device != "cpu":
+        raise ConfigError(
+            f"int4 weights run on the CPU only (PyTorch's CPU int4 kernel); use --quantize int8 on {device}"
+        )
     if name == "auto":
         if quantize != "none" and device == "cpu":
             return torch.bfloat16

@@ -15,7 +15,7 @@ import torch
 
 from peer.checkpoint import TensorSource
 from peer.errors import CheckpointError
-from peer.quantize import quantizable, quantize_weight
+from peer.quantize import held_as, quantize_weight
 from peer.stage import StageModel
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,9 @@ def load_stage(
     progress(done, total) is called after each tensor, for a progress bar on long loads.
     reuse maps checkpoint names to tensors already held (a previous stage's, see `held_tensors`);
     those are taken as they are instead of being read again (they are held as `quantize` says).
-    quantize ("none" or "int8", `peer.quantize`) holds the projection, head and embedding weights
-    quantized, each quantized as it is read, so memory peaks at the quantized stage plus one tensor.
+    quantize ("none", "int8" or "int4", `peer.quantize`) holds the projection, head and embedding
+    weights quantized, each quantized as it is read, so memory peaks at the quantized stage plus one
+    tensor.
     """
     reuse = reuse or {}
     t0 = time.perf_counter()
@@ -75,8 +76,7 @@ def load_stage(
                 f"tensor {ckpt!r} has shape {tuple(tensor.shape)}, the config expects {tuple(expected[param])}"
             )
         state[param] = tensor.to(device=device, dtype=dtype)
-        if quantizable(param):
-            state[param] = quantize_weight(state[param], quantize)
+        state[param] = quantize_weight(state[param], held_as(param, tuple(tensor.shape), quantize))
         if progress:
             progress(done, len(names))
     stage.load_state_dict(state, strict=True, assign=True)

@@ -8,8 +8,8 @@ has one). The families live in `scripts/benchmarks/`, over one typed model descr
   separate process with the same thread count as each peer, runs alternating, so that each ratio
   compares runs made under the same conditions.
 - `memory.py`: per-stage resident memory against the stage's share of the weights.
-- `quantize.py`: int8 weights against float32 and bfloat16: resident memory, decode speed and
-  perplexity on a fixed local text.
+- `quantize.py`: int8 and int4 weights against float32 and bfloat16: resident memory, decode speed
+  and perplexity on a fixed local text.
 - `failover.py`: the wait from SIGKILLing a stage mid-stream to the next token, and the text checked.
 - `network.py`: on the network test bed, decode under added delay per hop, and failover from a cut.
 """
@@ -132,7 +132,7 @@ def main() -> int:
     child.add_argument("--quantize", default="none")
     child.set_defaults(func=load_child)
 
-    qua = modes.add_parser("quantize", help="int8 weights: resident memory, decode speed and perplexity")
+    qua = modes.add_parser("quantize", help="int8 and int4 weights: resident memory, decode speed and perplexity")
     qua.add_argument("--model-dir", help="checkpoint for the memory rows (default: TinyLlama-shaped, float32)")
     qua.add_argument("--ranges", default="0:11,5:16", help="stages [start, end) for the memory rows")
     qua.add_argument("--models", default="smollm2-135m,gemma3-270m", help="model specs for speed and perplexity")

@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chat", action="store_true", help="use the model's chat template")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--model", help="model spec (default from the config: smollm2-135m)")
-    p.add_argument("--quantize", choices=["none", "int8"], help="hold weights as int8 (default from the config: none)")
+    p.add_argument("--quantize", choices=["none", "int8", "int4"],
+                   help="hold weights as int8 or int4 (default from the config: none)")  # fmt: skip
     p.add_argument("--config", default=str(default_config_path()), help="YAML config for the peers")
     p.add_argument("--threads", type=int, help="torch threads per peer (default: every core)")
     p.add_argument("--keep-logs", action="store_true", help="keep the peers' logs and state after the run")

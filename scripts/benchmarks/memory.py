@@ -29,6 +29,7 @@ def load_child(args: argparse.Namespace) -> int:
     from peer.config import StoreConfig
     from peer.model_store import ModelStore
     from peer.profile import ModelProfile
+    from peer.quantize import held_bytes, quantize_weight
     from peer.shard import load_stage
     from swarm.stage_host import release_freed_memory
 
@@ -39,9 +40,7 @@ def load_child(args: argparse.Namespace) -> int:
     quantize = getattr(args, "quantize", "none")
     profile = ModelProfile.from_config(config, dtype, quantize)
     if quantize != "none":  # the base a quantizing peer has: the quantization library imported
-        from peer.quantize import quantize_weight
-
-        quantize_weight(torch.zeros(1, 32), quantize)
+        quantize_weight(torch.zeros(16, 32), quantize)
     empty = args.end <= args.start  # k = 0: the runtime's base, no stage
     source = open_checkpoint(files, config, dtype)
     try:
@@ -72,13 +71,6 @@ def load_child(args: argparse.Namespace) -> int:
     }
     print(json.dumps(report))
     return 0
-
-
-def held_bytes(p: Any) -> int:
-    """Bytes a parameter holds: a quantized one's int8 values and scales, a plain one's elements."""
-    if hasattr(p, "qdata"):
-        return int(p.qdata.numel() * p.qdata.element_size() + p.scale.numel() * p.scale.element_size())
-    return int(p.numel() * p.element_size())
 
 
 def run_child(

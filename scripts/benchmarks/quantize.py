@@ -1,11 +1,12 @@
-"""`quantize`: int8 resident weights (`--quantize int8`) against unquantized ones, on this machine.
+"""`quantize`: int8 and int4 resident weights (`--quantize`) against unquantized ones, on this
+machine. The targets are issue 17's, for int8; int4's figures are reported beside them.
 
 - Memory: stages of a TinyLlama-shaped float32 checkpoint loaded in fresh processes at float32, at
-  bfloat16, and at int8 (bfloat16 activations); targets: an int8 stage's RSS - base at most 0.3 x
-  its float32 share and 0.6 x its bfloat16 share (base: a process that imported everything, the
-  quantization library included, and loaded no layer).
-- Speed: greedy decode tokens/s of the whole model in one process, int8 against bfloat16, runs
-  alternating; target int8 >= 0.9 x bfloat16.
+  bfloat16, at int8 and at int4 (bfloat16 activations); targets: an int8 stage's RSS - base at most
+  0.3 x its float32 share and 0.6 x its bfloat16 share (base: a process that imported everything,
+  the quantization library included, and loaded no layer).
+- Speed: greedy decode tokens/s of the whole model in one process, int8 and int4 against bfloat16,
+  runs alternating; target int8 >= 0.9 x bfloat16.
 - Quality: perplexity of a fixed local text (`data/perplexity.txt`, the opening of Lewis Carroll's
   Alice's Adventures in Wonderland, public domain) in one forward pass; target: int8 at most 2 %
   above the unquantized model (float32, the reference every other test holds to).
@@ -26,7 +27,13 @@ from benchmarks.models import ensure_checkpoint
 
 TEXT = Path(__file__).resolve().parent / "data" / "perplexity.txt"
 RSS_OF_FLOAT32, RSS_OF_BFLOAT16, SPEED, PERPLEXITY = 0.3, 0.6, 0.9, 1.02
-VARIANTS = {"float32": ("float32", "none"), "bfloat16": ("bfloat16", "none"), "int8": ("bfloat16", "int8")}
+VARIANTS = {
+    "float32": ("float32", "none"),
+    "bfloat16": ("bfloat16", "none"),
+    "int8": ("bfloat16", "int8"),
+    "int4": ("bfloat16", "int4"),
+}
+QUANTIZED = ("int8", "int4")
 
 
 def memory_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -48,9 +55,10 @@ def memory_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             "param_bytes": {v: got[v]["param_bytes"] for v in VARIANTS},
             "rss_bytes": {v: got[v]["rss_bytes"] for v in VARIANTS},
             "base_bytes": base,
-            "int8_of_float32": grown["int8"] / got["float32"]["share_bytes"],
-            "int8_of_bfloat16": grown["int8"] / got["bfloat16"]["share_bytes"],
         }
+        for q in QUANTIZED:
+            row[f"{q}_of_float32"] = grown[q] / got["float32"]["share_bytes"]
+            row[f"{q}_of_bfloat16"] = grown[q] / got["bfloat16"]["share_bytes"]
         row["ok"] = row["int8_of_float32"] <= RSS_OF_FLOAT32 and row["int8_of_bfloat16"] <= RSS_OF_BFLOAT16
         rows.append(row)
     return rows
@@ -90,7 +98,7 @@ def perplexity(stage: Any, ids: list[int]) -> float:
 
 
 def model_row(store: Any, spec: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Decode tokens/s at bfloat16 and int8 (alternating runs), and perplexity at all three variants."""
+    """Decode tokens/s at bfloat16, int8 and int4 (alternating runs), and perplexity at every variant."""
     from peer.pipeline import LocalPipeline
     from peer.tokenizer import Tokenizer
 
@@ -100,7 +108,7 @@ def model_row(store: Any, spec: str, args: argparse.Namespace) -> dict[str, Any]
     stages = {v: load_whole(files, config, v) for v in VARIANTS}
     ppl = {v: perplexity(stage, ids) for v, stage in stages.items()}
     log(f"{spec}: perplexity {', '.join(f'{v} {p:.3f}' for v, p in ppl.items())} over {len(ids)} tokens")
-    rates: dict[str, list[float | None]] = {"bfloat16": [], "int8": []}
+    rates: dict[str, list[float | None]] = {v: [] for v in ("bfloat16", *QUANTIZED)}
     for run in range(args.runs + 1):  # the first round warms up
         for variant in rates:
             pipe = LocalPipeline([stages[variant]])
@@ -109,17 +117,13 @@ def model_row(store: Any, spec: str, args: argparse.Namespace) -> dict[str, Any]
             if run:
                 rates[variant].append(produced / (time.perf_counter() - t0))
     speed = {v: median(r) or 0.0 for v, r in rates.items()}
-    log(f"{spec}: decode bfloat16 {speed['bfloat16']:.1f} tok/s, int8 {speed['int8']:.1f} tok/s")
-    row = {
-        "model": spec,
-        "text_tokens": len(ids),
-        "perplexity": ppl,
-        "perplexity_ratio": ppl["int8"] / ppl["float32"],
-        "tokens_per_s": speed,
-        "runs": rates,
-        "speed_ratio": speed["int8"] / speed["bfloat16"],
-    }
-    row["ok"] = row["perplexity_ratio"] <= PERPLEXITY and row["speed_ratio"] >= SPEED
+    log(f"{spec}: decode tok/s {', '.join(f'{v} {s:.1f}' for v, s in speed.items())}")
+    row: dict[str, Any] = {"model": spec, "text_tokens": len(ids), "perplexity": ppl}
+    row.update(tokens_per_s=speed, runs=rates)
+    for q in QUANTIZED:
+        row[f"{q}_perplexity_ratio"] = ppl[q] / ppl["float32"]
+        row[f"{q}_speed_ratio"] = speed[q] / speed["bfloat16"]
+    row["ok"] = row["int8_perplexity_ratio"] <= PERPLEXITY and row["int8_speed_ratio"] >= SPEED
     return row
 
 
@@ -137,20 +141,24 @@ def quantize(args: argparse.Namespace) -> int:
     models = [model_row(store, spec, args) for spec in args.models.split(",")]
     print(f"quantize, {args.threads} thread(s), torch {torch.__version__}; MiB")
     print(f"int8 RSS - base against the share: <= {RSS_OF_FLOAT32} x float32, <= {RSS_OF_BFLOAT16} x bfloat16")
-    print(f"{'layers':>9} {'f32 share':>9} {'bf16 share':>10} {'int8 share':>10} {'int8 RSS-base':>13} "
+    print(f"{'layers':>9} {'f32 share':>9} {'bf16 share':>10} {'q share':>8} {'q RSS-base':>10} "
           f"{'of f32':>7} {'of bf16':>7}  ok")  # fmt: skip
     for r in memory:
-        grown = r["rss_bytes"]["int8"] - r["base_bytes"]["int8"]
         share = r["share_bytes"]
-        print(f"[{r['start']},{r['end']}) {share['float32'] / MIB:>9.0f} {share['bfloat16'] / MIB:>10.0f} "
-              f"{share['int8'] / MIB:>10.0f} {grown / MIB:>13.0f} {r['int8_of_float32']:>7.3f} "
-              f"{r['int8_of_bfloat16']:>7.3f} {'yes' if r['ok'] else 'NO':>3}")  # fmt: skip
+        for q in QUANTIZED:
+            grown = r["rss_bytes"][q] - r["base_bytes"][q]
+            verdict = ("yes" if r["ok"] else "NO") if q == "int8" else "-"
+            print(f"[{r['start']},{r['end']}) {share['float32'] / MIB:>9.0f} {share['bfloat16'] / MIB:>10.0f} "
+                  f"{q} {share[q] / MIB:>3.0f} {grown / MIB:>10.0f} {r[f'{q}_of_float32']:>7.3f} "
+                  f"{r[f'{q}_of_bfloat16']:>7.3f} {verdict:>3}")  # fmt: skip
     print(f"decode (target int8 >= {SPEED} x bfloat16) and perplexity (target int8 <= {PERPLEXITY} x float32)")
     for r in models:
         p, s = r["perplexity"], r["tokens_per_s"]
-        print(f"{r['model']:>14}: tok/s bf16 {s['bfloat16']:.1f} int8 {s['int8']:.1f} ({r['speed_ratio']:.2f} x); "
+        print(f"{r['model']:>14}: tok/s bf16 {s['bfloat16']:.1f} int8 {s['int8']:.1f} "
+              f"({r['int8_speed_ratio']:.2f} x) int4 {s['int4']:.1f} ({r['int4_speed_ratio']:.2f} x); "
               f"perplexity f32 {p['float32']:.3f} bf16 {p['bfloat16']:.3f} int8 {p['int8']:.3f} "
-              f"({r['perplexity_ratio']:.4f} x) {'ok' if r['ok'] else 'MISSED'}")  # fmt: skip
+              f"({r['int8_perplexity_ratio']:.4f} x) int4 {p['int4']:.3f} ({r['int4_perplexity_ratio']:.4f} x) "
+              f"{'ok' if r['ok'] else 'MISSED'}")  # fmt: skip
     summary = {
         "mode": "quantize",
         "threads": args.threads,

@@ -1,7 +1,8 @@
-"""Three `swarm-peer --quantize int8` processes on a tiny random Gemma 3 checkpoint (sliding and
-global layers): each holds its layers as int8 and computes in bfloat16 (the CPU default with
-quantized weights), and the swarm's greedy tokens are those of the same int8 stages in one process.
-A peer started without --quantize is refused: the swarm would size its share in int8 bytes."""
+"""Three `swarm-peer --quantize int8` (and int4) processes on a tiny random Gemma 3 checkpoint
+(sliding and global layers): each holds its layers quantized and computes in bfloat16 (the CPU
+default with quantized weights), and the swarm's greedy tokens are those of the same quantized
+stages in one process. A peer started without --quantize is refused: the swarm would size its
+share in quantized bytes."""
 
 from __future__ import annotations
 
@@ -27,9 +28,10 @@ pytestmark = pytest.mark.timeout(600)
 CAPS_MB = {"a": 300, "b": 600, "c": 900}
 
 
-@pytest.fixture(scope="module")
-def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    tmp = tmp_path_factory.mktemp("quantize-swarm")
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def swarm(request, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    mode = request.param
+    tmp = tmp_path_factory.mktemp(f"quantize-swarm-{mode}")
     model_dir = tmp / "model"
     torch.manual_seed(0)
     shape = {**VARIANTS["gemma3_text"], "num_hidden_layers": 6}
@@ -38,27 +40,27 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     config = write_config(tmp / "config.yaml", tmp / "cache", model={"spec": str(model_dir)})
     peers: list[PeerProcess] = []
     try:
-        status = start_seeded_swarm(tmp, config, CAPS_MB, peers, extra_args=("--quantize", "int8"))
-        yield {"model_dir": model_dir, "status": status, "peers": peers, "tmp": tmp}
+        status = start_seeded_swarm(tmp, config, CAPS_MB, peers, extra_args=("--quantize", mode))
+        yield {"model_dir": model_dir, "status": status, "peers": peers, "tmp": tmp, "mode": mode}
     finally:
         for p in peers:
             p.stop()
 
 
-def test_every_peer_holds_int8_weights_and_computes_in_bfloat16(swarm) -> None:
+def test_every_peer_holds_quantized_weights_and_computes_in_bfloat16(swarm) -> None:
     stages = swarm["status"]["layer_map"]["stages"]
     assert len(stages) == 3
     for peer in swarm["peers"]:
         status = peer.status(timeout_s=10)
         assert status is not None
-        assert (status["model"]["quantize"], status["model"]["dtype"]) == ("int8", "bfloat16")
+        assert (status["model"]["quantize"], status["model"]["dtype"]) == (swarm["mode"], "bfloat16")
 
 
-def test_greedy_tokens_are_those_of_the_int8_stages_in_one_process(swarm) -> None:
+def test_greedy_tokens_are_those_of_the_quantized_stages_in_one_process(swarm) -> None:
     files = ModelStore(StoreConfig(cache_dir=str(swarm["tmp"] / "ref-cache"))).resolve(str(swarm["model_dir"]))
     config = files.load_config()
     source = open_checkpoint(files, config, torch.bfloat16)
-    stage = load_stage(source, config, 0, 6, dtype=torch.bfloat16, quantize="int8")
+    stage = load_stage(source, config, 0, 6, dtype=torch.bfloat16, quantize=swarm["mode"])
     source.close()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each peer runs
@@ -80,7 +82,7 @@ def test_a_peer_without_the_same_quantize_setting_is_refused(swarm) -> None:
     try:
         plain.wait_url()
         wait_for(lambda: "--quantize must be the same on every peer" in first.log(), 60,
-                 "the int8 peers to refuse the plain one", lambda: first.log()[-2000:])  # fmt: skip
+                 "the quantizing peers to refuse the plain one", lambda: first.log()[-2000:])  # fmt: skip
         status = first.status(timeout_s=10)
         assert status is not None and len(status["layer_map"]["stages"]) == 3
         assert all(s["url"] != plain.url for s in status["layer_map"]["stages"])
