@@ -11,10 +11,11 @@
   and a zero point per group of INT4_GROUP_SIZE inputs, asymmetric, as torchao's groupwise affine
   quantization for the tinygemm layout computes them (`get_groupwise_affine_qparams`:
   w ~ (q - 8) * scale + zero, q in [0, 15]), packed and multiplied by PyTorch's CPU int4 kernel
-  (`torch._weight_int4pack_mm_for_cpu`). Scales and zeros are in the stage's dtype. As llama.cpp's
-  Q4_K_M keeps its output, attn_v and ffn_down tensors at more bits, the embedding table, the LM
-  head and the value and down projections (INT4_KEPT_AT_INT8) are held as int8, and so is a
-  projection of a shape the kernel does not take (`int4_fits`).
+  (`torch._weight_int4pack_mm_for_cpu`). Scales and zeros are in the stage's dtype. The embedding
+  table, the LM head and the value and down projections (INT4_KEPT_AT_INT8) are held as int8, as
+  llama.cpp's Q4_K_M keeps its output tensor, and attn_v and ffn_down in part of the layers, at 6
+  bits; so is a projection of a shape the kernel does not take (`int4_fits`). Phi-3's fused
+  qkv_proj holds its value rows at 4 bits with the rest.
 
 Norms, biases, rotary tables and a mixture's expert tensors stay in the stage's dtype, and so do the
 activations. Quantized weights change the numbers: quality is measured as perplexity against the
@@ -119,7 +120,7 @@ def linear(x: torch.Tensor, weight: Any, bias: torch.Tensor | None) -> torch.Ten
     k = x.shape[-1]
     if is_int4(weight):
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, k), weight.qdata, INT4_GROUP_SIZE, weight.scale_and_zero.to(x.dtype)
+            x.reshape(-1, k).contiguous(), weight.qdata, INT4_GROUP_SIZE, weight.scale_and_zero.to(x.dtype)
         ).view(*x.shape[:-1], -1)
         return out if bias is None else out + bias
     if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and k % KERNEL_WIDTH_MULTIPLE == 0:
@@ -172,7 +173,8 @@ def _int4_class() -> Any:
 
     class Int4Weight(TorchAOBaseTensor):
         """A weight [N, K] held as PyTorch's packed int4 (uint8 [N, K / 2]) and per-group scales and
-        zeros [K / INT4_GROUP_SIZE, N, 2]; torchao's base class gives it detach, to and state dicts."""
+        zeros [K / INT4_GROUP_SIZE, N, 2]; torchao's base class gives it detach, to and state dicts.
+        Defined on first use, it cannot be pickled (peers never pickle tensors: swarm.tensors)."""
 
         tensor_data_names: ClassVar[list[str]] = ["qdata", "scale_and_zero"]
         tensor_attribute_names: ClassVar[list[str]] = ["dtype", "logical_shape"]
@@ -188,7 +190,8 @@ def _int4_class() -> Any:
             self.logical_shape = tuple(logical_shape)
 
         def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:
-            """The weight [N, K] the kernel multiplies by: the kernel applied to the identity."""
+            """The weight [N, K] the kernel multiplies by: the kernel applied to the identity [K, K],
+            O(K * K * N) work, meant for tests and checks (seconds for a [2048, 5632] weight)."""
             k = self.logical_shape[1]
             eye = torch.eye(k, dtype=self.dtype, device=self.qdata.device)
             product = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qdata, INT4_GROUP_SIZE, self.scale_and_zero)
