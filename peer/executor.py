@@ -107,9 +107,6 @@ class StageExecutor:
         self.dtype = stage.compute_dtype
         self.device = next(stage.parameters()).device
         self.profile = ModelProfile.from_config(cfg, self.dtype)
-        # The whole model's windows: every stage of a pipeline holds a session at one length, so each
-        # refuses a restart that any of them (not only this one) can no longer serve.
-        self._model_windows = [w for w in self.profile.layer_windows if w is not None]
         self.budget_bytes = self.config.kv_cache_budget_mb * MIB
         self.stats = ExecutorStats()
         self._kv_heads, self._head_dim = cfg.num_key_value_heads, head_dim(cfg)
@@ -385,7 +382,9 @@ class StageExecutor:
         cached = session.cache.length
         if start < 0 or start > cached:
             raise PositionError(f"step starts at position {start} but the session holds positions [0, {cached})")
-        earliest = restart_limit(cached, self._model_windows)
+        # The whole model's windows: every stage of a pipeline holds a session at one length, so each
+        # refuses a restart that any of them (not only this one) can no longer serve.
+        earliest = restart_limit(cached, self.profile.layer_windows)
         if start < earliest:
             raise PositionError(
                 f"step starts at position {start} but the model's sliding-window layers keep only their last "
