@@ -1,7 +1,11 @@
 """Runs one stage for many sessions. A session is opened with its maximum length (its KV cache is
 reserved against the stage's byte budget, and refused with CacheFull beyond it), then stepped with
 token ids (first stage) or hidden states and their positions, and closed; sessions idle past the
-timeout are evicted. The last stage samples the next token itself, so logits never leave it. Every
+timeout are evicted. The last stage samples the next token itself, so logits never leave it: only
+the token, its log-probability and those the session asked for (`SamplingParams.top_logprobs`,
+`prompt_logprobs`) do. For those, the penalties and a grammar (`peer.grammar`, rebuilt from the
+generated tokens when a failover reopens the session), the last stage keeps the session's token ids
+(given at opening, each sampled token added). Every
 input is validated before any state changes, so a bad request leaves other sessions, and its own
 session, as they were (a restart a sliding window no longer allows is refused by every stage of a
 pipeline alike: the check uses the whole model's windows). A pass that fails midway keeps what its
@@ -29,10 +33,11 @@ from peer.errors import (
     SessionExists,
     UnknownSession,
 )
+from peer.grammar import Grammars, Matcher
 from peer.kv_cache import SessionKVCache, restart_limit
 from peer.profile import ModelProfile, head_dim
 from peer.resources import MIB
-from peer.sampling import SamplingParams, sample_many
+from peer.sampling import SamplingParams, TopLogprobs, prompt_logprobs, sample_many, top_logprobs
 from peer.stage import StageModel, Step
 
 log = logging.getLogger(__name__)
@@ -54,6 +59,12 @@ class Session:
     closing: bool = False  # closed while a step ran; removed when the step ends
     steps: int = 0
     compute_s: float = 0.0
+    # On the last stage: the session's token ids by position from 0 (given at opening, then each
+    # token sampled), and where generation began (the tokens before it are the prompt).
+    ids: list[int] | None = None
+    prompt_tokens: int = 0
+    prompt_scored: bool = False  # its prompt's log-probabilities went out (SamplingParams.prompt_logprobs)
+    matcher: Matcher | None = None  # where it stands in its grammar (SamplingParams.grammar), on the last stage
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,11 @@ class StepResult:
     tokens: torch.Tensor | None = None  # [B] next token per row, from the last stage
     logprobs: torch.Tensor | None = None  # [B] model log-probability of each chosen token
     logits: torch.Tensor | None = None  # [B, T, V], only when asked for with all_logits
+    # Per row, the most likely tokens beside the chosen one (SamplingParams.top_logprobs of them).
+    top: tuple[TopLogprobs, ...] = ()
+    # Per row, on the step that scores the prompt (SamplingParams.prompt_logprobs): for each input
+    # token after the first, its log-probability and the most likely tokens there.
+    prompt: tuple[tuple[tuple[float, TopLogprobs], ...], ...] = ()
     compute_s: float = 0.0  # wall time of the forward pass and sampling
 
 
@@ -99,8 +115,10 @@ class StageExecutor:
         config: ExecutorConfig | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        grammars: Grammars | None = None,
     ) -> None:
         self.stage = stage
+        self.grammars = grammars  # the last stage's, for sessions with a grammar
         self.config = config or ExecutorConfig()
         self.clock = clock
         cfg = stage.config
@@ -132,8 +150,15 @@ class StageExecutor:
         max_length: int,
         sampling: SamplingParams | None = None,
         batch_size: int = 1,
+        *,
+        history: Sequence[int] | None = None,
+        prompt_tokens: int | None = None,
     ) -> None:
-        """Reserve KV cache for up to `max_length` positions of `batch_size` sequences."""
+        """Reserve KV cache for up to `max_length` positions of `batch_size` sequences. `history`: the
+        token ids of the session's first step (its prompt, or on a replay its prompt and the tokens
+        generated since, the first `prompt_tokens` of them the prompt); the last stage needs them
+        for prompt log-probabilities, penalties and grammars, and refuses such sampling without them.
+        InvalidInput, PositionError, SessionExists or CacheFull when the session cannot open."""
         if not isinstance(session_id, str) or not 0 < len(session_id) <= MAX_SESSION_ID_CHARS:
             raise InvalidInput(f"session id must be a string of 1 to {MAX_SESSION_ID_CHARS} characters")
         limit = self.profile.max_position_embeddings
@@ -143,6 +168,13 @@ class StageExecutor:
             raise InvalidInput(f"batch_size must be a positive integer, not {batch_size}")
         if sampling is not None and not isinstance(sampling, SamplingParams):
             raise InvalidInput(f"sampling must be SamplingParams, not {type(sampling).__name__}")
+        ids = self._check_history(history, prompt_tokens, max_length, batch_size, sampling)
+        prompt = len(ids) if ids is not None and prompt_tokens is None else prompt_tokens or 0
+        matcher = None
+        if sampling is not None and sampling.grammar and ids is not None:  # a replay: past the tokens generated
+            if self.grammars is None:
+                raise InvalidInput("this stage has no tokenizer to follow a grammar with")
+            matcher = self.grammars.matcher(sampling.grammar, ids[prompt:])
         need = self.profile.kv_bytes(self.stage.start, self.stage.end, max_length, batch_size)
         self.evict_idle()
         with self._lock:
@@ -176,10 +208,33 @@ class StageExecutor:
                 chunk_tokens=self.config.kv_cache_chunk_tokens,
                 windows=self.stage.windows,
             )
-            self._sessions[session_id] = Session(
-                session_id, cache, batch_size, sampling or SamplingParams(), need, self.clock()
-            )
+            params = sampling or SamplingParams()
+            session = Session(session_id, cache, batch_size, params, need, self.clock(), ids=ids, prompt_tokens=prompt)
+            session.matcher = matcher
+            self._sessions[session_id] = session
             self.stats.opened += 1
+
+    def _check_history(
+        self,
+        history: Sequence[int] | None,
+        prompt_tokens: int | None,
+        max_length: int,
+        batch_size: int,
+        sampling: SamplingParams | None,
+    ) -> list[int] | None:
+        """The token ids the last stage keeps for a session (None elsewhere, or when not given)."""
+        if history is None:
+            if self.stage.is_last and sampling is not None and sampling.needs_ids:
+                raise InvalidInput("prompt log-probabilities, penalties and grammars need the session's token ids")
+            return None
+        vocab = self.profile.vocab_size
+        if isinstance(history, (str, bytes)) or not all(type(t) is int and 0 <= t < vocab for t in history):
+            raise InvalidInput(f"a session's token ids are integers in [0, {vocab})")
+        if not 0 < len(history) <= max_length or batch_size != 1:
+            raise InvalidInput(f"a session's token ids are 1 to max_length ({max_length}) ids of one sequence")
+        if prompt_tokens is not None and (type(prompt_tokens) is not int or not 0 < prompt_tokens <= len(history)):
+            raise InvalidInput(f"prompt_tokens must be in [1, {len(history)}], not {prompt_tokens!r}")
+        return list(history) if self.stage.is_last else None
 
     def close_session(self, session_id: str) -> bool:
         """Free a session's KV cache (after its step, if one is running); False when it was not open."""
@@ -243,6 +298,7 @@ class StageExecutor:
         nothing and does not hold the others back. A session may appear once per call."""
         outcomes: list[StepResult | ExecutorError] = []
         accepted: list[tuple[int, Session, torch.Tensor, torch.Tensor]] = []
+        masks: dict[int, torch.Tensor] = {}  # by request: the tokens its session's grammar allows next
         with self._lock:
             for i, request in enumerate(requests):
                 try:
@@ -251,6 +307,8 @@ class StageExecutor:
                         raise SessionBusy(f"session {request.session_id!r} already has a step in progress")
                     inputs = self._check_inputs(session, request.inputs)
                     positions = self._check_positions(session, request.positions, inputs.shape[1])
+                    if session.matcher is not None:
+                        masks[i] = self._allowed(session, int(positions[0, 0]) + inputs.shape[1])
                 except ExecutorError as e:
                     if not isinstance(e, UnknownSession):  # _get counted that one
                         self._refuse(type(e).__name__)
@@ -268,37 +326,65 @@ class StageExecutor:
             t0 = time.perf_counter()
             for _, session, inputs, positions in accepted:
                 session.cache.begin_step(int(positions[0, 0]), inputs.shape[1])
+            # The step that scores a session's prompt needs the logits of every position.
+            every = [self.stage.is_last and _scores_prompt(session, int(positions[0, 0]))
+                     for _, session, _, positions in accepted]  # fmt: skip
             try:
                 outs = self.stage.forward_batch(
-                    [Step(inputs, positions, session.cache) for _, session, inputs, positions in accepted], all_logits
-                )
+                    [Step(inputs, positions, session.cache, whole)
+                     for (_, session, inputs, positions), whole in zip(accepted, every, strict=True)],
+                    all_logits,
+                )  # fmt: skip
             except BaseException:
                 for _, session, _, _ in accepted:
                     session.cache.abort()
                 raise
             for _, session, _, _ in accepted:
                 session.cache.commit()
-            picks = None
+            results: list[StepResult] = []
+            ids_after: list[list[int] | None] = []
             if self.stage.is_last:  # the draw for the token at position p depends on (seed, p, logits) only
-                picks = sample_many(
-                    [out[:, -1] if all_logits else out for out in outs],
-                    [session.sampling for _, session, _, _ in accepted],
-                    [int(positions[0, -1]) + 1 for _, _, _, positions in accepted],
-                )
-            elapsed = time.perf_counter() - t0
-            if picks is None:
-                results = [StepResult(hidden=out, compute_s=elapsed) for out in outs]
-            else:
-                results = [
-                    StepResult(tokens=tokens, logprobs=logprobs, logits=out if all_logits else None, compute_s=elapsed)
-                    for (tokens, logprobs), out in zip(picks, outs, strict=True)
+                ends = [int(positions[0, -1]) + 1 for _, _, _, positions in accepted]
+                known = [None if session.ids is None else session.ids[:end]
+                         for (_, session, _, _), end in zip(accepted, ends, strict=True)]  # fmt: skip
+                last = [out[:, -1] if all_logits or whole else out for out, whole in zip(outs, every, strict=True)]
+                generated = [
+                    () if ids is None else ids[session.prompt_tokens :]
+                    for (_, session, _, _), ids in zip(accepted, known, strict=True)
                 ]
+                params = [session.sampling for _, session, _, _ in accepted]
+                picks = sample_many(last, params, ends, generated, [masks.get(i) for i, _, _, _ in accepted])
+                elapsed = time.perf_counter() - t0
+                for (_, session, _, _), out, x, whole, ids, (tokens, logprobs) in zip(
+                    accepted, outs, last, every, known, picks, strict=True
+                ):
+                    n = session.sampling.top_logprobs
+                    prompt: tuple[tuple[tuple[float, TopLogprobs], ...], ...] = ()
+                    if whole and ids is not None:  # one row: a session with token ids has batch 1
+                        k = min(out.shape[1], session.prompt_tokens)
+                        prompt = (prompt_logprobs(out[0, :k], ids[:k], n),)
+                    results.append(StepResult(
+                        tokens=tokens, logprobs=logprobs, logits=out if all_logits else None, compute_s=elapsed,
+                        top=top_logprobs(x, n), prompt=prompt,
+                    ))  # fmt: skip
+                    ids_after.append(None if ids is None else [*ids, int(tokens[0])])
+                    if session.matcher is not None:  # the mask allowed the token: the grammar takes it
+                        session.matcher.consume([int(tokens[0])])
+            else:
+                elapsed = time.perf_counter() - t0
+                results = [StepResult(hidden=out, compute_s=elapsed) for out in outs]
+                ids_after = [None] * len(outs)
             with self._lock:
                 self.stats.batches += 1
                 self.stats.compute_s += elapsed
-                for (i, session, inputs, _), result in zip(accepted, results, strict=True):
+                for (i, session, inputs, _), result, ids, whole in zip(
+                    accepted, results, ids_after, every, strict=True
+                ):
                     session.steps += 1
                     session.compute_s += elapsed
+                    if ids is not None:
+                        session.ids = ids
+                    session.prompt_scored = session.prompt_scored or whole
                     self.stats.steps += 1
                     self.stats.tokens_in += inputs.shape[0] * inputs.shape[1]
                     outcomes[i] = result
@@ -319,6 +405,18 @@ class StageExecutor:
             raise UnknownSession(
                 f"session {session_id!r} is not open on this stage (closed, evicted or never opened)"
             ) from e
+
+    def _allowed(self, session: Session, end: int) -> torch.Tensor:
+        """The tokens a session's grammar allows after its tokens up to position `end` (bool [V]);
+        a step that restarts earlier rebuilds the matcher from the tokens before it. InvalidInput
+        when the grammar allows nothing (it cannot go on)."""
+        assert session.matcher is not None and session.ids is not None and self.grammars is not None
+        if len(session.ids) > end:  # a restart: the matcher has taken tokens past the step's
+            session.matcher = self.grammars.matcher(session.sampling.grammar, session.ids[session.prompt_tokens : end])
+        allowed = session.matcher.allowed()
+        if not bool(allowed.any()):
+            raise InvalidInput("the session's grammar allows no next token")
+        return allowed
 
     def _refuse(self, reason: str) -> None:
         self.stats.refused[reason] = self.stats.refused.get(reason, 0) + 1
@@ -394,4 +492,13 @@ class StageExecutor:
             raise PositionError(
                 f"positions up to {start + t - 1} exceed the session's maximum length {session.cache.max_length}"
             )
+        if session.ids is not None and len(session.ids) < start + t:
+            raise PositionError(
+                f"the session's token ids cover positions [0, {len(session.ids)}), not the step's up to {start + t - 1}"
+            )
         return positions.to(self.device)
+
+
+def _scores_prompt(session: Session, start: int) -> bool:
+    """Whether a step starting at `start` is the one that scores the session's prompt."""
+    return session.sampling.prompt_logprobs and not session.prompt_scored and start == 0 and session.ids is not None

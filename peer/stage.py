@@ -37,6 +37,7 @@ class Step:
     inputs: torch.Tensor  # token ids [B, T] (first stage) or hidden states [B, T, D]
     positions: torch.Tensor  # [B, T]
     cache: SessionKVCache
+    every_position: bool = False  # on the last stage: logits for every position, not only the last
 
 
 class StageModel(nn.Module):
@@ -110,7 +111,7 @@ class StageModel(nn.Module):
         """Run the stage on one step of each of several sessions, in one pass.
 
         Returns per step hidden states [B, T, D], or on the last stage logits [B, V] for the final
-        position ([B, T, V] with all_logits).
+        position ([B, T, V] with all_logits, or for a step marked `every_position`).
         """
         d = self.config.hidden_size
         if self.embed_tokens is not None:
@@ -139,14 +140,21 @@ class StageModel(nn.Module):
             hidden = self._layer(layer, hidden, ropes[key], steps, spans, masks[window])
         if self.norm is None or self.lm_head is None:
             return [hidden[a:b].view(rows, t, d) for a, b, rows, t in spans]
-        if all_logits:
+        every = [all_logits or s.every_position for s in steps]
+        if all(every):
             logits = self._logits(hidden)  # [N, V]
             return [logits[a:b].view(rows, t, -1) for a, b, rows, t in spans]
-        # Only the next token's logits are needed: the last position of every row of every step.
-        if any(t > 1 for *_, t in spans):  # rows of several positions: keep each row's last
-            hidden = hidden[torch.cat([torch.arange(a + t - 1, b, t, device=hidden.device) for a, b, _, t in spans])]
-        logits = self._logits(hidden)  # [rows in all, V]
-        return list(logits.split([rows for _, _, rows, _ in spans]))
+        # Only the next token's logits are needed: the last position of every row of every step (of
+        # every position of a step that asks for them all).
+        if any(t > 1 for *_, t in spans):
+            keep = [torch.arange(a, b, device=hidden.device) if whole else
+                    torch.arange(a + t - 1, b, t, device=hidden.device)
+                    for (a, b, _, t), whole in zip(spans, every, strict=True)]  # fmt: skip
+            hidden = hidden[torch.cat(keep)]
+        logits = self._logits(hidden)  # [rows kept in all, V]
+        parts = logits.split([rows * t if whole else rows for (_, _, rows, t), whole in zip(spans, every, strict=True)])
+        return [part.view(rows, t, -1) if whole else part
+                for part, (_, _, rows, t), whole in zip(parts, spans, every, strict=True)]  # fmt: skip
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [N, V] of final hidden states [N, D]: norm, LM head, and the config's soft cap if any."""

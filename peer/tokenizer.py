@@ -54,18 +54,34 @@ class Tokenizer:
             raise InvalidInput(f"text must be a string, not {type(text).__name__}")
         return list(self.hf(text)["input_ids"])
 
-    def apply_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a conversation rendered with the model's chat template."""
+    @property
+    def takes_tools(self) -> bool:
+        """True when the chat template renders tools itself (its source names `tools`)."""
+        template = getattr(self.hf, "chat_template", None)
+        return isinstance(template, str) and "tools" in template
+
+    def apply_chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
+        """Token ids of a conversation rendered with the model's chat template (`tools`: OpenAI's
+        function tools, for a template that takes them). A message's content is a string, or null
+        beside an assistant's tool_calls."""
         if not self.has_chat_template:
             raise InvalidInput("this model has no chat template; use a plain completion instead")
         for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            content = m.get("content") if isinstance(m, dict) else None
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not (
+                isinstance(content, str) or (content is None and m.get("tool_calls"))
+            ):
                 raise InvalidInput("each chat message must be a mapping with string 'role' and 'content'")
         from jinja2 import TemplateError
 
         try:
             out = self.hf.apply_chat_template(
-                list(messages), add_generation_prompt=add_generation_prompt, tokenize=True
+                list(messages), add_generation_prompt=add_generation_prompt, tokenize=True, tools=tools
             )
         except TemplateError as e:  # the template's own raise_exception, e.g. roles it does not take
             raise InvalidInput(f"the model's chat template refuses these messages: {e}") from e
@@ -106,6 +122,12 @@ class StreamDecoder:
             return ""
         self._prefix_start, self._emitted_start = self._emitted_start, len(self.ids)
         return full[len(prefix) :]
+
+    def peek(self, token_id: int) -> str:
+        """The text `token_id` would add if it came next (special tokens by name), adding nothing."""
+        prefix = self.tokenizer.decode(self.ids[self._prefix_start : self._emitted_start], skip_special_tokens=False)
+        full = self.tokenizer.decode([*self.ids[self._prefix_start :], int(token_id)], skip_special_tokens=False)
+        return full[len(prefix) :] if full.startswith(prefix) else full
 
     def flush(self) -> str:
         """Whatever text is still held back at the end of the generation."""

@@ -10,6 +10,8 @@ has one). The families live in `scripts/benchmarks/`, over one typed model descr
 - `memory.py`: per-stage resident memory against the stage's share of the weights.
 - `quantize.py`: int8 and int4 weights against float32 and bfloat16: resident memory, decode speed
   and perplexity on a fixed local text.
+- `constrained.py`: decode time per token with a JSON-schema grammar against without, and the
+  grammar library's own cost per token and per replay.
 - `failover.py`: the wait from SIGKILLing a stage mid-stream to the next token, and the text checked.
 - `network.py`: on the network test bed, decode under added delay per hop, and failover from a cut.
 """
@@ -27,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from benchmarks.constrained import constrained  # noqa: E402
 from benchmarks.failover import _interrupt, failover  # noqa: E402
 from benchmarks.harness import log  # noqa: E402
 from benchmarks.memory import load_child, memory  # noqa: E402
@@ -41,7 +44,7 @@ def main() -> int:
     modes = parser.add_subparsers(
         dest="mode",
         required=True,
-        metavar="{decode,prefill,concurrency,overhead,hops,pipeline,memory,quantize,failover,network}",
+        metavar="{decode,prefill,concurrency,overhead,hops,pipeline,memory,quantize,constrained,failover,network}",
     )
 
     def perf(name: str, help_: str, func: Any, runs: int, max_tokens: int) -> argparse.ArgumentParser:
@@ -142,6 +145,15 @@ def main() -> int:
     qua.add_argument("--cache-dir", help="model cache for the embedded models (default: the user's)")
     qua.add_argument("--out", default="results", help="directory for quantize.json and generated checkpoints")
     qua.set_defaults(func=quantize)
+
+    gra = modes.add_parser("constrained", help="decode time per token with a JSON-schema grammar against without")
+    gra.add_argument("--num-peers", type=int, default=3, help="peers in the swarm (default %(default)s)")
+    gra.add_argument("--runs", type=int, default=5, help="pairs of runs, alternating (default %(default)s)")
+    gra.add_argument("--max-tokens", type=int, default=120, help="the constrained reply's bound (default %(default)s)")
+    gra.add_argument("--threads", type=int, default=1, help="torch threads per peer (default %(default)s)")
+    gra.add_argument("--config", help="the peers' config (default: the shipped configs/default.yaml)")
+    gra.add_argument("--out", default="results", help="directory for constrained.json")
+    gra.set_defaults(func=constrained)
 
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _interrupt)  # a plain `kill` of this script stops its peers too

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from swarm.errors import MessageRejected, SwarmKeyError
 from swarm.identity import Identity, peer_id_of, verify_signature
 
-PROTOCOL_VERSION = 3  # 3: member info carries instance and dtype, layer maps their leader
+PROTOCOL_VERSION = 4  # 4: openings carry token ids and more sampling fields, tokens rows top and prompt logprobs
 SWARM_KEY_BYTES = 32
 NONCE_BYTES = 12
 # Without a swarm key, envelopes are still signed by their senders, but anyone can decrypt them.

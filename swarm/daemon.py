@@ -147,7 +147,7 @@ def build_node(config: SwarmConfig, keyring: Keyring, *, show_progress: bool = T
         keyring=keyring,
         model=ModelIdentity(config.peer.model.spec, fingerprint, profile),
         resources=resources,
-        host=StageHost(files, model_config, dtype, resources.device, quantize),
+        host=StageHost(files, model_config, dtype, resources.device, quantize, tokenizer),
     )
 
 

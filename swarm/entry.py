@@ -1,11 +1,12 @@
 """The entry peer's side of a request: whichever peer a client reached owns the session. It holds
 the token history, sends the prompt and then one token per step to the first stage of the current
 layer map (a `pass` frame), receives each sampled token straight from the last stage (a `tokens`
-frame: the pipeline is a ring), decodes text as it streams, and stops on an end-of-sequence token,
-a stop string or `max_tokens`. A step that a stage refuses, or whose stage stops answering, is
-replayed with the whole history on the pipeline the swarm moves on to. It also adds up the
-request's timings. It receives the transport, a task group and a read-only view of the swarm; it
-knows tokens and text, and HTTP formats (OpenAI's or the CLI's) are the API module's business."""
+frame: the pipeline is a ring) with the log-probabilities the request asked for, turns them into
+text (`swarm.detokenizer`), and stops on an end-of-sequence token, a stop string or `max_tokens`.
+A step that a stage refuses, or whose stage stops answering, is replayed with the whole history on
+the pipeline the swarm moves on to. It also adds up the request's timings. It receives the
+transport, a task group and a read-only view of the swarm; it knows tokens and text, and HTTP
+formats (OpenAI's or the CLI's) are the API module's business."""
 
 from __future__ import annotations
 
@@ -14,17 +15,18 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from peer.errors import InvalidInput
-from peer.sampling import SamplingParams
+from peer.sampling import SamplingParams, TopLogprobs
 from peer.tokenizer import Tokenizer
 from swarm.config import SwarmConfig
+from swarm.detokenizer import Chunk, Detokenizer
 from swarm.errors import MessageRejected, NotReady, Relayed
-from swarm.frames import Opening, Row, Trail, close_frame, parse_refusal, parse_tokens, pass_frame
+from swarm.frames import Opening, PromptLogprobs, Row, Trail, close_frame, parse_refusal, parse_tokens, pass_frame
 from swarm.layer_map import MAX_STAGES, LayerMap
 from swarm.link import Link
 from swarm.tasks import TaskGroup
@@ -34,7 +36,6 @@ from swarm.view import SwarmView
 
 log = logging.getLogger(__name__)
 
-MAX_STOP_STRINGS = 4
 MAX_BACKOFF_S = 2.0  # longest wait before retrying the same layer map after a failure
 FIRST_BACKOFF_S = 0.1  # the first such wait; it doubles with each failure in a row
 # Refusals that a new pipeline can cure: a stage gone or moved on, or its session lost with it.
@@ -50,6 +51,9 @@ class Request:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # generate max_tokens whatever comes (for benchmarks)
+    # First send the prompt back as text and tokens, scored when sampling.prompt_logprobs is set
+    # (OpenAI's `echo`); max_tokens may then be 0, to score the prompt alone.
+    echo: bool = False
 
 
 @dataclass
@@ -98,21 +102,13 @@ class Timings:
 
 
 @dataclass(frozen=True)
-class Event:
-    """One step of a generation as the client sees it."""
-
-    text: str  # new text, possibly empty while a stop string might still be forming
-    token: int | None  # the token sampled this step (None on the final event of a stop string)
-    logprob: float | None
-    finish_reason: str | None = None  # "stop" or "length" on the last event
-
-
-@dataclass(frozen=True)
 class _Home:
     """A step's token as it came home."""
 
     token: int
     logprob: float
+    top: TopLogprobs
+    prompt: PromptLogprobs
     trail: Trail
     wire_s: float  # the hop home from the last stage
     bytes_in: int  # this row's share of that hop's frame
@@ -163,16 +159,17 @@ class Entry:
         context = self.context_tokens
         if not request.prompt_ids:
             raise InvalidInput("the prompt must have at least one token")
-        if request.max_tokens < 1:
-            raise InvalidInput("max_tokens must be at least 1")
+        if request.max_tokens < (0 if request.echo else 1):
+            raise InvalidInput("max_tokens must be at least 1 (or 0 with echo, to score the prompt alone)")
         if len(request.prompt_ids) + request.max_tokens > context:
             raise InvalidInput(
                 f"the prompt's {len(request.prompt_ids)} tokens plus max_tokens {request.max_tokens} exceed "
                 f"the model's context of {context} tokens"
             )
 
-    async def generate(self, request: Request, timings: Timings) -> AsyncGenerator[Event, None]:
-        """Yield the generation's events; the session is closed on every stage however it ends."""
+    async def generate(self, request: Request, timings: Timings) -> AsyncGenerator[Chunk, None]:
+        """Yield the generation's chunks of text, with the tokens that make each (`echo`: the prompt's
+        first); the last one has a finish_reason. The session is closed on every stage however it ends."""
         self.check(request)
         tokenizer = self.tokenizer
         assert tokenizer is not None
@@ -185,16 +182,27 @@ class Entry:
             self.waiting -= 1
         try:
             pipe = _Pipeline(self.view, await self.wait_ready())  # the map of the moment the request gets its turn
-            opening = Opening(len(request.prompt_ids) + request.max_tokens, request.sampling)
-            decoder = tokenizer.stream(request.prompt_ids)
-            text, emitted, hold = "", 0, max(0, max((len(s) for s in request.stop), default=1) - 1)
-            history = list(request.prompt_ids)  # every token the session has, prompt and generated
-            ids, start = list(request.prompt_ids), 0
+            prompt = request.prompt_ids
+            sampling = request.sampling
+            if sampling.prompt_logprobs and not request.echo:
+                sampling = replace(sampling, prompt_logprobs=False)
+            opening = Opening(len(prompt) + request.max_tokens, sampling, prompt_tokens=len(prompt))
+            text = Detokenizer(tokenizer, prompt, request.stop)
+            history = list(prompt)  # every token the session has, prompt and generated
+            ids, start = list(prompt), 0
             try:
                 came: float | None = None  # when the last token came home
-                for n in range(request.max_tokens):
+                for n in range(max(request.max_tokens, 1)):
                     sent = pipe.steps
                     home, ids, start = await self._step(pipe, history, ids, start, opening, first=n == 0)
+                    if n == 0 and request.echo:
+                        yield text.prompt(home.prompt)
+                        # A replay scores nothing again: the prompt's log-probabilities are home.
+                        opening = replace(opening, sampling=replace(sampling, prompt_logprobs=False))
+                    if request.max_tokens == 0:
+                        timings.total_s = time.perf_counter() - timings.started
+                        yield Chunk("", (), "length")
+                        return
                     if came is not None and pipe.steps == sent + 1:  # not replayed
                         timings.entry_s += pipe.sent_s - came
                     came = home.arrived_s
@@ -202,29 +210,21 @@ class Entry:
                     timings.tokens += 1
                     if timings.first_token_s is None:
                         timings.first_token_s = time.perf_counter() - timings.started
-                    token, logprob = home.token, home.logprob
+                    token = home.token
                     start += len(ids)
                     ids = [token]
                     history.append(token)
-                    if token in tokenizer.eos_token_ids and not request.ignore_eos:
+                    eos = token in tokenizer.eos_token_ids and not request.ignore_eos
+                    chunk = text.add(token, home.logprob, home.top, end_of_sequence=eos)
+                    if chunk.finish_reason is None and n == request.max_tokens - 1:
+                        last = text.finish()
+                        chunk = Chunk(chunk.text + last.text, chunk.tokens + last.tokens, last.finish_reason)
+                    if chunk.finish_reason is not None:
                         timings.total_s = time.perf_counter() - timings.started
-                        yield Event(text[emitted:] + decoder.flush(), token, logprob, "stop")
+                        yield chunk
                         return
-                    text += decoder.push(token)
-                    cut = _first_stop(text, request.stop)
-                    if cut is not None:
-                        timings.total_s = time.perf_counter() - timings.started
-                        yield Event(text[emitted:cut], token, logprob, "stop")
-                        return
-                    last = n == request.max_tokens - 1
-                    if last:
-                        text += decoder.flush()
-                        timings.total_s = time.perf_counter() - timings.started
-                        yield Event(text[emitted:], token, logprob, "length")
-                        return
-                    safe = max(emitted, len(text) - hold)
-                    yield Event(text[emitted:safe], token, logprob)
-                    emitted = safe
+                    if chunk.text or chunk.tokens:
+                        yield chunk
             finally:
                 timings.total_s = time.perf_counter() - timings.started
                 self._steps.pop(pipe.session, None)
@@ -290,7 +290,9 @@ class Entry:
         home: asyncio.Future[_Home] = asyncio.get_running_loop().create_future()
         waiting = _Waiting(pipe.steps, frozenset(s.peer_id for s in pipe.route), pipe.route[-1].peer_id, home)
         self._steps[pipe.session] = waiting
-        row = Row(pipe.session, self.peer_id, pipe.steps, start, len(ids), opening)
+        if opening is not None:
+            opening = replace(opening, history=tuple(ids))
+        row = Row(pipe.session, self.peer_id, pipe.steps, start, len(ids), opening)  # opening: with the step's ids
         frame = pass_frame(pipe.map_id, pipe.epoch, [row], pack(torch.tensor([ids], dtype=torch.int64)))
         first = pipe.route[0]
         check: asyncio.Task[tuple[str, str] | None] | None = None
@@ -342,7 +344,8 @@ class Entry:
                 log.debug("a token from %s for session %s step %d that nobody waits for", sender, row.session[:8],
                           row.step)  # fmt: skip
                 continue
-            waiting.home.set_result(_Home(row.token, row.logprob, row.trail, wire_s, size // len(rows)))
+            home = _Home(row.token, row.logprob, row.top, row.prompt, row.trail, wire_s, size // len(rows))
+            waiting.home.set_result(home)
 
     def on_refused(self, sender: str, body: dict[str, Any], wire_s: float = 0.0, size: int = 0) -> None:
         """A stage refused steps: each fails with the stage's reason, if it is the step in flight."""
@@ -431,9 +434,3 @@ class _Pipeline:
 def _check_running(view: SwarmView) -> None:
     if view.stopping:
         raise NotReady("this peer is shutting down; send the request to another peer")
-
-
-def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    """Where the earliest stop string starts in `text`, if any has appeared."""
-    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(found) if found else None

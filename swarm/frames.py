@@ -3,12 +3,14 @@ here, and parsing only refuses (`MessageRejected`, "malformed"): it never touche
 
 - `pass`: one forward pass's rows on their way to the next stage, as one frame per hop. A row is
   one session's step: its id, its entry peer, the entry's step number, its first position and
-  its length, `open` on the session's first step, and its trail (what each stage so far reports:
+  its length, `open` on the session's first step (its length bound, sampling parameters, and token
+  ids, which the last stage keeps for log-probabilities and penalties), and its trail (what each stage so far reports:
   the wire time of the hop into it, the bytes that hop carried for this row, and the pass's compute
   time). The rows' inputs travel as one tensor, concatenated along the token axis: token ids
   `[1, ΣT]` into the first stage, hidden states `[1, ΣT, D]` after it.
 - `tokens`: from the last stage straight to an entry peer: per row, the token sampled, its
-  log-probability, and the trail.
+  log-probability, the most likely alternatives the session asked for, on the step that scored
+  it the prompt's log-probabilities, and the trail.
 - `refused`: from any stage to an entry peer: these rows did not run, and why.
 - `close`: sessions to close, from the entry along the pipeline.
 """
@@ -20,21 +22,28 @@ from dataclasses import dataclass
 from typing import Any
 
 from peer.errors import ExecutorError
-from peer.sampling import SamplingParams
+from peer.sampling import MAX_TOP_LOGPROBS, SamplingParams, TopLogprobs
 from swarm.errors import MessageRejected
 
 MAX_ID_CHARS = 128  # a session or peer id
 MAX_REASON_CHARS = 64
 MAX_MESSAGE_CHARS = 500
+MAX_PROMPT_LOGPROBS = 1 << 20  # prompt positions a tokens row may score (the frame's byte limit binds first)
 Trail = tuple[tuple[float, int, float], ...]  # per stage so far: (wire_in_s, bytes_in, compute_s)
+PromptLogprobs = tuple[tuple[float, TopLogprobs], ...]  # per input token after the first: (logprob, top)
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "seed", "top_logprobs", "prompt_logprobs", "presence_penalty",
+                   "frequency_penalty", "logit_bias", "grammar")  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Opening:
-    """What a stage needs to open a session: its length bound and its sampling parameters."""
+    """What a stage needs to open a session: its length bound, its sampling parameters, and the
+    token ids of its first step (`history`, the first `prompt_tokens` of them its prompt)."""
 
     max_length: int
     sampling: SamplingParams
+    history: tuple[int, ...] = ()  # empty: not sent (the row's length otherwise)
+    prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -52,8 +61,10 @@ class Row:
     def to_wire(self) -> list[Any]:
         opening = None
         if self.opening is not None:
-            s = self.opening.sampling
-            opening = [self.opening.max_length, [s.temperature, s.top_k, s.top_p, s.seed]]
+            o = self.opening
+            sampling = {name: getattr(o.sampling, name) for name in SAMPLING_FIELDS}
+            sampling["logit_bias"] = [list(pair) for pair in o.sampling.logit_bias]
+            opening = [o.max_length, sampling, o.prompt_tokens, list(o.history)]
         return [self.session, self.entry, self.step, self.start, self.length, opening, [list(t) for t in self.trail]]
 
 
@@ -76,6 +87,8 @@ class Sampled:
     token: int
     logprob: float
     trail: Trail
+    top: TopLogprobs = ()  # the most likely tokens at this position, best first
+    prompt: PromptLogprobs = ()  # on the step that scored the prompt
 
 
 @dataclass(frozen=True)
@@ -94,8 +107,9 @@ def pass_frame(map_id: str, epoch: int, rows: list[Row], tensor: dict[str, Any])
 
 def tokens_frame(rows: list[Sampled]) -> dict[str, Any]:
     """The frame that takes sampled tokens home to their entry peer."""
-    return {"kind": "tokens", "rows": [[r.session, r.step, r.token, r.logprob, [list(t) for t in r.trail]]
-                                       for r in rows]}  # fmt: skip
+    return {"kind": "tokens", "rows": [[r.session, r.step, r.token, r.logprob, [list(t) for t in r.top],
+                                        [[lp, [list(t) for t in top]] for lp, top in r.prompt],
+                                        [list(t) for t in r.trail]] for r in rows]}  # fmt: skip
 
 
 def refusal_frame(rows: list[tuple[str, int]], reason: str, message: str) -> dict[str, Any]:
@@ -130,26 +144,37 @@ def _row(raw: Any, max_stages: int) -> Row:
         raise MessageRejected("malformed", "a row's session and entry are ids, its step and start counts")
     if not _is_count(length) or length == 0:
         raise MessageRejected("malformed", "a row has at least one token")
-    return Row(session, entry, step, start, length, _opening(opening), parse_trail(trail, max_stages))
+    parsed = _opening(opening)
+    if parsed is not None and parsed.history and (start != 0 or len(parsed.history) != length):
+        raise MessageRejected("malformed", "an opening's token ids are its row's, from position 0")
+    return Row(session, entry, step, start, length, parsed, parse_trail(trail, max_stages))
 
 
 def _opening(raw: Any) -> Opening | None:
     if raw is None:
         return None
-    if not (isinstance(raw, list) and len(raw) == 2 and _is_count(raw[0]) and isinstance(raw[1], list)):
-        raise MessageRejected("malformed", "open is [max_length, sampling]")
-    if len(raw[1]) != 4:
-        raise MessageRejected("malformed", "sampling is [temperature, top_k, top_p, seed]")
-    temperature, top_k, top_p, seed = raw[1]
-    return Opening(raw[0], sampling_of({"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}))
+    if not (isinstance(raw, list) and len(raw) == 4 and _is_count(raw[0]) and _is_count(raw[2])):
+        raise MessageRejected("malformed", "open is [max_length, sampling, prompt_tokens, token ids]")
+    max_length, sampling, prompt_tokens, history = raw
+    if not (isinstance(history, list) and all(_is_count(t) for t in history)):
+        raise MessageRejected("malformed", "an opening's token ids are a list of counts")
+    if history and not 0 < prompt_tokens <= len(history):
+        raise MessageRejected("malformed", "an opening's prompt is 1 to all of its token ids")
+    return Opening(max_length, sampling_of(sampling), tuple(history), prompt_tokens)
 
 
 def sampling_of(raw: Any) -> SamplingParams:
     """Parse hostile sampling parameters."""
-    if not isinstance(raw, dict):
-        raise MessageRejected("malformed", "sampling must be a mapping")
+    if not isinstance(raw, dict) or not set(raw) <= set(SAMPLING_FIELDS):
+        raise MessageRejected("malformed", f"sampling is a mapping of {', '.join(SAMPLING_FIELDS)}")
+    fields = dict(raw)
+    bias = fields.get("logit_bias")
+    if bias is not None:
+        if not (isinstance(bias, list) and all(isinstance(p, list) and len(p) == 2 for p in bias)):
+            raise MessageRejected("malformed", "sampling's logit_bias is a list of [token, bias] pairs")
+        fields["logit_bias"] = tuple(tuple(p) for p in bias)
     try:
-        return SamplingParams(**{k: raw[k] for k in ("temperature", "top_k", "top_p", "seed") if k in raw})
+        return SamplingParams(**fields)
     except (ExecutorError, TypeError) as e:
         raise MessageRejected("malformed", f"sampling: {e}") from e
 
@@ -176,15 +201,35 @@ def parse_tokens(body: dict[str, Any], *, max_rows: int, max_stages: int) -> lis
         raise MessageRejected("malformed", f"a tokens frame has 1 to {max_rows} rows")
     rows = []
     for r in raw:
-        if not (isinstance(r, list) and len(r) == 5):
-            raise MessageRejected("malformed", "a tokens row is [session, step, token, logprob, trail]")
-        session, step, token, logprob, trail = r
+        if not (isinstance(r, list) and len(r) == 7):
+            raise MessageRejected("malformed", "a tokens row is [session, step, token, logprob, top, prompt, trail]")
+        session, step, token, logprob, top, prompt, trail = r
         if not (_is_id(session) and _is_count(step) and _is_count(token)):
             raise MessageRejected("malformed", "a tokens row's session is an id, its step and token counts")
-        if not isinstance(logprob, float) or not (logprob <= 0.0 or math.isnan(logprob)):
+        if not _is_logprob(logprob):
             raise MessageRejected("malformed", "a log-probability is a float <= 0")
-        rows.append(Sampled(session, step, token, logprob, parse_trail(trail, max_stages)))
+        if not isinstance(prompt, list) or len(prompt) > MAX_PROMPT_LOGPROBS:
+            raise MessageRejected("malformed", "a tokens row's prompt log-probabilities are a list")
+        scored = []
+        for entry in prompt:
+            if not (isinstance(entry, list) and len(entry) == 2 and _is_logprob(entry[0])):
+                raise MessageRejected("malformed", "a prompt log-probability is [logprob, top]")
+            scored.append((entry[0], _top(entry[1])))
+        rows.append(Sampled(session, step, token, logprob, parse_trail(trail, max_stages), _top(top), tuple(scored)))
     return rows
+
+
+def _top(raw: Any) -> TopLogprobs:
+    if not isinstance(raw, list) or len(raw) > MAX_TOP_LOGPROBS:
+        raise MessageRejected("malformed", f"top log-probabilities are at most {MAX_TOP_LOGPROBS} [token, logprob]")
+    for pair in raw:
+        if not (isinstance(pair, list) and len(pair) == 2 and _is_count(pair[0]) and _is_logprob(pair[1])):
+            raise MessageRejected("malformed", "a top log-probability is [token, logprob]")
+    return tuple((pair[0], pair[1]) for pair in raw)
+
+
+def _is_logprob(value: Any) -> bool:
+    return isinstance(value, float) and (value <= 0.0 or math.isnan(value))
 
 
 def parse_refusal(body: dict[str, Any], *, max_rows: int) -> Refusal:

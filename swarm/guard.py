@@ -153,13 +153,13 @@ class ClientSlots:
         return self._held[client]
 
     @contextmanager
-    def hold(self, client: str) -> Iterator[None]:
-        """A slot for the duration of the block (check `busy` against `per_client` first)."""
-        self._held[client] += 1
+    def hold(self, client: str, count: int = 1) -> Iterator[None]:
+        """`count` slots for the duration of the block (check `busy` against `per_client` first)."""
+        self._held[client] += count
         try:
             yield
         finally:
-            self._held[client] -= 1
+            self._held[client] -= count
             if self._held[client] <= 0:
                 del self._held[client]
 

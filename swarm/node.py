@@ -190,6 +190,7 @@ class Node:
             self.peer_id,
             config,
             stage=lambda: host.stage if host is not None else None,
+            grammars=lambda: host.grammars if host is not None else None,
             view=self,
             transport=self.transport,
             tasks=self.tasks,

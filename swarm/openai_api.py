@@ -1,32 +1,35 @@
 """The public, OpenAI-compatible API every peer serves: `POST /v1/completions`,
 `POST /v1/chat/completions` (whole, or `stream: true` as server-sent events ending with
-`data: [DONE]`), `GET /v1/models`, and `GET /metrics` in Prometheus text. Handlers validate the
-request body into an entry `Request`, run it, and shape the answer; every error is OpenAI's
+`data: [DONE]`), `GET /v1/models` and `/v1/models/{id}`, and `GET /metrics` in Prometheus text.
+Handlers read the request (`swarm.openai_params`) into one entry `Request` per prompt and choice,
+run them at once, and shape the answer, log-probabilities included; every error is OpenAI's
 `{"error": {message, type, param, code}}` with a 4xx or 5xx status. Responses add a `timings`
 object (time to first token, tokens per second, compute per stage, wire per hop, bytes sent,
 time at the entry)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
-import secrets
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import ClientConnectionResetError, web
-from jinja2 import TemplateError
 
 from peer.errors import InvalidInput, SwarmError
-from peer.sampling import SamplingParams
-from swarm.entry import MAX_STOP_STRINGS, Entry, Event, Request, Timings
+from peer.tokenizer import Tokenizer
+from swarm.detokenizer import Chunk, OutToken
+from swarm.entry import Entry, Request, Timings
 from swarm.errors import MessageRejected, NotReady
 from swarm.guard import API_KEYS, ClientSlots, client_of
 from swarm.metrics import Metrics
 from swarm.node import Node
+from swarm.openai_params import ApiError, ApiRequest, finite, parse_request
+from swarm.tools import ToolCall, auto_calls, forced_call, may_be_a_call
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +37,14 @@ NODE = web.AppKey("node", Node)
 ENTRY = web.AppKey("entry", Entry)
 METRICS = web.AppKey("metrics", Metrics)
 SLOTS = web.AppKey("slots", ClientSlots)
+RETRY_AFTER_S = 5  # what a 429 or 503 asks a client to wait before it tries again
 
 
-class ApiError(SwarmError):
-    """An error in OpenAI's shape, with its HTTP status."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
-
-    def response(self) -> web.Response:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-        headers = {"Retry-After": "5"} if self.status == 503 else None
-        return web.json_response(body, status=self.status, headers=headers)
+def error_response(e: ApiError) -> web.Response:
+    """An ApiError as OpenAI's error body; a 503 or 429 says when to retry (`Retry-After`, seconds)."""
+    body = {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}}
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if e.status in (429, 503) else None
+    return web.json_response(body, status=e.status, headers=headers)
 
 
 @web.middleware
@@ -56,17 +53,17 @@ async def openai_errors(request: web.Request, handler: Callable[[web.Request], A
     try:
         return await handler(request)
     except ApiError as e:
-        return e.response()
+        return error_response(e)
     except web.HTTPException as e:
         if not request.path.startswith("/v1/"):
             raise
         kind = "invalid_request_error" if e.status < 500 else "server_error"
-        return ApiError(e.status, e.reason or "request refused", kind).response()
+        return error_response(ApiError(e.status, e.reason or "request refused", kind))
     except Exception:
         if not request.path.startswith("/v1/"):
             raise
         log.exception("%s %s failed", request.method, request.path)
-        return ApiError(500, "internal error; the peer's log has the details", "server_error").response()
+        return error_response(ApiError(500, "internal error; the peer's log has the details", "server_error"))
 
 
 async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
@@ -89,190 +86,139 @@ async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
     return body
 
 
-def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float) -> float:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-        raise ApiError(400, f"{name} must be a number between {lo} and {hi}", param=name)
-    return float(value)
-
-
-def parse_common(body: dict[str, Any], node: Node) -> tuple[int, SamplingParams, tuple[str, ...], bool]:
-    """max_tokens, sampling, stop strings and stream, from a completions or chat body."""
-    model = body.get("model")
-    if model is not None and model != node.model.spec:
-        raise ApiError(404, f"the model {model!r} does not exist; this swarm serves {node.model.spec!r}",
-                       param="model", code="model_not_found")  # fmt: skip
-    max_tokens = body.get("max_tokens")
-    if max_tokens is None:
-        max_tokens = body.get("max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = node.config.serving.default_max_tokens
-    limit = node.config.serving.max_tokens_limit
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ApiError(400, "max_tokens must be a positive integer", param="max_tokens")
-    if max_tokens > limit:
-        raise ApiError(400, f"max_tokens {max_tokens} exceeds this swarm's limit of {limit}", param="max_tokens")
-    n = body.get("n", 1)
-    if n is not None and (type(n) is not int or n != 1):
-        raise ApiError(400, "only n=1 is supported", param="n")
-    seed = body.get("seed")
-    if seed is None:
-        seed = secrets.randbits(63)  # a fresh draw per request, as OpenAI's API does
-    if isinstance(seed, bool) or not isinstance(seed, int) or not -(1 << 63) <= seed < (1 << 63):
-        raise ApiError(400, "seed must be a 64-bit integer", param="seed")
-    try:
-        sampling = SamplingParams(
-            temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-            top_p=_number(body, "top_p", 1.0, 1e-9, 1.0),
-            seed=seed,
-        )
-    except InvalidInput as e:
-        raise ApiError(400, str(e)) from e
-    stop = body.get("stop")
-    stops: tuple[str, ...]
-    if stop is None:
-        stops = ()
-    elif isinstance(stop, str) and stop:
-        stops = (stop,)
-    elif isinstance(stop, list) and len(stop) <= MAX_STOP_STRINGS and all(isinstance(s, str) and s for s in stop):
-        stops = tuple(stop)
-    else:
-        raise ApiError(400, f"stop must be a string or a list of up to {MAX_STOP_STRINGS} non-empty strings",
-                       param="stop")  # fmt: skip
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, "stream must be true or false", param="stream")
-    return max_tokens, sampling, stops, stream
-
-
-def completion_prompt(body: dict[str, Any], node: Node) -> list[int]:
-    """Token ids of a completions prompt: a string, a list holding one string, or token ids (a list of
-    integers, or a list holding one such list), as OpenAI's API takes them."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
-        if len(prompt) > node.config.serving.max_prompt_tokens:
-            raise _too_long(len(prompt), node, "prompt")
-        vocab = node.model.profile.vocab_size
-        if not all(0 <= t < vocab for t in prompt):
-            raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
-        return list(prompt)
-    if not isinstance(prompt, str) or not prompt:
-        raise ApiError(400, "prompt must be a non-empty string or a list of token ids", param="prompt")
-    assert node.tokenizer is not None
-    try:
-        return node.tokenizer.encode(prompt)
-    except (TypeError, ValueError, InvalidInput) as e:
-        raise ApiError(400, f"the prompt cannot be tokenized: {e}", param="prompt") from e
-
-
-def _too_long(tokens: int, node: Node, param: str) -> ApiError:
-    limit = node.config.serving.max_prompt_tokens
-    return ApiError(400, f"the prompt has {tokens} tokens; this swarm takes at most {limit}", param=param,
-                    code="context_length_exceeded")  # fmt: skip
-
-
-def chat_prompt(body: dict[str, Any], node: Node) -> list[int]:
-    """Token ids of a conversation rendered with the model's chat template."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "messages must be a non-empty list", param="messages")
-    clean = []
-    for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise ApiError(400, "each message needs a role of system, user or assistant", param="messages")
-        content = m.get("content")
-        if isinstance(content, list):  # the content-parts form: text parts only
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):  # fmt: skip
-                raise ApiError(400, "only text content parts are supported", param="messages")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise ApiError(400, "each message's content must be a string", param="messages")
-        clean.append({"role": m["role"], "content": content})
-    assert node.tokenizer is not None
-    try:
-        return node.tokenizer.apply_chat(clean)
-    except (InvalidInput, TypeError, ValueError, TemplateError) as e:
-        raise ApiError(400, f"the messages cannot be rendered: {e}", param="messages") from e
-
-
-def _logprobs_wanted(body: dict[str, Any]) -> bool:
-    value = body.get("logprobs")
-    if value is None or value is False:
-        return False
-    if value is True or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 5):
-        return True
-    raise ApiError(400, "logprobs must be null or an integer from 0 to 5", param="logprobs")
-
-
 async def _run(request: web.Request, chat: bool) -> web.StreamResponse:
     node, entry = request.app[NODE], request.app[ENTRY]
     body = await read_json(request, node.config.serving.max_request_bytes)
-    max_tokens, sampling, stops, stream = parse_common(body, node)
-    want_logprobs = False if chat else _logprobs_wanted(body)
-    if node.tokenizer is None:
-        raise ApiError(503, "this peer has no tokenizer loaded", "server_error")
-    prompt_ids = chat_prompt(body, node) if chat else completion_prompt(body, node)
-    if len(prompt_ids) > node.config.serving.max_prompt_tokens:
-        raise _too_long(len(prompt_ids), node, "messages" if chat else "prompt")
-    ignore_eos = body.get("ignore_eos", False)
-    if not isinstance(ignore_eos, bool):
-        raise ApiError(400, "ignore_eos must be true or false", param="ignore_eos")
-    req = Request(prompt_ids, max_tokens, sampling, stops, ignore_eos)
+    api = parse_request(body, node, chat)
+    generations = api.requests()
     try:
-        entry.check(req)
+        for generation in generations:
+            entry.check(generation)
     except InvalidInput as e:
         raise ApiError(400, str(e), param="max_tokens") from e
     too_small = None if node.ready() else node.capacity_error()
     if too_small is not None:  # a 503 at once; a repartition under way is only a pause (in generate)
         raise _failure(NotReady(too_small))
     slots, client = request.app[SLOTS], client_of(request, request.app.get(API_KEYS))
-    if slots.busy(client) >= slots.per_client:
+    if len(generations) > slots.per_client:
+        raise ApiError(400, f"this request asks for {len(generations)} generations (prompts times n); a client runs "
+                       f"at most {slots.per_client} at once on this peer", param="n")  # fmt: skip
+    if slots.busy(client) + len(generations) > slots.per_client:
         node.flood.refused("too_many_sessions", f"client {client} at {request.remote}")
-        raise ApiError(429, f"this client already runs {slots.per_client} generations on this peer; wait for one to "
-                       "finish", "rate_limit_error", code="too_many_sessions")  # fmt: skip
-    with slots.hold(client):
-        return await _generate(request, chat, req, body, stream, want_logprobs)
+        raise ApiError(429, f"this client already runs {slots.busy(client)} of its {slots.per_client} generations on "
+                       "this peer; wait for one to finish", "rate_limit_error", code="too_many_sessions")  # fmt: skip
+    with slots.hold(client, len(generations)):
+        shape = _Shape(api, node.model.spec, node.tokenizer)
+        request.app[METRICS].requests_started += 1
+        if api.stream:
+            return await _stream(request, entry, generations, shape)
+        return await _whole(request, entry, generations, shape)
 
 
-async def _generate(
-    request: web.Request, chat: bool, req: Request, body: dict[str, Any], stream: bool, want_logprobs: bool
-) -> web.StreamResponse:
-    node, entry, metrics = request.app[NODE], request.app[ENTRY], request.app[METRICS]
-    prompt_ids = req.prompt_ids
-    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    created = int(time.time())
-    timings = Timings()
-    metrics.requests_started += 1
-    shape = _Shape(rid, created, node.model.spec, chat, len(prompt_ids))
-    if stream:
-        options = body.get("stream_options")
-        include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        return await _stream(request, entry, req, timings, shape, metrics, include_usage)
-    text, tokens, logprobs, finish = "", [], [], None
+class ClientGone(Exception):
+    """The client of a request hung up before its answer was ready."""
+
+
+def _gone(request: web.Request) -> bool:
+    """Whether the client hung up: aiohttp drops a connection's transport when it is lost."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def _whole(request: web.Request, entry: Entry, generations: list[Request], shape: _Shape) -> web.StreamResponse:
+    """Every choice's generation at once; the answer when all are done. A client that hangs up
+    stops them all within a step (its sessions close), rather than holding its slots to the end."""
+    metrics = request.app[METRICS]
+
+    async def one(generation: Request) -> tuple[list[Chunk], Timings]:
+        timings, chunks = Timings(), []
+        async with contextlib.aclosing(entry.generate(generation, timings)) as events:
+            async for chunk in events:
+                if _gone(request):
+                    raise ClientGone
+                chunks.append(chunk)
+        return chunks, timings
+
+    tasks = [asyncio.ensure_future(one(g)) for g in generations]
     try:
-        async with contextlib.aclosing(entry.generate(req, timings)) as events:
-            async for event in events:
-                text += event.text
-                if event.token is not None:
-                    tokens.append(event.token)
-                    logprobs.append(event.logprob)
-                finish = event.finish_reason or finish
+        results = await asyncio.gather(*tasks)
+    except ClientGone:
+        metrics.requests_failed += 1
+        log.info("client went away during %s; its %d session(s) are closed", shape.rid, len(generations))
+        return web.Response(status=499)  # nobody reads it (nginx's "client closed request")
     except SwarmError as e:  # NotReady, a stage's refusal, or another of the package's errors
         metrics.requests_failed += 1
         raise _failure(e) from e
-    metrics.record(timings)
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        choice["text"] = text
-        choice["logprobs"] = _logprobs_json(node, tokens, logprobs) if want_logprobs else None
-    return web.json_response(shape.whole(choice, len(tokens), timings))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for _, timings in results:
+        metrics.record(timings)
+    choices = [shape.choice(i, chunks) for i, (chunks, _) in enumerate(results)]
+    return web.json_response(shape.whole(choices, [t for _, t in results]))
+
+
+async def _stream(request: web.Request, entry: Entry, generations: list[Request], shape: _Shape) -> web.StreamResponse:
+    """Server-sent events: every choice's chunks as they come (each with its index), a chunk with
+    the usage at the end when stream_options.include_usage asks for it, then `data: [DONE]`."""
+    metrics = request.app[METRICS]
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+
+    async def send(obj: Any) -> None:
+        await response.write(f"data: {json.dumps(obj)}\n\n".encode())
+
+    # (choice, its next chunk | None when it ended | the error that ended it); bounded: a producer
+    # waits while the client reads slowly.
+    queue: asyncio.Queue[tuple[int, Chunk | SwarmError | None]] = asyncio.Queue(4 * len(generations))
+    timings = [Timings() for _ in generations]
+
+    async def pump(i: int, generation: Request) -> None:
+        try:
+            async with contextlib.aclosing(entry.generate(generation, timings[i])) as events:
+                async for chunk in events:
+                    await queue.put((i, chunk))
+            await queue.put((i, None))
+        except SwarmError as e:
+            await queue.put((i, e))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(generations)]
+    try:
+        if shape.api.chat:
+            for i in range(len(generations)):
+                await send(shape.chunk(i, None))
+        running = len(generations)
+        while running:
+            i, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, SwarmError):
+                metrics.requests_failed += 1
+                error = _failure(item)
+                await send({"error": {"message": error.message, "type": error.kind, "param": None, "code": error.code}})
+                break
+            else:
+                for chunk in shape.stream(i, item):
+                    if chunk["choices"][0]["finish_reason"]:  # the choice's last chunk also carries its timings
+                        chunk["timings"] = timings[i].to_json()
+                    await send(chunk)
+        else:
+            for t in timings:
+                metrics.record(t)
+            if shape.api.include_usage:  # OpenAI's stream_options.include_usage: a final chunk with no choices
+                await send({**shape.head(), "choices": [], "usage": shape.usage(timings)})
+    except (ConnectionResetError, ClientConnectionResetError):
+        metrics.requests_failed += 1
+        log.info("client went away during %s; its session(s) are closed", shape.rid)
+        return response
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
 
 
 def _failure(e: Exception) -> ApiError:
@@ -283,101 +229,172 @@ def _failure(e: Exception) -> ApiError:
     return ApiError(502, f"the swarm failed to run the request: {e}", "server_error", code="pipeline_error")
 
 
-def _logprobs_json(node: Node, tokens: list[int], logprobs: list[float | None]) -> dict[str, Any]:
-    assert node.tokenizer is not None
-    pieces = [node.tokenizer.decode([t], skip_special_tokens=False) for t in tokens]
-    offsets, at = [], 0
-    for piece in pieces:
-        offsets.append(at)
-        at += len(piece)
-    return {"tokens": pieces, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
-
-
 class _Shape:
     """OpenAI's response and chunk objects for one request."""
 
-    def __init__(self, rid: str, created: int, model: str, chat: bool, prompt_tokens: int) -> None:
-        self.rid, self.created, self.model, self.chat, self.prompt_tokens = rid, created, model, chat, prompt_tokens
+    def __init__(self, api: ApiRequest, model: str, tokenizer: Tokenizer | None) -> None:
+        self.api, self.model = api, model
+        self.rid = ("chatcmpl-" if api.chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.prompt_tokens = sum(len(p) for p in api.prompts)
+        self._offsets: dict[int, int] = {}  # per choice: characters of its text streamed so far
+        # Per choice of a request with tools: the chunks held while the reply may be tool calls.
+        self._held: dict[int, list[Chunk]] = {}
 
-    def whole(self, choice: dict[str, Any], completion_tokens: int, timings: Timings) -> dict[str, Any]:
+    def head(self) -> dict[str, Any]:
         return {
             "id": self.rid,
-            "object": "chat.completion" if self.chat else "text_completion",
+            "object": ("chat.completion.chunk" if self.api.stream else "chat.completion")
+            if self.api.chat
+            else "text_completion",
             "created": self.created,
             "model": self.model,
-            "choices": [choice],
-            "usage": self.usage(completion_tokens),
-            "timings": timings.to_json(),
         }
 
-    def usage(self, completion_tokens: int) -> dict[str, int]:
+    def whole(self, choices: list[dict[str, Any]], timings: list[Timings]) -> dict[str, Any]:
+        """The response of a request that was not streamed."""
+        return {**self.head(), "choices": choices, "usage": self.usage(timings), "timings": _merged(timings)}
+
+    def usage(self, timings: list[Timings]) -> dict[str, int]:
+        completion = sum(t.tokens for t in timings)
         return {
             "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": self.prompt_tokens + completion_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
         }
 
-    def chunk(self, event: Event | None, first: bool = False) -> dict[str, Any]:
-        if self.chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
-            if event is not None and event.text:
-                delta["content"] = event.text
-            choice = {"index": 0, "delta": delta, "finish_reason": event.finish_reason if event else None}
+    def choice(self, index: int, chunks: list[Chunk]) -> dict[str, Any]:
+        """One choice of a whole response."""
+        text = "".join(c.text for c in chunks)
+        tokens = [t for c in chunks for t in c.tokens]
+        finish = chunks[-1].finish_reason if chunks else None
+        choice: dict[str, Any] = {"index": index, "finish_reason": finish}
+        if self.api.chat:
+            calls = self._calls(text, finish)
+            choice["message"] = {"role": "assistant", "content": text}
+            if calls:
+                choice["message"] = {"role": "assistant", "content": None, "tool_calls": [c.to_json() for c in calls]}
+                choice["finish_reason"] = "tool_calls"
+            choice["logprobs"] = self._chat_logprobs(tokens)
         else:
-            choice = {"index": 0, "text": event.text if event else "", "logprobs": None,
-                      "finish_reason": event.finish_reason if event else None}  # fmt: skip
+            choice["text"] = text
+            choice["logprobs"] = self._completion_logprobs(tokens, 0)
+        return choice
+
+    def _calls(self, text: str, finish: str | None) -> list[ToolCall] | None:
+        """The tool calls a finished reply holds, if the request has tools and the reply is calls."""
+        tools = self.api.tools
+        if tools is None or finish != "stop":
+            return None
+        if tools.forced:
+            call = forced_call(text, tools)
+            return [call] if call is not None else None
+        return auto_calls(text, tools)
+
+    def stream(self, index: int, chunk: Chunk) -> list[dict[str, Any]]:
+        """The chunks to send for one choice's next chunk of text. A reply that is (or, with tool_choice
+        auto, may still turn out to be) tool calls is held back whole, and goes out at its end as
+        OpenAI streams calls: a delta with each call's id and name, then one with its arguments."""
+        tools = self.api.tools
+        if tools is None:
+            return [self.chunk(index, chunk)] if chunk.text or chunk.tokens or chunk.finish_reason else []
+        held = self._held.setdefault(index, [])
+        if held is not _RELEASED:
+            held.append(chunk)
+            text = "".join(c.text for c in held)
+            if chunk.finish_reason is None and (tools.forced or may_be_a_call(text)):
+                return []
+            self._held[index] = _RELEASED
+            calls = self._calls(text, chunk.finish_reason)
+            if calls:
+                return self._call_chunks(index, calls)
+            chunk = Chunk(text, tuple(t for c in held for t in c.tokens), chunk.finish_reason)
+        return [self.chunk(index, chunk)] if chunk.text or chunk.tokens or chunk.finish_reason else []
+
+    def _call_chunks(self, index: int, calls: list[ToolCall]) -> list[dict[str, Any]]:
+        out = []
+        for at, call in enumerate(calls):
+            head = {"index": at, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+            out.append(self._delta(index, {"tool_calls": [head]}))
+            out.append(self._delta(index, {"tool_calls": [{"index": at, "function": {"arguments": call.arguments}}]}))
+        out.append(self._delta(index, {}, "tool_calls"))
+        return out
+
+    def _delta(self, index: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {**self.head(), "choices": [choice]}
+
+    def chunk(self, index: int, chunk: Chunk | None) -> dict[str, Any]:
+        """A streamed chunk of one choice (None: a chat stream's opening, with the role)."""
+        if self.api.chat:
+            if chunk is None:
+                choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}  # fmt: skip
+            else:
+                delta = {"content": chunk.text} if chunk.text else {}
+                choice = {"index": index, "delta": delta, "logprobs": self._chat_logprobs(list(chunk.tokens)),
+                          "finish_reason": chunk.finish_reason}  # fmt: skip
+        else:
+            assert chunk is not None
+            at = self._offsets.get(index, 0)
+            self._offsets[index] = at + len(chunk.text)
+            choice = {"index": index, "text": chunk.text,
+                      "logprobs": self._completion_logprobs(list(chunk.tokens), at),
+                      "finish_reason": chunk.finish_reason}  # fmt: skip
+        return {**self.head(), "choices": [choice]}
+
+    def _completion_logprobs(self, tokens: list[OutToken], offset: int) -> dict[str, Any] | None:
+        """Completions' logprobs object: each token's text, log-probability, most likely alternatives
+        (a map from text to log-probability; the chosen token is always among them, as in OpenAI's)
+        and offset in the choice's text. The prompt's first token has no log-probability (null)."""
+        if self.api.logprobs is None:
+            return None
+        offsets: list[int] = []
+        top: list[dict[str, float | None] | None] = []
+        for token in tokens:
+            offsets.append(offset)
+            offset += len(token.text)
+            if token.logprob is None:
+                top.append(None)
+                continue
+            alternatives: dict[str, float | None] = {}
+            for alt in token.top:
+                alternatives.setdefault(alt.text, finite(alt.logprob))
+            alternatives.setdefault(token.text, finite(token.logprob))
+            top.append(alternatives)
         return {
-            "id": self.rid,
-            "object": "chat.completion.chunk" if self.chat else "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
+            "tokens": [t.text for t in tokens],
+            "token_logprobs": [finite(t.logprob) for t in tokens],
+            "top_logprobs": top,
+            "text_offset": offsets,
         }
 
+    def _chat_logprobs(self, tokens: list[OutToken]) -> dict[str, Any] | None:
+        """Chat's logprobs object: per token of the message (the end-of-sequence token is not one) its
+        text, log-probability, UTF-8 bytes and the most likely alternatives (top_logprobs of them)."""
+        if self.api.logprobs is None:
+            return None
+        content = [
+            {
+                "token": t.text,
+                "logprob": finite(t.logprob),
+                "bytes": list(t.text.encode()),
+                "top_logprobs": [
+                    {"token": a.text, "logprob": finite(a.logprob), "bytes": list(a.text.encode())} for a in t.top
+                ],
+            }
+            for t in tokens
+            if not t.ends
+        ]
+        return {"content": content, "refusal": None}
 
-async def _stream(
-    request: web.Request,
-    entry: Entry,
-    req: Request,
-    timings: Timings,
-    shape: _Shape,
-    metrics: Metrics,
-    include_usage: bool,
-) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await response.prepare(request)
 
-    async def send(obj: Any) -> None:
-        await response.write(f"data: {json.dumps(obj)}\n\n".encode())
+_RELEASED: list[Chunk] = []  # a choice whose reply turned out to be text, and streams as it comes
 
-    tokens = 0
-    try:
-        if shape.chat:
-            await send(shape.chunk(None, first=True))
-        async with contextlib.aclosing(entry.generate(req, timings)) as events:
-            async for event in events:
-                tokens += event.token is not None
-                if event.finish_reason:
-                    # The last chunk also carries the request's usage and timings.
-                    chunk = shape.chunk(event)
-                    chunk["usage"], chunk["timings"] = shape.usage(tokens), timings.to_json()
-                    await send(chunk)
-                elif event.text:
-                    await send(shape.chunk(event))
-        metrics.record(timings)
-        if include_usage:  # OpenAI's stream_options.include_usage: a final chunk with no choices
-            await send({**shape.chunk(None), "choices": [], "usage": shape.usage(tokens)})
-    except (ConnectionResetError, ClientConnectionResetError):
-        metrics.requests_failed += 1
-        log.info("client went away during %s; its session is closed", shape.rid)
-        return response
-    except SwarmError as e:  # NotReady, a stage's refusal, or another of the package's errors
-        metrics.requests_failed += 1
-        error = _failure(e)
-        await send({"error": {"message": error.message, "type": error.kind, "param": None, "code": error.code}})
-    await response.write(b"data: [DONE]\n\n")
-    await response.write_eof()
-    return response
+
+def _merged(timings: list[Timings]) -> dict[str, Any]:
+    """The timings of a response: its one generation's, or with several, the slowest one's."""
+    return max(timings, key=lambda t: t.total_s).to_json()
 
 
 async def post_completions(request: web.Request) -> web.StreamResponse:
@@ -390,11 +407,23 @@ async def post_chat_completions(request: web.Request) -> web.StreamResponse:
     return await _run(request, chat=True)
 
 
+def _model(node: Node) -> dict[str, Any]:
+    return {"id": node.model.spec, "object": "model", "created": 0, "owned_by": "swarm-inference"}
+
+
 async def get_models(request: web.Request) -> web.Response:
     """The one model this swarm serves."""
+    return web.json_response({"object": "list", "data": [_model(request.app[NODE])]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    """One model by its id: the one this swarm serves, or a 404 in OpenAI's shape."""
     node = request.app[NODE]
-    model = {"id": node.model.spec, "object": "model", "created": 0, "owned_by": "swarm-inference"}
-    return web.json_response({"object": "list", "data": [model]})
+    wanted = request.match_info["model_id"]
+    if wanted != node.model.spec:
+        raise ApiError(404, f"the model {wanted!r} does not exist; this swarm serves {node.model.spec!r}",
+                       param="model", code="model_not_found")  # fmt: skip
+    return web.json_response(_model(node))
 
 
 async def get_metrics(request: web.Request) -> web.Response:
@@ -412,4 +441,5 @@ def add_routes(app: web.Application, node: Node) -> None:
     app.router.add_post("/v1/completions", post_completions)
     app.router.add_post("/v1/chat/completions", post_chat_completions)
     app.router.add_get("/v1/models", get_models)
+    app.router.add_get("/v1/models/{model_id:.+}", get_model)
     app.router.add_get("/metrics", get_metrics)

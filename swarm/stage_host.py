@@ -1,8 +1,10 @@
 """The layers this peer holds. The node asks for a range whenever the layer map changes; the host
 loads it from the model files (in a worker thread, never on the event loop), keeps the tensors of
 layers it already holds, and drops what it no longer serves before reading the rest. It holds no
-stage while it loads. It knows the model side's loaders, not the swarm's messages; the data plane
-will run its executor over `stage`."""
+stage while it loads. Holding the last stage, it also holds the tokenizer's grammar form
+(`peer.grammar`, built once, in the loading thread), with which the last stage constrains sessions
+that ask for structured output. It knows the model side's loaders, not the swarm's messages; the
+data plane runs its executor over `stage`."""
 
 from __future__ import annotations
 
@@ -16,9 +18,11 @@ from typing import Any
 import torch
 
 from peer.checkpoint import open_checkpoint
+from peer.grammar import Grammars
 from peer.model_store import ModelFiles
 from peer.shard import held_tensors, load_stage
 from peer.stage import StageModel
+from peer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +30,23 @@ log = logging.getLogger(__name__)
 class StageHost:
     """Holds at most one stage, [start, end) of the model, and swaps it for another range."""
 
-    def __init__(self, files: ModelFiles, config: Any, dtype: torch.dtype, device: str, quantize: str = "none") -> None:
+    def __init__(
+        self,
+        files: ModelFiles,
+        config: Any,
+        dtype: torch.dtype,
+        device: str,
+        quantize: str = "none",
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
         self.files = files
         self.config = config
         self.dtype = dtype
         self.device = device
         self.quantize = quantize  # how projection, head and embedding weights are held (peer.quantize)
         self.stage: StageModel | None = None
+        self.tokenizer = tokenizer
+        self.grammars: Grammars | None = None  # built with the first last stage this host holds
         self._lock = threading.Lock()  # one load at a time, whoever calls
 
     @property
@@ -59,6 +73,8 @@ class StageHost:
             finally:
                 source.close()
             log.debug("layers [%d, %d): %d tensors kept from the previous range", start, end, len(reuse))
+            if stage.is_last and self.grammars is None and self.tokenizer is not None:
+                self.grammars = _grammars(self.tokenizer, self.config.vocab_size)
             self.stage = stage
             release_freed_memory()
             return time.perf_counter() - t0
@@ -69,6 +85,15 @@ class StageHost:
             self.stage = None
             gc.collect()
             release_freed_memory()
+
+
+def _grammars(tokenizer: Tokenizer, vocab_size: int) -> Grammars | None:
+    """The tokenizer's grammar form, or None (logged) for a tokenizer llguidance cannot read."""
+    try:
+        return Grammars(tokenizer.hf, vocab_size, tokenizer.eos_token_ids)
+    except Exception as e:  # a slow or exotic tokenizer: structured output is refused, the rest serves
+        log.warning("structured output is off on this peer: its tokenizer has no grammar form (%s)", e)
+        return None
 
 
 def release_freed_memory() -> None:

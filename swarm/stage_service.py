@@ -24,6 +24,7 @@ import torch
 
 from peer.errors import CacheFull, ExecutorError, SessionExists, UnknownSession
 from peer.executor import StageExecutor, StepRequest, StepResult
+from peer.grammar import Grammars
 from peer.stage import StageModel
 from swarm.batcher import Batcher, BatchStats, Outcome
 from swarm.config import SwarmConfig
@@ -90,6 +91,7 @@ class StageService:
         *,
         stage: Callable[[], StageModel | None],
         view: SwarmView,
+        grammars: Callable[[], Grammars | None] = lambda: None,
         transport: Transport,
         tasks: TaskGroup,
         on_unreachable: Callable[[str, str], None],
@@ -97,6 +99,7 @@ class StageService:
         self.peer_id = peer_id
         self.config = config
         self._stage_source = stage  # the stage model held now (None while standing by)
+        self._grammars = grammars  # the tokenizer's grammar form, with the last stage
         self.view = view
         self.transport = transport
         self.tasks = tasks
@@ -128,7 +131,11 @@ class StageService:
             self._stage = stage
             if self._batcher is not None:
                 self._batcher.close()
-            self._executor = StageExecutor(stage, self.config.peer.executor) if stage is not None else None
+            self._executor = (
+                StageExecutor(stage, self.config.peer.executor, grammars=self._grammars())
+                if stage is not None
+                else None
+            )
             serving = self.config.serving
             head = stage is not None and stage.is_first
             self._batcher = (
@@ -247,7 +254,9 @@ class StageService:
                 continue
             if row.opening is not None:
                 try:
-                    executor.open_session(row.session, row.opening.max_length, row.opening.sampling)
+                    o = row.opening
+                    executor.open_session(row.session, o.max_length, o.sampling, history=o.history or None,
+                                          prompt_tokens=o.prompt_tokens or None)  # fmt: skip
                 except ExecutorError as e:
                     self._refuse([row], _rejection(e))
                     continue
@@ -325,8 +334,9 @@ class StageService:
             assert result.tokens is not None and result.logprobs is not None
             row = tag.row
             trail = (*row.trail, (tag.wire_s, tag.bytes_in, result.compute_s))
+            top, prompt = result.top[0] if result.top else (), result.prompt[0] if result.prompt else ()
             home[row.entry].append(Sampled(row.session, row.step, int(result.tokens[0]),
-                                           float(result.logprobs[0]), trail))  # fmt: skip
+                                           float(result.logprobs[0]), trail, top, prompt))  # fmt: skip
         for entry, sampled in home.items():
             self.tasks.spawn(self._deliver(entry, self.view.url_of(entry), tokens_frame(sampled), ended))
         for (map_id, epoch, nxt), group in onward.items():

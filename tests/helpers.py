@@ -93,3 +93,21 @@ def tiny_config(**overrides: Any) -> Any:
         "tie_word_embeddings": False,
     }
     return LlamaConfig(**{**base, **overrides})
+
+
+def byte_grammars() -> tuple[Any, Any]:
+    """Grammars (`peer.grammar`) over a byte-level vocabulary of 257 tokens, an end-of-sequence
+    token (id 0) and one token per byte, and its Hugging Face tokenizer: for grammar tests with no
+    real tokenizer, and for tiny random models of vocab 257."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from peer.grammar import Grammars
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"</s>": 0, **{c: i + 1 for i, c in enumerate(alphabet)}}
+    inner = Tokenizer(models.BPE(vocab, []))
+    inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    inner.decoder = decoders.ByteLevel()
+    hf = PreTrainedTokenizerFast(tokenizer_object=inner, eos_token="</s>")
+    return Grammars(hf, len(vocab), [0]), hf

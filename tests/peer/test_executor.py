@@ -475,3 +475,118 @@ def test_a_pass_whose_checks_fail_leaves_no_session_busy(stages, monkeypatch) ->
             ex.step_many([StepRequest(sid, torch.randn(1, 2, d), pos(0, 2)) for sid in "ab"])
     outcomes = ex.step_many([StepRequest(sid, torch.randn(1, 2, d), pos(0, 2)) for sid in "ab"])
     assert all(isinstance(o, StepResult) for o in outcomes) and ex.stats.steps == 2
+
+
+# ---- what the last stage returns beyond the token ---------------------------------------------------
+
+
+def run_prompt(stages, sid: str, prompt: list[int], sampling: SamplingParams, **opening) -> StepResult:
+    first, last = StageExecutor(stages[0]), StageExecutor(stages[1])
+    for ex in (first, last):
+        ex.open_session(sid, 16, sampling, **opening)
+    hidden = first.step(sid, ids(*prompt), pos(0, len(prompt))).hidden
+    return last.step(sid, hidden, pos(0, len(prompt)), all_logits=True)
+
+
+def test_the_prompt_is_scored_from_the_logits_of_every_position(stages) -> None:
+    prompt = [5, 9, 2, 7, 11]
+    sampling = SamplingParams(top_logprobs=3, prompt_logprobs=True)
+    result = run_prompt(stages, "s", prompt, sampling, history=prompt)
+    assert result.logits is not None
+    expected = torch.log_softmax(result.logits[0].float(), dim=-1)  # [T, V]
+    (scored,) = result.prompt
+    assert len(scored) == len(prompt) - 1
+    for i, (logprob, top) in enumerate(scored):
+        assert logprob == pytest.approx(float(expected[i, prompt[i + 1]]), abs=1e-6)
+        best = torch.topk(expected[i], 3)
+        assert [t for t, _ in top] == best.indices.tolist()
+        assert [v for _, v in top] == pytest.approx(best.values.tolist(), abs=1e-6)
+    (top,) = result.top  # the chosen token's alternatives: the last position's most likely
+    assert [t for t, _ in top] == torch.topk(expected[-1], 3).indices.tolist()
+    assert result.tokens is not None and int(result.tokens[0]) == top[0][0]  # greedy
+
+
+def test_a_prompt_is_scored_once_and_only_when_asked(stages) -> None:
+    prompt = [5, 9, 2]
+    assert run_prompt(stages, "s", prompt, SamplingParams(top_logprobs=2), history=prompt).prompt == ()
+    first, last = StageExecutor(stages[0]), StageExecutor(stages[1])
+    sampling = SamplingParams(prompt_logprobs=True)
+    for ex in (first, last):
+        ex.open_session("s", 16, sampling, history=prompt)
+    result = last.step("s", first.step("s", ids(*prompt), pos(0, 3)).hidden, pos(0, 3))
+    assert len(result.prompt[0]) == 2 and result.logits is None  # every position, without all_logits
+    token = int(result.tokens[0])
+    again = last.step("s", first.step("s", ids(token), pos(3, 1)).hidden, pos(3, 1))
+    assert again.prompt == () and again.top == ((),)
+
+
+def test_penalties_count_the_tokens_generated_and_need_the_sessions_ids(stages) -> None:
+    """The last stage keeps the session's ids: the penalty of a decode step counts the tokens it
+    sampled before, and an opening with a generated part (a replay) counts that part."""
+    sampling = SamplingParams(frequency_penalty=2.0)
+    last = StageExecutor(stages[1])
+    with pytest.raises(InvalidInput, match="token ids"):
+        last.open_session("none", 16, sampling)
+    with pytest.raises(InvalidInput, match="prompt_tokens"):
+        last.open_session("bad", 16, sampling, history=[1, 2], prompt_tokens=3)
+    with pytest.raises(InvalidInput, match="token ids"):
+        last.open_session("bad", 16, sampling, history=[1, stages[1].config.vocab_size])
+    prompt = [5, 9, 2]
+    first = StageExecutor(stages[0])
+    # A replay: the prompt and two generated tokens, the last of which repeats the first.
+    history = [*prompt, 4, 4]
+    for ex in (first, last):
+        ex.open_session("replay", 16, sampling, history=history, prompt_tokens=3)
+    hidden = first.step("replay", ids(*history), pos(0, 5)).hidden
+    result = last.step("replay", hidden, pos(0, 5), all_logits=True)
+    logits = result.logits[0, -1:].float()
+    expected = logits.clone()
+    expected[0, 4] -= 2 * 2.0  # generated twice
+    assert int(result.tokens[0]) == int(expected.argmax())
+    assert float(result.logprobs[0]) == pytest.approx(float(torch.log_softmax(logits, -1)[0, result.tokens[0]]))
+    # The step after counts the token just sampled too; a step the ids do not cover is refused.
+    with pytest.raises(PositionError, match="token ids cover"):
+        last.step("replay", first.step("replay", ids(1, 1), pos(5, 2)).hidden, pos(5, 2))
+
+
+def test_a_grammar_holds_and_its_greedy_reply_is_the_same_on_every_split_and_after_a_replay(tiny_llama) -> None:
+    """A random model whose greedy output would be noise writes valid JSON under a grammar; the same
+    tokens on 1, 2 and 3 stages; and a session reopened with part of the reply (a failover's replay)
+    rebuilds the grammar's state and goes on exactly as the first did."""
+    import json
+
+    from peer.grammar import json_schema_grammar
+    from tests.helpers import byte_grammars
+
+    grammars, hf = byte_grammars()
+    schema = {"type": "object", "properties": {"a": {"enum": ["xy", "zw"]}, "b": {"type": "boolean"}},
+              "required": ["a", "b"], "additionalProperties": False}  # fmt: skip
+    sampling = SamplingParams(grammar=json_schema_grammar(schema), frequency_penalty=0.5)
+    files = ModelStore(StoreConfig(cache_dir=str(tiny_llama(layers=4, vocab=257).parent / "cache"))).resolve(
+        str(tiny_llama(layers=4, vocab=257)))  # fmt: skip
+    prompt = hf.encode("JSON:")
+
+    def generate(ranges: list[tuple[int, int]], history: list[int], limit: int = 40) -> list[int]:
+        executors = [StageExecutor(s, grammars=grammars) for s in load_stages(files, files.load_config(), ranges)]
+        for ex in executors:
+            ex.open_session("s", 64, sampling, history=history, prompt_tokens=len(prompt))
+        out, x, start = [], torch.tensor([history]), 0
+        while len(out) < limit:
+            inputs, n = x, x.shape[1]
+            for ex in executors:
+                result = ex.step("s", inputs, pos(start, n))
+                inputs = result.hidden if result.hidden is not None else inputs
+            token = int(result.tokens[0])
+            out.append(token)
+            if token == 0:
+                break
+            start, x = start + n, torch.tensor([[token]])
+        return out
+
+    whole = generate([(0, 4)], prompt)
+    assert whole[-1] == 0, "the grammar ends the reply"
+    value = json.loads(hf.decode(whole[:-1]))
+    assert value["a"] in ("xy", "zw") and isinstance(value["b"], bool)
+    assert generate([(0, 2), (2, 4)], prompt) == whole
+    assert generate([(0, 1), (1, 3), (3, 4)], prompt) == whole
+    assert generate([(0, 2), (2, 4)], prompt + whole[:4]) == whole[4:]  # reopened mid-reply

@@ -10,7 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peer.errors import InvalidInput
-from peer.sampling import SamplingParams, argmax, filter_logits, joined, sample, sample_many
+from peer.sampling import (
+    SamplingParams,
+    adjusted,
+    argmax,
+    filter_logits,
+    joined,
+    prompt_logprobs,
+    sample,
+    sample_many,
+    top_logprobs,
+)
 
 
 def logits_of(probs: list[float]) -> torch.Tensor:
@@ -128,6 +138,18 @@ def test_tiny_temperature_is_effectively_greedy() -> None:
         {"seed": 2**64},
         {"seed": 1.5},
         {"seed": True},
+        {"top_logprobs": 21},
+        {"top_logprobs": -1},
+        {"prompt_logprobs": 1},
+        {"presence_penalty": 2.5},
+        {"frequency_penalty": float("nan")},
+        {"logit_bias": ((1, 101.0),)},
+        {"logit_bias": ((1, 1.0), (1, 2.0))},
+        {"logit_bias": ((-1, 1.0),)},
+        {"logit_bias": [(1, 1.0)]},
+        {"logit_bias": ((1, True),)},
+        {"logit_bias": ((i, 1.0) for i in range(2))},
+        {"logit_bias": tuple((i, 1.0) for i in range(301))},
     ],
 )
 def test_invalid_parameters(kwargs) -> None:
@@ -188,3 +210,46 @@ def test_joined_reads_one_pass_splits_in_place_and_copies_anything_else() -> Non
     rows = numpy.arange(12, dtype=numpy.float32).reshape(4, 3)  # two storages at one address
     case = [torch.from_numpy(rows[:2]), torch.from_numpy(rows)[2:4]]
     assert torch.equal(joined(case), torch.cat(case))
+
+
+def test_penalties_and_bias_follow_openais_formula() -> None:
+    """mu[j] - c[j] * frequency - (c[j] > 0) * presence + bias[j], c counting generated tokens."""
+    logits = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0]])
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, logit_bias=((0, 10.0), (7, 3.0)))
+    out = adjusted(logits, params, [4, 4, 4, 2])
+    assert out.tolist() == [[11.0, 2.0, 3.0 - 0.25 - 0.5, 4.0, 5.0 - 0.75 - 0.5]]  # id 7: beyond the vocabulary
+    assert torch.equal(logits, torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0]]))  # the input is left alone
+    assert adjusted(logits, SamplingParams(), [4]) is logits
+
+
+def test_adjusted_greedy_picks_from_the_adjusted_logits_and_reports_the_models_logprob() -> None:
+    logits = torch.tensor([[1.0, 3.0, 2.9]])
+    params = SamplingParams(presence_penalty=1.0)
+    tokens, logprobs = sample(logits, params, 0, generated=[1])
+    assert tokens.tolist() == [2]
+    assert logprobs[0].item() == pytest.approx(torch.log_softmax(logits, -1)[0, 2].item())
+    assert sample(logits, params, 0)[0].tolist() == [1]  # nothing generated yet: no penalty
+    together = sample_many([logits, logits], [params, SamplingParams()], [0, 0], [[1], [1]])
+    assert [t.tolist() for t, _ in together] == [[2], [1]]
+
+
+def test_top_logprobs_are_the_most_likely_best_first() -> None:
+    logits = torch.tensor([[0.0, 2.0, 1.0, 3.0], [5.0, 0.0, 1.0, -1.0]])
+    expected = torch.log_softmax(logits, -1)
+    top = top_logprobs(logits, 2)
+    assert [[t for t, _ in row] for row in top] == [[3, 1], [0, 2]]
+    assert top[0][0][1] == pytest.approx(expected[0, 3].item())
+    assert top_logprobs(logits, 0) == ((), ())
+    assert len(top_logprobs(logits, 9)[0]) == 4
+
+
+def test_prompt_logprobs_score_each_token_from_the_position_before() -> None:
+    logits = torch.randn(4, 7, generator=torch.Generator().manual_seed(3))
+    ids = [2, 5, 0, 6]
+    scored = prompt_logprobs(logits, ids, 1)
+    expected = torch.log_softmax(logits, -1)
+    assert [lp for lp, _ in scored] == pytest.approx([expected[i, ids[i + 1]].item() for i in range(3)])
+    assert [top[0][0] for _, top in scored] == expected[:3].argmax(-1).tolist()
+    assert prompt_logprobs(logits[:1], ids[:1], 1) == ()
+    with pytest.raises(InvalidInput):
+        prompt_logprobs(logits, ids[:3], 1)

@@ -9,44 +9,29 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 import torch
 
-from swarm.auth import Keyring, load_swarm_key
+from swarm.auth import Keyring
 from swarm.errors import MessageRejected
 from swarm.frames import Row, pass_frame
 from swarm.layer_map import LayerMap
 from swarm.tensors import pack
 from tests.swarm.prober import Prober
-from tests.swarm.procs import PeerProcess, start_seeded_swarm, wait_for, write_config
+from tests.swarm.procs import wait_for
 
 pytestmark = [pytest.mark.real_model, pytest.mark.timeout(600)]
 
-CAPS_MB = {"a": 300, "b": 600, "c": 900}
 PROMPTS = ["The future of AI is", "def fibonacci(n):", "Paris is the capital of", "Once upon a time"]
 MAX_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
-def swarm(smollm2, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """Three peers, ready; their URLs in pipeline order, the swarm key and the model files."""
-    store, files = smollm2
-    tmp = tmp_path_factory.mktemp("swarm3")
-    # The default gossip timings: under the heavy compute of these tests a peer must not look dead.
-    gossip = {"interval_s": 1.0, "suspect_after_s": 3.0, "dead_after_s": 6.0, "request_timeout_s": 2.0}
-    config = write_config(tmp / "config.yaml", store.cache_dir, gossip=gossip)
-    peers: list[PeerProcess] = []
-    try:
-        status = start_seeded_swarm(tmp, config, CAPS_MB, peers)
-        stages = [s["url"] for s in status["layer_map"]["stages"]]
-        yield {"stages": stages, "key": load_swarm_key(tmp / "swarm.key"), "files": files, "status": status}
-    finally:
-        for p in peers:
-            p.stop()
+def swarm(smollm2_swarm: dict[str, Any]) -> dict[str, Any]:
+    return smollm2_swarm
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +168,8 @@ def test_a_pass_of_several_sessions_crosses_each_hop_as_one_frame(swarm) -> None
         ("/v1/completions", {"prompt": "hi", "max_tokens": 10**9}, 400),
         ("/v1/completions", {"prompt": "hi", "max_tokens": "many"}, 400),
         ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400),
-        ("/v1/completions", {"prompt": "hi", "n": 2}, 400),
+        ("/v1/completions", {"prompt": "hi", "n": 9}, 400),
+        ("/v1/completions", {"prompt": "hi", "suffix": "!"}, 400),
         ("/v1/completions", {"prompt": "hi", "stop": [1]}, 400),
         ("/v1/completions", {"prompt": "hi", "logprobs": 99}, 400),
         ("/v1/completions", {"prompt": [1, 70000]}, 400),
@@ -278,11 +264,15 @@ def test_a_long_prompt_crosses_the_stages(swarm) -> None:
     assert body["timings"]["bytes_sent"] > 1024 * 1024
 
 
-def test_a_stream_ends_with_usage_and_timings_on_its_last_chunk(swarm) -> None:
+def test_a_stream_carries_its_usage_once_and_only_when_asked(swarm) -> None:
     from swarm.cli import stream_events
 
     body = {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0, "stream_options": {"include_usage": True}}
     events = list(stream_events(swarm["stages"][1], "/v1/completions", body))
     finish = [e for e in events if e["choices"] and e["choices"][0]["finish_reason"]]
-    assert len(finish) == 1 and finish[0]["usage"]["completion_tokens"] == 4 and finish[0]["timings"]["tokens"] == 4
-    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 4  # as OpenAI sends it
+    assert len(finish) == 1 and finish[0]["timings"]["tokens"] == 4
+    # The usage comes once, on a last chunk with no choices, as OpenAI sends it (LangChain adds them up).
+    assert [e["usage"]["completion_tokens"] for e in events if e.get("usage")] == [4]
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 4
+    plain = list(stream_events(swarm["stages"][1], "/v1/completions", {**body, "stream_options": None}))
+    assert not any(e.get("usage") for e in plain) and len(plain) == len(events) - 1

@@ -10,7 +10,7 @@ import pytest
 
 from peer.errors import InvalidInput
 from swarm.config import ServingConfig, SwarmConfig
-from swarm.entry import Entry, Request, Timings, _first_stop
+from swarm.entry import Entry, Request, Timings
 
 
 def hop(wire_s: float, bytes_in: int, compute_s: float) -> tuple[float, int, float]:
@@ -23,36 +23,6 @@ def entry(context: int = 32) -> Entry:
     transport = SimpleNamespace(handlers={}, on_link_closed=[])
     return Entry("me", config, view=None, transport=transport, tasks=None, tokenizer=None,  # type: ignore[arg-type]
                  context_tokens=context)  # fmt: skip
-
-
-# ---- stop strings ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "stops", "cut"),
-    [
-        ("hello world", (), None),
-        ("hello world", ("xyz",), None),
-        ("hello world", ("world",), 6),
-        ("hello world", ("world", "lo"), 3),
-        ("hello world", ("o", "hello"), 0),
-        ("hello world", ("d", "xyz", " "), 5),
-        ("hello world", ("",), None),
-        ("hello world", ("", "wor"), 6),
-        ("", ("a",), None),
-        ("aaa", ("aa", "a"), 0),
-        ("end.\n\nUser:", ("\n\n", "User:"), 4),
-    ],
-)
-def test_first_stop(text: str, stops: tuple[str, ...], cut: int | None) -> None:
-    assert _first_stop(text, stops) == cut
-
-
-def test_first_stop_is_where_the_text_is_cut() -> None:
-    text = "the answer is 42. Question: next"
-    cut = _first_stop(text, ("Question:", ". "))
-    assert cut is not None
-    assert text[:cut] == "the answer is 42"
 
 
 # ---- timings --------------------------------------------------------------------------------------

@@ -137,6 +137,52 @@ def test_a_stream_survives_a_stage_being_killed(swarm: Swarm, victim: str) -> No
     assert_no_sessions_left(survivors, swarm)
 
 
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "maxLength": 60},
+        "year": {"type": "integer", "minimum": 1000, "maximum": 2100},
+        "inventor": {"type": "string", "maxLength": 40},
+    },
+    "required": ["title", "year", "inventor"],
+    "additionalProperties": False,
+}
+
+
+def test_a_constrained_generation_resumes_exactly_on_a_new_last_stage(swarm: Swarm) -> None:
+    """The grammar's state, the penalties' counts and the log-probabilities all live at the last
+    stage: killed mid-stream, its successor rebuilds them from the replayed tokens, and the reply is
+    the undisturbed one, token for token and log-probability for log-probability."""
+    stages = swarm.stage_peers()
+    killed, entry = stages[-1], stages[0]
+    chat = {"messages": [{"role": "user", "content": "Describe the printing press as JSON."}], "max_tokens": 60,
+            "temperature": 0, "frequency_penalty": 0.5, "logprobs": True, "top_logprobs": 2,
+            "response_format": {"type": "json_schema",
+                                "json_schema": {"name": "invention", "schema": SCHEMA}}}  # fmt: skip
+
+    def run(fault: Callable[[], None] | None) -> tuple[str, list[Any]]:
+        text, logprobs = "", []
+        events = stream_events(str(entry.url), "/v1/chat/completions", chat, timeout_s=CLIENT_TIMEOUT_S)
+        for i, event in enumerate(events):
+            for choice in event.get("choices", []):
+                text += choice["delta"].get("content") or ""
+                logprobs += (choice.get("logprobs") or {"content": []})["content"]
+            if i == 4 and fault is not None:
+                fault()
+        return text, logprobs
+
+    expected = run(None)
+    value = json.loads(expected[0])
+    assert set(value) == {"title", "year", "inventor"}
+    disturbed = run(killed.kill)
+    assert disturbed[0] == expected[0]
+    assert [t["token"] for t in disturbed[1]] == [t["token"] for t in expected[1]]
+    for a, b in zip(disturbed[1], expected[1], strict=True):
+        assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-4)
+    assert "replaying" in entry.log()
+    assert killed.url not in [s["url"] for s in status(entry)["layer_map"]["stages"]]
+
+
 def test_a_paused_stage_past_the_dead_timeout_rejoins_cleanly(swarm: Swarm) -> None:
     stages = swarm.stage_peers()
     paused, entry = stages[1], stages[-1]

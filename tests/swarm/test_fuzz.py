@@ -41,7 +41,7 @@ from swarm.layer_map import LayerMap
 from swarm.link import LINK_PATH
 from swarm.membership import MemberInfo, parse_digest
 from swarm.node import MAX_INTRODUCTIONS, MSG_PATH
-from swarm.openai_api import ApiError, chat_prompt, completion_prompt, parse_common
+from swarm.openai_params import ApiError, parse_request
 from swarm.tensors import DTYPES, pack, unpack
 from tests.swarm.prober import Prober
 from tests.swarm.procs import FAST
@@ -131,7 +131,19 @@ def test_layer_map_decoder_only_refuses(raw: Any) -> None:
 
 
 @FUZZ
-@given(keys_from("temperature", "top_k", "top_p", "seed"))
+@given(
+    keys_from(
+        "temperature",
+        "top_k",
+        "top_p",
+        "seed",
+        "top_logprobs",
+        "prompt_logprobs",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+    )
+)
 def test_sampling_decoder_only_refuses(sampling: dict[str, Any]) -> None:
     try:
         result = sampling_of(sampling)
@@ -169,22 +181,28 @@ class FakeTokenizer:
 def fake_node() -> Any:
     from types import SimpleNamespace
 
-    serving = SimpleNamespace(default_max_tokens=16, max_tokens_limit=64, max_prompt_tokens=32)
+    serving = SimpleNamespace(
+        default_max_tokens=16, max_tokens_limit=64, max_prompt_tokens=32, max_sessions_per_client=4
+    )
     return SimpleNamespace(model=SimpleNamespace(spec="m", profile=SimpleNamespace(vocab_size=100)),
                            config=SimpleNamespace(serving=serving), tokenizer=FakeTokenizer())  # fmt: skip
 
 
 @FUZZ
 @given(st.dictionaries(st.sampled_from(["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed",
-                                        "stop", "stream", "n", "logprobs", "top_k"]) | st.text(max_size=5),
-                       json_values, max_size=8))  # fmt: skip
+                                        "stop", "stream", "n", "logprobs", "top_k", "echo", "top_logprobs",
+                                        "logit_bias", "presence_penalty", "frequency_penalty", "stream_options",
+                                        "best_of", "suffix", "response_format", "tools", "tool_choice"])
+                       | st.text(max_size=5), json_values, max_size=8))  # fmt: skip
 def test_api_body_parsers_answer_400_or_a_valid_request(body: dict[str, Any]) -> None:
     node = fake_node()
-    for parse in (parse_common, completion_prompt, chat_prompt):
+    for chat in (False, True):
         try:
-            parse(body, node)
+            api = parse_request(body, node, chat)
         except ApiError as e:
             assert 400 <= e.status < 500
+            continue
+        assert 1 <= len(api.requests()) <= 4
 
 
 @FUZZ

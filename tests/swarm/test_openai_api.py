@@ -14,15 +14,20 @@ from aiohttp import web
 
 from peer.errors import InvalidInput
 from peer.sampling import SamplingParams
-from swarm.entry import MAX_STOP_STRINGS, Timings
+from swarm.detokenizer import MAX_STOP_STRINGS
+from swarm.entry import Timings
 from swarm.membership import State
 from swarm.metrics import Metrics
-from swarm.openai_api import (
+from swarm.openai_api import error_response
+from swarm.openai_params import (
     ApiError,
-    _logprobs_wanted,
+    chat_logprobs,
     chat_prompt,
+    completion_logprobs,
     completion_prompt,
+    completion_prompts,
     parse_common,
+    parse_request,
 )
 
 SPEC = "smollm2-135m"
@@ -54,8 +59,12 @@ class FakeTokenizer:
 VOCAB = 100
 
 
+PER_CLIENT = 8
 SERVING = SimpleNamespace(
-    default_max_tokens=DEFAULT_MAX_TOKENS, max_tokens_limit=MAX_TOKENS_LIMIT, max_prompt_tokens=MAX_PROMPT_TOKENS
+    default_max_tokens=DEFAULT_MAX_TOKENS,
+    max_tokens_limit=MAX_TOKENS_LIMIT,
+    max_prompt_tokens=MAX_PROMPT_TOKENS,
+    max_sessions_per_client=PER_CLIENT,
 )
 
 
@@ -98,6 +107,10 @@ def test_parse_common_explicit_nulls_are_defaults() -> None:
         "temperature": None,
         "top_p": None,
         "stop": None,
+        "stream": None,
+        "ignore_eos": None,
+        "presence_penalty": None,
+        "logit_bias": None,
     }
     max_tokens, sampling, stops, stream = parse_common(body, fake_node())
     assert (max_tokens, stops, stream) == (DEFAULT_MAX_TOKENS, (), False)
@@ -137,7 +150,7 @@ def test_parse_common_refuses_another_model() -> None:
     assert SPEC in error.message
 
 
-@pytest.mark.parametrize("value", [0, -1, MAX_TOKENS_LIMIT + 1, 10**30, True, False, "16", 16.0, [16]], ids=repr)
+@pytest.mark.parametrize("value", [-1, MAX_TOKENS_LIMIT + 1, 10**30, True, False, "16", 16.0, [16]], ids=repr)
 def test_parse_common_refuses_bad_max_tokens(value: Any) -> None:
     refused(parse_common, {"max_tokens": value}, param="max_tokens")
     refused(parse_common, {"max_completion_tokens": value}, param="max_tokens")
@@ -156,9 +169,18 @@ def test_a_token_id_prompt_longer_than_the_limit_is_refused_before_its_ids_are_c
     assert completion_prompt({"prompt": [1] * MAX_PROMPT_TOKENS}, fake_node()) == [1] * MAX_PROMPT_TOKENS
 
 
-@pytest.mark.parametrize("n", [2, 0, -1, True, "1"], ids=repr)
-def test_parse_common_refuses_n_other_than_one(n: Any) -> None:
-    refused(parse_common, {"n": n}, param="n")
+def completions(body: dict[str, Any], node: Any = None) -> Any:
+    return parse_request({"prompt": "hi", **body}, node or fake_node(), chat=False)
+
+
+@pytest.mark.parametrize("n", [0, -1, True, "1", 1.0, PER_CLIENT + 1], ids=repr)
+def test_n_must_be_an_integer_from_one_to_the_clients_slots(n: Any) -> None:
+    refused(completions, {"n": n}, param="n")
+
+
+def test_max_tokens_0_only_with_echo() -> None:
+    refused(completions, {"max_tokens": 0}, param="max_tokens")
+    assert completions({"max_tokens": 0, "echo": True}).max_tokens == 0
 
 
 @pytest.mark.parametrize("value", [-0.01, 2.01, 100, float("nan"), float("inf"), "1.0", True, [1]], ids=repr)
@@ -215,7 +237,7 @@ def test_parse_common_refuses_bad_stop(stop: Any) -> None:
     refused(parse_common, {"stop": stop}, param="stop")
 
 
-@pytest.mark.parametrize("stream", ["true", 1, 0, None, [], {}], ids=repr)
+@pytest.mark.parametrize("stream", ["true", 1, 0, [], {}], ids=repr)
 def test_parse_common_refuses_non_boolean_stream(stream: Any) -> None:
     refused(parse_common, {"stream": stream}, param="stream")
 
@@ -223,17 +245,29 @@ def test_parse_common_refuses_non_boolean_stream(stream: Any) -> None:
 # ---- logprobs -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("value", "wanted"), [(None, False), (False, False), (True, True), (0, True), (5, True)])
-def test_logprobs_wanted(value: Any, wanted: bool) -> None:
-    assert _logprobs_wanted({"logprobs": value}) is wanted
-    assert _logprobs_wanted({}) is False
+@pytest.mark.parametrize("value", [None, 0, 1, 5, 20])
+def test_completion_logprobs_take_0_to_20_alternatives(value: Any) -> None:
+    assert completion_logprobs({"logprobs": value}) == value
+    assert completion_logprobs({}) is None
 
 
-@pytest.mark.parametrize("value", [-1, 6, 2.0, "1", [1], {}], ids=repr)
-def test_logprobs_refused(value: Any) -> None:
+@pytest.mark.parametrize("value", [-1, 21, 2.0, "1", [1], {}, True, False], ids=repr)
+def test_completion_logprobs_refused(value: Any) -> None:
     with pytest.raises(ApiError) as info:
-        _logprobs_wanted({"logprobs": value})
+        completion_logprobs({"logprobs": value})
     assert (info.value.status, info.value.param) == (400, "logprobs")
+
+
+def test_chat_logprobs_are_a_flag_with_top_logprobs_beside() -> None:
+    assert chat_logprobs({}) is None
+    assert chat_logprobs({"logprobs": False, "top_logprobs": None}) is None
+    assert chat_logprobs({"logprobs": True}) == 0
+    assert chat_logprobs({"logprobs": True, "top_logprobs": 20}) == 20
+    for body, param in [({"logprobs": 1}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
+                        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs")]:  # fmt: skip
+        with pytest.raises(ApiError) as info:
+            chat_logprobs(body)
+        assert (info.value.status, info.value.param) == (400, param)
 
 
 # ---- prompts --------------------------------------------------------------------------------------
@@ -256,12 +290,46 @@ def test_completion_prompt_takes_token_ids_as_they_are() -> None:
 @pytest.mark.parametrize(
     "prompt",
     [None, "", [""], [], [[]], ["a", "b"], [[1], [2]], [1, "a"], [True, 2], [1.0], [-1], [VOCAB], [[VOCAB]], 5,
-     {"text": "a"}],
+     {"text": "a"}, ["a", 5], ["a", [VOCAB]]],
     ids=repr,
 )  # fmt: skip
 def test_completion_prompt_refuses_anything_else(prompt: Any) -> None:
     body = {} if prompt is None else {"prompt": prompt}
     refused(completion_prompt, body, param="prompt")
+
+
+def test_several_prompts_are_read_one_by_one() -> None:
+    node = fake_node()
+    assert completion_prompts({"prompt": ["a", "b"]}, node) == [PROMPT_IDS, PROMPT_IDS]
+    assert completion_prompts({"prompt": [[1], [2, 3], "c"]}, node) == [[1], [2, 3], PROMPT_IDS]
+    assert completion_prompts({"prompt": [4, 5]}, node) == [[4, 5]]
+    refused(completion_prompts, {"prompt": ["a"] * (PER_CLIENT + 1)}, param="prompt")
+
+
+def test_choices_go_prompt_by_prompt_with_seeds_derived_per_choice() -> None:
+    api = completions({"prompt": [[1], [2]], "n": 3, "seed": 7, "temperature": 1})
+    generations = api.requests()
+    assert [g.prompt_ids for g in generations] == [[1]] * 3 + [[2]] * 3
+    seeds = [g.sampling.seed for g in generations]
+    assert seeds[0] == 7 and len(set(seeds)) == 6  # choice 0 draws as a lone request with that seed would
+    assert completions({"prompt": [[1], [2]], "n": 3, "seed": 7, "temperature": 1}).requests() == generations
+
+
+def test_developer_is_a_system_message() -> None:
+    node = fake_node()
+    chat_prompt({"messages": [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}]}, node)
+    assert node.tokenizer.chats[-1][0] == {"role": "system", "content": "be brief"}
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [({"suffix": "x"}, "suffix"), ({"best_of": 2}, "best_of"), ({"functions": []}, "functions"),
+     ({"frobnicate": 1}, "frobnicate"), ({"messages": []}, "messages")],
+    ids=repr,
+)  # fmt: skip
+def test_parameters_not_implemented_are_refused_by_name(body: dict[str, Any], param: str) -> None:
+    error = refused(completions, body, param=param)
+    assert param in error.message
 
 
 def test_chat_prompt_renders_clean_messages() -> None:
@@ -320,7 +388,7 @@ def body_of(response: web.Response) -> Any:
 
 
 def test_api_error_response_has_openai_shape() -> None:
-    response = ApiError(404, "no such model", param="model", code="model_not_found").response()
+    response = error_response(ApiError(404, "no such model", param="model", code="model_not_found"))
     assert response.status == 404
     assert response.content_type == "application/json"
     assert "Retry-After" not in response.headers
@@ -335,7 +403,7 @@ def test_api_error_response_has_openai_shape() -> None:
 
 
 def test_api_error_defaults_to_null_param_and_code() -> None:
-    response = ApiError(400, "bad").response()
+    response = error_response(ApiError(400, "bad"))
     assert body_of(response)["error"] == {
         "message": "bad",
         "type": "invalid_request_error",
@@ -345,12 +413,13 @@ def test_api_error_defaults_to_null_param_and_code() -> None:
 
 
 def test_api_error_503_asks_to_retry() -> None:
-    response = ApiError(503, "not ready", "server_error", code="swarm_not_ready").response()
+    response = error_response(ApiError(503, "not ready", "server_error", code="swarm_not_ready"))
     assert response.status == 503
     assert response.headers["Retry-After"] == "5"
     assert body_of(response)["error"]["type"] == "server_error"
     for status in (500, 502):
-        assert "Retry-After" not in ApiError(status, "x", "server_error").response().headers
+        assert "Retry-After" not in error_response(ApiError(status, "x", "server_error")).headers
+    assert error_response(ApiError(429, "busy", "rate_limit_error")).headers["Retry-After"] == "5"
 
 
 # ---- metrics --------------------------------------------------------------------------------------
@@ -511,11 +580,11 @@ def _block(text: str, name: str) -> list[str]:
     return block
 
 
-def test_an_empty_stop_string_is_refused_and_n_must_be_the_integer_one() -> None:
+def test_an_empty_stop_string_is_refused_and_n_must_be_an_integer() -> None:
     node = fake_node()
     for body in ({"stop": ""}, {"n": 1.0}, {"n": True}):
         with pytest.raises(ApiError) as e:
-            parse_common(body, node)
+            completions(body, node)
         assert e.value.status == 400
     assert parse_common({"max_tokens": None, "max_completion_tokens": 5}, node)[0] == 5
 
