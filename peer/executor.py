@@ -37,12 +37,15 @@ from peer.grammar import Grammars, Matcher
 from peer.kv_cache import SessionKVCache, restart_limit
 from peer.profile import ModelProfile, head_dim
 from peer.resources import MIB
-from peer.sampling import SamplingParams, TopLogprobs, prompt_logprobs, sample_many, top_logprobs
+from peer.sampling import SamplingParams, TopLogprobs, prompt_logprobs, sample_many, score_next, top_logprobs
 from peer.stage import StageModel, Step
 
 log = logging.getLogger(__name__)
 
 MAX_SESSION_ID_CHARS = 128
+# Positions whose logits are made at once when a prompt is scored: [this, V] float32 at a time,
+# 48 MiB for a 49,152-token vocabulary, not [T, V] for the whole prompt.
+SCORE_CHUNK_POSITIONS = 256
 
 
 @dataclass
@@ -347,7 +350,11 @@ class StageExecutor:
                 ends = [int(positions[0, -1]) + 1 for _, _, _, positions in accepted]
                 known = [None if session.ids is None else session.ids[:end]
                          for (_, session, _, _), end in zip(accepted, ends, strict=True)]  # fmt: skip
-                last = [out[:, -1] if all_logits or whole else out for out, whole in zip(outs, every, strict=True)]
+                # A step that scores its prompt came back as final hidden states [1, T, D] (see `_scored`).
+                last = [
+                    out[:, -1] if all_logits else self.stage.logits(out[:, -1]) if whole else out
+                    for out, whole in zip(outs, every, strict=True)
+                ]
                 generated = [
                     () if ids is None else ids[session.prompt_tokens :]
                     for (_, session, _, _), ids in zip(accepted, known, strict=True)
@@ -361,8 +368,7 @@ class StageExecutor:
                     n = session.sampling.top_logprobs
                     prompt: tuple[tuple[tuple[float, TopLogprobs], ...], ...] = ()
                     if whole and ids is not None:  # one row: a session with token ids has batch 1
-                        k = min(out.shape[1], session.prompt_tokens)
-                        prompt = (prompt_logprobs(out[0, :k], ids[:k], n),)
+                        prompt = (self._scored(out[0], ids[: min(out.shape[1], session.prompt_tokens)], n, all_logits),)
                     results.append(StepResult(
                         tokens=tokens, logprobs=logprobs, logits=out if all_logits else None, compute_s=elapsed,
                         top=top_logprobs(x, n), prompt=prompt,
@@ -405,6 +411,20 @@ class StageExecutor:
             raise UnknownSession(
                 f"session {session_id!r} is not open on this stage (closed, evicted or never opened)"
             ) from e
+
+    def _scored(
+        self, out: torch.Tensor, ids: list[int], n: int, are_logits: bool
+    ) -> tuple[tuple[float, TopLogprobs], ...]:
+        """The prompt's log-probabilities: each of `ids` after the first, scored from the position
+        before it. `out`: the step's logits [T, V] (`are_logits`) or final hidden states [T, D],
+        made into logits SCORE_CHUNK_POSITIONS positions at a time."""
+        if are_logits:
+            return prompt_logprobs(out[: len(ids)], ids, n)
+        scored: list[tuple[float, TopLogprobs]] = []
+        for a in range(0, len(ids) - 1, SCORE_CHUNK_POSITIONS):
+            b = min(a + SCORE_CHUNK_POSITIONS, len(ids) - 1)
+            scored += score_next(self.stage.logits(out[a:b]), ids[a + 1 : b + 1], n)
+        return tuple(scored)
 
     def _allowed(self, session: Session, end: int) -> torch.Tensor:
         """The tokens a session's grammar allows after its tokens up to position `end` (bool [V]);

@@ -248,12 +248,15 @@ def prompt_logprobs(logits: torch.Tensor, ids: Sequence[int], n: int) -> tuple[t
     each token's log-probability given the ones before it, and the `n` most likely tokens there."""
     if logits.dim() != 2 or len(ids) != logits.shape[0]:
         raise InvalidInput(f"prompt logprobs take logits [T, V] and T ids, not {tuple(logits.shape)} and {len(ids)}")
-    if len(ids) < 2:
-        return ()
-    scores = torch.log_softmax(logits[:-1].detach().to("cpu", torch.float32), dim=-1)  # [T-1, V]
-    chosen = scores.gather(-1, torch.tensor(list(ids[1:]), dtype=torch.int64)[:, None])[:, 0].tolist()
-    tops = _top(scores, n)
-    return tuple(zip(chosen, tops, strict=True))
+    return score_next(logits[:-1], ids[1:], n) if len(ids) >= 2 else ()
+
+
+def score_next(logits: torch.Tensor, targets: Sequence[int], n: int) -> tuple[tuple[float, TopLogprobs], ...]:
+    """For each row of logits [K, V], the log-probability of the token that came next there
+    (`targets` [K]) and the `n` most likely tokens: a chunk of `prompt_logprobs`."""
+    scores = torch.log_softmax(logits.detach().to("cpu", torch.float32), dim=-1)  # [K, V]
+    chosen = scores.gather(-1, torch.tensor(list(targets), dtype=torch.int64)[:, None])[:, 0].tolist()
+    return tuple(zip(chosen, _top(scores, n), strict=True))
 
 
 def joined(parts: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -37,7 +37,9 @@ class Step:
     inputs: torch.Tensor  # token ids [B, T] (first stage) or hidden states [B, T, D]
     positions: torch.Tensor  # [B, T]
     cache: SessionKVCache
-    every_position: bool = False  # on the last stage: logits for every position, not only the last
+    # On the last stage: the final hidden states of every position [B, T, D] instead of the last
+    # position's logits, for the caller to turn into logits a few positions at a time (`logits`).
+    every_position: bool = False
 
 
 class StageModel(nn.Module):
@@ -111,7 +113,8 @@ class StageModel(nn.Module):
         """Run the stage on one step of each of several sessions, in one pass.
 
         Returns per step hidden states [B, T, D], or on the last stage logits [B, V] for the final
-        position ([B, T, V] with all_logits, or for a step marked `every_position`).
+        position ([B, T, V] with all_logits), or for a step marked `every_position` its final hidden
+        states [B, T, D] (before the norm; `logits` takes them).
         """
         d = self.config.hidden_size
         if self.embed_tokens is not None:
@@ -140,23 +143,27 @@ class StageModel(nn.Module):
             hidden = self._layer(layer, hidden, ropes[key], steps, spans, masks[window])
         if self.norm is None or self.lm_head is None:
             return [hidden[a:b].view(rows, t, d) for a, b, rows, t in spans]
-        every = [all_logits or s.every_position for s in steps]
-        if all(every):
-            logits = self._logits(hidden)  # [N, V]
+        if all_logits:
+            logits = self.logits(hidden)  # [N, V]
             return [logits[a:b].view(rows, t, -1) for a, b, rows, t in spans]
-        # Only the next token's logits are needed: the last position of every row of every step (of
-        # every position of a step that asks for them all).
-        if any(t > 1 for *_, t in spans):
-            keep = [torch.arange(a, b, device=hidden.device) if whole else
-                    torch.arange(a + t - 1, b, t, device=hidden.device)
-                    for (a, b, _, t), whole in zip(spans, every, strict=True)]  # fmt: skip
-            hidden = hidden[torch.cat(keep)]
-        logits = self._logits(hidden)  # [rows kept in all, V]
-        parts = logits.split([rows * t if whole else rows for (_, _, rows, t), whole in zip(spans, every, strict=True)])
-        return [part.view(rows, t, -1) if whole else part
-                for part, (_, _, rows, t), whole in zip(parts, spans, every, strict=True)]  # fmt: skip
+        out: list[torch.Tensor | None] = [
+            hidden[a:b].view(rows, t, d) if s.every_position else None
+            for s, (a, b, rows, t) in zip(steps, spans, strict=True)
+        ]
+        # Only the next token's logits are needed: the last position of every row of the other steps.
+        last = [(i, span) for i, span in enumerate(spans) if out[i] is None]
+        if last:
+            if any(t > 1 for _, (*_, t) in last):
+                rows_at = torch.cat([torch.arange(a + t - 1, b, t, device=hidden.device) for _, (a, b, _, t) in last])
+                hidden = hidden[rows_at]
+            elif len(last) < len(spans):
+                hidden = hidden[torch.cat([torch.arange(a, b, device=hidden.device) for _, (a, b, _, _) in last])]
+            logits = self.logits(hidden)  # [rows of those steps, V]
+            for (i, _), part in zip(last, logits.split([rows for _, (_, _, rows, _) in last]), strict=True):
+                out[i] = part
+        return [x for x in out if x is not None]
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [N, V] of final hidden states [N, D]: norm, LM head, and the config's soft cap if any."""
         assert self.norm is not None and self.lm_head is not None
         logits = linear(self.norm(hidden), self.lm_head)

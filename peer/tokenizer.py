@@ -73,8 +73,10 @@ class Tokenizer:
             raise InvalidInput("this model has no chat template; use a plain completion instead")
         for m in messages:
             content = m.get("content") if isinstance(m, dict) else None
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not (
-                isinstance(content, str) or (content is None and m.get("tool_calls"))
+            if (
+                not isinstance(m, dict)
+                or not isinstance(m.get("role"), str)
+                or not (isinstance(content, str) or (content is None and m.get("tool_calls")))
             ):
                 raise InvalidInput("each chat message must be a mapping with string 'role' and 'content'")
         from jinja2 import TemplateError
@@ -92,9 +94,10 @@ class Tokenizer:
         """Text of token ids."""
         return str(self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens))
 
-    def stream(self, context: Sequence[int] = ()) -> StreamDecoder:
-        """A decoder that yields the text each new token adds after `context` (e.g. the prompt's ids)."""
-        return StreamDecoder(self, context)
+    def stream(self, context: Sequence[int] = (), skip_special_tokens: bool = True) -> StreamDecoder:
+        """A decoder that yields the text each new token adds after `context` (e.g. the prompt's ids);
+        special tokens add nothing, or with `skip_special_tokens` false, their names."""
+        return StreamDecoder(self, context, skip_special_tokens)
 
 
 class StreamDecoder:
@@ -107,8 +110,9 @@ class StreamDecoder:
 
     CONTEXT_TOKENS = 4  # prompt tokens kept as context, so a first token's leading space survives
 
-    def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = ()) -> None:
+    def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = (), skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
         self.ids: list[int] = [int(i) for i in context[-self.CONTEXT_TOKENS :]] if context else []
         self._prefix_start = 0  # window start: tokens before the window are done with
         self._emitted_start = len(self.ids)  # tokens from here on have text not yet emitted
@@ -116,22 +120,24 @@ class StreamDecoder:
     def push(self, token_id: int) -> str:
         """Add one token; return the text it completes (possibly empty)."""
         self.ids.append(int(token_id))
-        prefix = self.tokenizer.decode(self.ids[self._prefix_start : self._emitted_start])
-        full = self.tokenizer.decode(self.ids[self._prefix_start :])
-        if full.endswith("\ufffd") or len(full) <= len(prefix):
+        prefix = self.tokenizer.decode(self.ids[self._prefix_start : self._emitted_start], self.skip)
+        full = self.tokenizer.decode(self.ids[self._prefix_start :], self.skip)
+        if full.endswith("\ufffd"):  # an incomplete character: held until a later token completes it
             return ""
+        # A token that adds nothing (a skipped special token) moves the window on all the same, so
+        # that a run of them does not make every later decode longer.
         self._prefix_start, self._emitted_start = self._emitted_start, len(self.ids)
-        return full[len(prefix) :]
+        return full[len(prefix) :] if len(full) > len(prefix) else ""
 
     def peek(self, token_id: int) -> str:
         """The text `token_id` would add if it came next (special tokens by name), adding nothing."""
-        prefix = self.tokenizer.decode(self.ids[self._prefix_start : self._emitted_start], skip_special_tokens=False)
+        before = self.tokenizer.decode(self.ids[self._prefix_start :], skip_special_tokens=False).rstrip("\ufffd")
         full = self.tokenizer.decode([*self.ids[self._prefix_start :], int(token_id)], skip_special_tokens=False)
-        return full[len(prefix) :] if full.startswith(prefix) else full
+        return full[len(before) :] if full.startswith(before) else full
 
     def flush(self) -> str:
         """Whatever text is still held back at the end of the generation."""
-        prefix = self.tokenizer.decode(self.ids[self._prefix_start : self._emitted_start])
-        full = self.tokenizer.decode(self.ids[self._prefix_start :])
+        prefix = self.tokenizer.decode(self.ids[self._prefix_start : self._emitted_start], self.skip)
+        full = self.tokenizer.decode(self.ids[self._prefix_start :], self.skip)
         self._prefix_start = self._emitted_start = len(self.ids)
         return full[len(prefix) :]

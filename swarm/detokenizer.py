@@ -63,7 +63,7 @@ class Detokenizer:
     def prompt(self, scored: Sequence[tuple[float, TopLogprobs]]) -> Chunk:
         """The prompt as text and tokens (OpenAI's `echo`), `scored`: each prompt token's log-probability
         after the first, with the most likely tokens there, as the last stage computed them."""
-        decoder = self.tokenizer.stream()
+        decoder = self.tokenizer.stream(skip_special_tokens=False)  # the prompt as it was sent, special tokens too
         tokens = []
         for i, token in enumerate(self._prompt_ids):
             logprob, top = scored[i - 1] if 0 < i <= len(scored) else (None, ())
@@ -117,6 +117,8 @@ class Detokenizer:
         while self._pending:
             start, token = self._pending[0]
             stop = start + len(token.text)
+            if not clip and not token.text and len(self._pending) == 1:
+                break  # it may hold part of a character: text the decoder's flush gives it at the end
             if stop <= end:
                 out.append(token)
                 at = stop

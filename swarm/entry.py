@@ -138,6 +138,7 @@ class Entry:
         tasks: TaskGroup,
         tokenizer: Tokenizer | None,
         context_tokens: int,
+        vocab_size: int = 1 << 31,
     ) -> None:
         self.peer_id = peer_id
         self.config = config
@@ -146,6 +147,7 @@ class Entry:
         self.tasks = tasks
         self.tokenizer = tokenizer
         self.context_tokens = context_tokens  # the model's context (max_position_embeddings)
+        self.vocab_size = vocab_size  # a token id from a last stage is below it
         self.limit = asyncio.Semaphore(config.serving.max_concurrent_requests)
         self.waiting = 0  # requests queued for a free slot
         self.max_waiting = 4 * config.serving.max_concurrent_requests
@@ -338,8 +340,12 @@ class Entry:
     def on_tokens(self, sender: str, body: dict[str, Any], wire_s: float, size: int) -> None:
         """Tokens from a last stage: each answers its session's step in flight, if it is the one."""
         rows = parse_tokens(body, max_rows=self.config.peer.executor.max_sessions, max_stages=MAX_STAGES)
+        vocab = self.vocab_size
         for row in rows:
             waiting = self._steps.get(row.session)
+            tops = (row.top, *(top for _, top in row.prompt))
+            if row.token >= vocab or any(t >= vocab for top in tops for t, _ in top):
+                raise MessageRejected("malformed", f"a token id outside the vocabulary of {vocab}")
             if waiting is None or waiting.step != row.step or waiting.last != sender or waiting.home.done():
                 log.debug("a token from %s for session %s step %d that nobody waits for", sender, row.session[:8],
                           row.step)  # fmt: skip

@@ -204,6 +204,7 @@ class Node:
             tasks=self.tasks,
             tokenizer=tokenizer,
             context_tokens=model.profile.max_position_embeddings,
+            vocab_size=model.profile.vocab_size,
         )
 
     # ---- lifetime -------------------------------------------------------------------------------

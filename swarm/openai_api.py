@@ -79,8 +79,8 @@ async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
     raw = b"".join(chunks)
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the body is not valid JSON: {e}") from e
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ApiError(400, f"the body is not valid JSON: {str(e) or 'nested too deep'}") from e
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
     return body
@@ -182,6 +182,9 @@ async def _stream(request: web.Request, entry: Entry, generations: list[Request]
             await queue.put((i, None))
         except SwarmError as e:
             await queue.put((i, e))
+        except Exception as e:  # a bug, or a frame the entry could not use: the stream ends with an error
+            log.exception("choice %d of %s failed", i, shape.rid)
+            await queue.put((i, SwarmError(f"internal error ({type(e).__name__}); the peer's log has the details")))
 
     tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(generations)]
     try:
@@ -191,6 +194,8 @@ async def _stream(request: web.Request, entry: Entry, generations: list[Request]
         running = len(generations)
         while running:
             i, item = await queue.get()
+            if _gone(request):  # held-back text (a tool call) writes nothing: the client's hang-up shows here
+                raise ConnectionResetError("the client went away")
             if item is None:
                 running -= 1
             elif isinstance(item, SwarmError):

@@ -104,6 +104,9 @@ def parse_request(body: dict[str, Any], node: Any, chat: bool) -> ApiRequest:
         _check_chat_extras(body)
     tools = _tools(body) if chat else None
     grammar = response_grammar(body) if chat else ""
+    if stops and (grammar or (tools is not None and tools.forced)):  # a stop string would cut the reply short
+        raise ApiError(400, "stop cannot be combined with response_format or a forced tool call: the reply "
+                       "ends where its grammar does", param="stop")  # fmt: skip
     if tools is not None and tools.forced:
         if grammar:
             raise ApiError(400, "a forced tool call and response_format cannot both shape the reply",
@@ -153,8 +156,6 @@ def _check_chat_extras(body: dict[str, Any]) -> None:
     metadata = body.get("metadata")
     if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise ApiError(400, "metadata is a map of strings", param="metadata")
-    if body.get("parallel_tool_calls") not in (None, True, False):
-        raise ApiError(400, "parallel_tool_calls must be true or false", param="parallel_tool_calls")
 
 
 def response_grammar(body: dict[str, Any]) -> str:
@@ -258,7 +259,9 @@ def _logit_bias(body: dict[str, Any], vocab: int) -> tuple[tuple[int, float], ..
         raise ApiError(400, f"logit_bias maps at most {MAX_LOGIT_BIAS} token ids to biases", param="logit_bias")
     out = []
     for key, bias in raw.items():
-        token = int(key) if isinstance(key, str) and key.isdecimal() and len(key) < 10 else -1
+        token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 10 else -1
+        if str(token) != key:  # "01", " 1", "+1": not a token id as OpenAI writes one
+            token = -1
         if not 0 <= token < vocab:
             raise ApiError(400, f"logit_bias keys are token ids in [0, {vocab}), not {key!r}", param="logit_bias")
         if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:

@@ -51,25 +51,54 @@ class Function:
 
 @dataclass(frozen=True)
 class Tools:
-    """A request's tools and its tool_choice: "none", "auto", "required" or a function's name."""
+    """A request's tools and its tool_choice: "auto", "required" or "named" (`named` then names the
+    function; "none" leaves a request without tools)."""
 
     functions: tuple[Function, ...]
     choice: str
+    named: str | None = None
+    parallel: bool = True  # parallel_tool_calls: false keeps an auto reply to its first call
 
     @property
     def forced(self) -> bool:
         """The reply must be a call (`required`, or a named function)."""
-        return self.choice not in ("none", "auto")
+        return self.choice != "auto"
 
     def grammar(self) -> str:
-        """The grammar of a forced reply: one call of the named function, or of any of them."""
-        chosen = [f for f in self.functions if self.choice in ("required", f.name)]
-        schemas = [
-            {"type": "object", "properties": {"name": {"const": f.name}, "arguments": f.parameters},
-             "required": ["name", "arguments"], "additionalProperties": False}
-            for f in chosen
-        ]  # fmt: skip
-        return json_schema_grammar(schemas[0] if len(schemas) == 1 else {"anyOf": schemas})
+        """The grammar of a forced reply: one call of the named function, or of any of them. Each
+        function's definitions (`$defs`, `definitions`) move to the grammar's root, renamed per
+        function, and its references with them, so that they still resolve."""
+        chosen = [(i, f) for i, f in enumerate(self.functions) if self.choice == "required" or f.name == self.named]
+        defs: dict[str, Any] = {}
+        schemas = []
+        for i, f in chosen:
+            parameters = _hoisted(f.parameters, f"f{i}_", defs)
+            schemas.append({"type": "object", "properties": {"name": {"const": f.name}, "arguments": parameters},
+                            "required": ["name", "arguments"], "additionalProperties": False})  # fmt: skip
+        root: dict[str, Any] = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+        return json_schema_grammar({**root, "$defs": defs} if defs else root)
+
+
+def _hoisted(schema: Any, prefix: str, defs: dict[str, Any]) -> Any:
+    """`schema` with its definitions moved into `defs` under `prefix` and its local references
+    ("#/$defs/X", "#/definitions/X") pointed at them."""
+    if isinstance(schema, list):
+        return [_hoisted(x, prefix, defs) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in ("$defs", "definitions") and isinstance(value, dict):
+            for name, definition in value.items():
+                defs[prefix + name] = _hoisted(definition, prefix, defs)
+        elif key == "$ref" and isinstance(value, str):
+            for root in ("#/$defs/", "#/definitions/"):
+                if value.startswith(root):
+                    value = "#/$defs/" + prefix + value[len(root) :]
+            out[key] = value
+        else:
+            out[key] = _hoisted(value, prefix, defs)
+    return out
 
 
 @dataclass(frozen=True)
@@ -100,27 +129,33 @@ def parse_tools(body: dict[str, Any]) -> Tools | None:
             raise ToolError('each tool is {"type": "function", "function": {"name": ..., "parameters": {...}}} '
                             "with a name of 1 to 64 letters, digits, _ or -", "tools")  # fmt: skip
         parameters = fn.get("parameters")
-        if parameters is None:
+        if parameters is None or parameters == {}:
             parameters = {"type": "object", "properties": {}}
         description = fn.get("description") or ""
-        if not isinstance(parameters, dict) or not isinstance(description, str):
-            raise ToolError(f"function {fn['name']}: parameters is a JSON schema, description a string", "tools")
+        if not isinstance(parameters, dict) or parameters.get("type") != "object" or not isinstance(description, str):
+            raise ToolError(f"function {fn['name']}: parameters is a JSON schema of an object (\"type\": \"object\"), "
+                            "description a string", "tools")  # fmt: skip
         functions.append(Function(fn["name"], description, parameters))
     names = [f.name for f in functions]
     if len(set(names)) != len(names):
         raise ToolError("two tools have the same name", "tools")
+    parallel = body.get("parallel_tool_calls")
+    if parallel not in (None, True, False):
+        raise ToolError("parallel_tool_calls must be true or false", "parallel_tool_calls")
+    named = None
     if choice is None:
         choice = "auto"
     elif isinstance(choice, dict):
         fn = choice.get("function") if choice.get("type") == "function" else None
-        choice = fn.get("name") if isinstance(fn, dict) else None
-        if choice not in names:
+        named = fn.get("name") if isinstance(fn, dict) else None
+        if named not in names:
             raise ToolError(f"tool_choice names a function that is not among the tools ({', '.join(names)})",
                             "tool_choice")  # fmt: skip
+        choice = "named"
     elif choice not in ("none", "auto", "required"):
         raise ToolError('tool_choice is "none", "auto", "required" or {"type": "function", "function": '
                         '{"name": ...}}', "tool_choice")  # fmt: skip
-    return None if choice == "none" else Tools(tuple(functions), choice)
+    return None if choice == "none" else Tools(tuple(functions), choice, named, parallel is not False)
 
 
 def clean_messages(messages: Any) -> list[dict[str, Any]]:
@@ -230,8 +265,8 @@ def forced_call(text: str, tools: Tools) -> ToolCall | None:
 
 
 def auto_calls(text: str, tools: Tools) -> list[ToolCall] | None:
-    """The calls of an `auto` reply that is nothing but `<tool_call>` blocks of valid calls; None
-    for any other reply (it stays text)."""
+    """The calls of an `auto` reply that is nothing but `<tool_call>` blocks of valid calls (only the
+    first with parallel_tool_calls false); None for any other reply (it stays text)."""
     rest, calls = text.strip(), []
     names = {f.name for f in tools.functions}
     while rest:
@@ -246,7 +281,7 @@ def auto_calls(text: str, tools: Tools) -> list[ToolCall] | None:
         if not (isinstance(raw, dict) and raw.get("name") in names and isinstance(raw.get("arguments"), dict)):
             return None
         calls.append(new_call(raw["name"], raw["arguments"]))
-    return calls or None
+    return (calls if tools.parallel else calls[:1]) or None
 
 
 def may_be_a_call(text: str) -> bool:

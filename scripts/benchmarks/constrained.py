@@ -73,7 +73,7 @@ def library_costs(model: BenchModel, text: str, repeats: int = 20) -> dict[str, 
         t0 = time.perf_counter()
         grammars.matcher(grammar, ids)
         replays.append(time.perf_counter() - t0)
-    out: dict[str, Any] = {"tokens": len(ids), "llguidance_ms_per_token": 1e3 * float(median(steps) or 0),
+    out: dict[str, Any] = {"replayed_tokens": len(ids), "llguidance_ms_per_token": 1e3 * float(median(steps) or 0),
                            "llguidance_replay_ms": 1e3 * float(median(replays) or 0)}  # fmt: skip
     try:
         import xgrammar as xgr
@@ -131,7 +131,7 @@ def constrained(args: argparse.Namespace) -> int:
     print(f"  decode {row['constrained_ms_per_token']:.2f} ms a token with a JSON-schema grammar, "
           f"{row['unconstrained_ms_per_token']:.2f} without: {row['ratio']:.3f} x")  # fmt: skip
     print(f"  llguidance alone: {library['llguidance_ms_per_token']:.3f} ms a token (mask and take), "
-          f"{library['llguidance_replay_ms']:.2f} ms to replay the reply's {library['tokens']} tokens")  # fmt: skip
+          f"{library['llguidance_replay_ms']:.2f} ms to replay {library['replayed_tokens']} tokens")  # fmt: skip
     if "xgrammar_ms_per_token" in library:
         print(f"  xgrammar alone: {library['xgrammar_ms_per_token']:.3f} ms a token, "
               f"{library['xgrammar_replay_ms']:.2f} ms to replay")  # fmt: skip

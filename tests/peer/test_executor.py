@@ -590,3 +590,22 @@ def test_a_grammar_holds_and_its_greedy_reply_is_the_same_on_every_split_and_aft
     assert generate([(0, 2), (2, 4)], prompt) == whole
     assert generate([(0, 1), (1, 3), (3, 4)], prompt) == whole
     assert generate([(0, 2), (2, 4)], prompt + whole[:4]) == whole[4:]  # reopened mid-reply
+
+
+def test_a_prompt_is_scored_a_few_positions_at_a_time_as_it_would_be_whole(stages, monkeypatch) -> None:
+    """Without all_logits, the scoring step's logits are made in chunks (memory: [chunk, V], not
+    [T, V]); the scores equal those from the whole step's logits."""
+    import peer.executor
+
+    prompt = [5, 9, 2, 7, 11, 3, 8]
+    sampling = SamplingParams(top_logprobs=2, prompt_logprobs=True)
+    whole = run_prompt(stages, "s", prompt, sampling, history=prompt)
+    monkeypatch.setattr(peer.executor, "SCORE_CHUNK_POSITIONS", 2)
+    first, last = StageExecutor(stages[0]), StageExecutor(stages[1])
+    for ex in (first, last):
+        ex.open_session("c", 16, sampling, history=prompt)
+    chunked = last.step("c", first.step("c", ids(*prompt), pos(0, len(prompt))).hidden, pos(0, len(prompt)))
+    assert len(chunked.prompt[0]) == len(prompt) - 1
+    for (a, top_a), (b, top_b) in zip(chunked.prompt[0], whole.prompt[0], strict=True):
+        assert a == pytest.approx(b, abs=1e-5) and [t for t, _ in top_a] == [t for t, _ in top_b]
+    assert torch.equal(chunked.tokens, whole.tokens)

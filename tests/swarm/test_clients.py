@@ -28,6 +28,10 @@ class City(BaseModel):
     country: Literal["France", "Germany", "Italy"]
 
 
+class Located(BaseModel):
+    place: City
+
+
 WEATHER = {
     "type": "function",
     "function": {
@@ -70,6 +74,13 @@ def test_openai_parses_structured_output_and_tool_calls(swarm, model_id) -> None
     call = called.choices[0].message.tool_calls[0]  # type: ignore[index]
     assert called.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"  # type: ignore[union-attr]
     assert isinstance(json.loads(call.function.arguments)["city"], str)  # type: ignore[union-attr]
+    # A pydantic tool whose nested type comes as $defs and a reference, forced by name.
+    located = openai.pydantic_function_tool(Located, name="locate")
+    found = client.chat.completions.create(model=model_id, messages=ask, tools=[located],
+                                           tool_choice={"type": "function", "function": {"name": "locate"}},
+                                           max_tokens=40, temperature=0)  # fmt: skip
+    where = json.loads(found.choices[0].message.tool_calls[0].function.arguments)  # type: ignore[index,union-attr]
+    assert Located.model_validate(where).place.country in ("France", "Germany", "Italy")
     chat = client.chat.completions.create(model=model_id, messages=ask, max_tokens=8, temperature=0, logprobs=True,
                                           top_logprobs=3)  # fmt: skip
     content = chat.choices[0].logprobs.content  # type: ignore[union-attr]

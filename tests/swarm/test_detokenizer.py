@@ -11,20 +11,23 @@ import pytest
 from peer.tokenizer import StreamDecoder
 from swarm.detokenizer import Chunk, Detokenizer
 
-EOS = 0
-VOCAB = ["</s>", " 5", ",", " 6", " ", "7", "a##", "b", "#", "hello", " world", "\n", "END", "x"]
+EOS, HEAD, TAIL = 0, 14, 15
+# Tokens 14 and 15 are the two halves of "é": alone, each decodes to the replacement character.
+VOCAB = ["</s>", " 5", ",", " 6", " ", "7", "a##", "b", "#", "hello", " world", "\n", "END", "x", "\xc3", "\xa9", "<s>"]
+SPECIAL = {EOS, 16}
 
 
 class TableTokenizer:
-    """A tokenizer whose tokens are fixed strings (id 0: the end-of-sequence token)."""
+    """A tokenizer whose tokens are fixed strings (0 and 16 special, 14 and 15 the bytes of "é")."""
 
     eos_token_ids = frozenset({EOS})
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return "".join(VOCAB[i] for i in ids if not (skip_special_tokens and i == EOS))
+        text = "".join(VOCAB[i] for i in ids if not (skip_special_tokens and i in SPECIAL))
+        return text.replace("\xc3\xa9", "é").replace("\xc3", "\ufffd").replace("\xa9", "\ufffd")
 
-    def stream(self, context: Sequence[int] = ()) -> StreamDecoder:
-        return StreamDecoder(self, context)  # type: ignore[arg-type]
+    def stream(self, context: Sequence[int] = (), skip_special_tokens: bool = True) -> StreamDecoder:
+        return StreamDecoder(self, context, skip_special_tokens)  # type: ignore[arg-type]
 
 
 def ids(*pieces: str) -> list[int]:
@@ -123,3 +126,24 @@ def test_the_prompt_comes_back_scored_from_its_second_token() -> None:
     assert [t.text for t in chunk.tokens] == ["hello", " world", "\n"]
     assert [t.logprob for t in chunk.tokens] == [None, -1.5, -2.5]
     assert chunk.tokens[0].top == () and chunk.tokens[1].top[0].text == " 5"
+
+
+def test_a_character_split_over_tokens_goes_out_with_them_and_joins_at_the_end() -> None:
+    chunks = run(["x", "\xc3", "\xa9", "x"])
+    assert joined(chunks) == ("xéx", ["x", "", "é", "x"])
+    cut = run(["x", "\xc3"], max_tokens=2)  # ends mid-character: the flush belongs to the last token
+    text, tokens = joined(cut)
+    assert text == "x\ufffd" and "".join(tokens) == text
+
+
+def test_special_tokens_inside_a_reply_add_no_text_and_do_not_rename_the_alternatives() -> None:
+    text = Detokenizer(TableTokenizer(), ids("hello"))  # type: ignore[arg-type]
+    text.add(16, -1.0)  # a special token: no text
+    chunk = text.add(ids("x")[0], -0.5, ((ids("x")[0], -0.5), (ids("b")[0], -2.0)))
+    assert chunk.text == "x" and [a.text for a in chunk.tokens[-1].top] == ["x", "b"]
+
+
+def test_an_echoed_prompt_keeps_its_special_tokens() -> None:
+    prompt = [16, *ids("hello", "\n")]
+    chunk = Detokenizer(TableTokenizer(), prompt).prompt([(-1.0, ()), (-2.0, ())])  # type: ignore[arg-type]
+    assert chunk.text == "<s>hello\n" and [t.text for t in chunk.tokens] == ["<s>", "hello", "\n"]

@@ -315,6 +315,20 @@ def test_choices_go_prompt_by_prompt_with_seeds_derived_per_choice() -> None:
     assert completions({"prompt": [[1], [2]], "n": 3, "seed": 7, "temperature": 1}).requests() == generations
 
 
+def test_stop_strings_are_refused_beside_a_grammar() -> None:
+    chat = {"messages": [{"role": "user", "content": "hi"}], "stop": [","]}
+    with pytest.raises(ApiError) as e:
+        parse_request({**chat, "response_format": {"type": "json_object"}}, fake_node(), chat=True)
+    assert e.value.param == "stop"
+    assert parse_request(chat, fake_node(), chat=True).stop == (",",)
+
+
+@pytest.mark.parametrize("key", ["01", "+1", " 1", "\u0661", "1.0", "-1", str(VOCAB)], ids=repr)
+def test_logit_bias_keys_are_token_ids_as_openai_writes_them(key: str) -> None:
+    refused(completions, {"logit_bias": {key: 1}}, param="logit_bias")
+    assert completions({"logit_bias": {"10": -5}}).sampling.logit_bias == ((10, -5.0),)
+
+
 def test_developer_is_a_system_message() -> None:
     node = fake_node()
     chat_prompt({"messages": [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}]}, node)

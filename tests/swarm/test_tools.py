@@ -36,7 +36,11 @@ def test_tools_and_tool_choice_are_read() -> None:
     named = parse_tools(
         {"tools": [WEATHER, TIME], "tool_choice": {"type": "function", "function": {"name": "get_time"}}}
     )
-    assert named is not None and named.choice == "get_time" and named.forced
+    assert named is not None and (named.choice, named.named) == ("named", "get_time") and named.forced
+    # A function may be called "none" or "required" and still be forced by name.
+    odd = parse_tools({"tools": [WEATHER, {"type": "function", "function": {"name": "none"}}],
+                       "tool_choice": {"type": "function", "function": {"name": "none"}}})  # fmt: skip
+    assert odd is not None and odd.named == "none" and odd.forced
     assert parse_tools({"tools": [WEATHER], "tool_choice": "none"}) is None
     assert parse_tools({}) is None and parse_tools({"tools": [], "tool_choice": None}) is None
 
@@ -52,6 +56,8 @@ def test_tools_and_tool_choice_are_read() -> None:
         ({"tools": [{"type": "retrieval"}]}, "tools"),
         ({"tools": {"a": 1}}, "tools"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}, "tools"),
+        ({"tools": [WEATHER], "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
     ],
     ids=repr,
 )
@@ -124,6 +130,8 @@ def test_auto_replies_are_calls_only_when_nothing_else() -> None:
     for text in ("It is sunny.", f"Sure! {call}", call.replace("get_weather", "other"), "<tool_call>{", ""):
         assert auto_calls(text, tools) is None
     assert may_be_a_call("  <tool") and may_be_a_call("<tool_call>{") and not may_be_a_call("It")
+    single = parse_tools({"tools": [WEATHER], "parallel_tool_calls": False})
+    assert single is not None and len(auto_calls(f"{call}\n{call}", single) or []) == 1
 
 
 def test_a_forced_grammar_admits_the_chosen_functions_calls_only() -> None:
@@ -151,3 +159,16 @@ def accepts(grammars: tuple[Grammars, Any], grammar: str, text: str) -> bool:
             return False
         matcher.consume([token])
     return matcher.done
+
+
+def test_definitions_move_to_the_grammars_root_and_their_references_follow() -> None:
+    """A pydantic model's nested types come as $defs and #/$defs/... references."""
+    located = {"type": "object", "properties": {"where": {"$ref": "#/$defs/Loc"}}, "required": ["where"],
+               "$defs": {"Loc": {"type": "object", "properties": {"city": {"enum": ["Rome", "Oslo"]}},
+                                 "required": ["city"], "additionalProperties": False}}}  # fmt: skip
+    tool = {"type": "function", "function": {"name": "find", "parameters": located}}
+    tools = parse_tools({"tools": [tool, WEATHER], "tool_choice": "required"})
+    assert tools is not None
+    grammars = byte_grammars()
+    assert accepts(grammars, tools.grammar(), '{"name":"find","arguments":{"where":{"city":"Oslo"}}}')
+    assert not accepts(grammars, tools.grammar(), '{"name":"find","arguments":{"where":{"city":"Bern"}}}')
