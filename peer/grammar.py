@@ -11,7 +11,6 @@ index over the whole vocabulary per schema. It knows token ids and grammars, not
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Iterable
 from typing import Any
@@ -57,8 +56,9 @@ class Grammars:
         InvalidInput when the grammar does not compile or the tokens break it."""
         import llguidance
 
-        check_grammar(grammar)
-        inner = llguidance.LLMatcher(self.tokenizer, grammar)
+        if not isinstance(grammar, str) or not 0 < len(grammar) <= MAX_GRAMMAR_CHARS:
+            raise InvalidInput(f"a grammar is a string of 1 to {MAX_GRAMMAR_CHARS} characters")
+        inner = llguidance.LLMatcher(self.tokenizer, grammar)  # compiles it once, reporting errors itself
         if inner.is_error():
             raise InvalidInput(f"the grammar is invalid: {inner.get_error()[:500]}")
         matcher = Matcher(inner, self.vocab_size)
@@ -92,12 +92,3 @@ class Matcher:
     def done(self) -> bool:
         """The grammar is complete (its text parses)."""
         return bool(self._inner.is_accepting())
-
-
-@functools.lru_cache(maxsize=4)
-def grammars_for(meta_dir: str, vocab_size: int, eos_token_ids: tuple[int, ...]) -> Grammars:
-    """The Grammars of a model's tokenizer files (one per process and model)."""
-    from transformers import PreTrainedTokenizerFast
-
-    hf = PreTrainedTokenizerFast(tokenizer_file=f"{meta_dir}/tokenizer.json")
-    return Grammars(hf, vocab_size, eos_token_ids)
